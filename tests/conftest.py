@@ -1,0 +1,46 @@
+"""Shared fixtures: tokenizers that need no download and tiny HF causal LMs built from a config."""
+import json, os, sys
+import pytest, torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import prepare_data  # noqa: E402
+
+BYTES_VOCAB = 256 + len(prepare_data.BYTES_SPECIALS)  # 259 real tokens
+
+@pytest.fixture(scope='session')
+def bytes_tok():
+    return prepare_data.load_tokenizer('bytes')
+
+@pytest.fixture(scope='session')
+def smol_gguf():
+    return prepare_data.demo_tokenizer()
+
+@pytest.fixture(scope='session')
+def smol_tok(smol_gguf):
+    return prepare_data.load_tokenizer(smol_gguf)
+
+def tiny_model(arch='llama', vocab=BYTES_VOCAB, hidden=32, layers=2, heads=4, seed=0):
+    """A randomly initialised causal LM small enough for CPU tests (fp32)."""
+    import transformers as T
+    torch.manual_seed(seed)
+    if arch == 'gpt2':
+        cfg = T.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512)
+    elif arch == 'qwen2':
+        cfg = T.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=512)
+    else:
+        cfg = T.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512)
+    return T.AutoModelForCausalLM.from_config(cfg).float()
+
+def save_tiny_model(path, **kw):
+    model = tiny_model(**kw)
+    model.save_pretrained(path)
+    return str(path)
+
+def write_jsonl(path, records):
+    with open(path, 'w') as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + '\n')
+    return str(path)
