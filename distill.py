@@ -1,0 +1,607 @@
+"""
+Knowledge distillation of language models, in one file.
+
+    python distill.py configs/tiny.py                                  # one process (CPU or one GPU)
+    python distill.py configs/hermes.py --learning_rate=1e-5           # a config file, then overrides
+    torchrun --standalone --nproc_per_node=8 distill.py configs/hermes.py
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 distill.py configs/hermes.py
+    python distill.py --help                                           # every key, its default and comment
+
+Loss families:
+- logits ('logits'): the student matches the teacher's whole next-token distribution at temperature T,
+  loss = (1 - alpha) * CE + alpha * T^2 * D(p_teacher || q_student), D one of KD_KINDS.
+- none ('none'): the SFT baseline, the same routine with the teacher never loaded.
+
+Data comes from prepare_data.py: mask[i] == 1 iff token i is a supervised target. A document d is read as
+X = d[:-1] and scored on Y = d[1:] where M = mask[1:] (see prepare_data.py). Every loss is a sum over
+supervised targets divided by N, the supervised targets of the whole optimizer step (all micro-batches,
+all ranks), so the result does not depend on how a step is split.
+"""
+import ast, difflib, json, math, os, re, sys, time
+from contextlib import nullcontext
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import prepare_data
+
+# -----------------------------------------------------------------------------
+# defaults (a config file and --key=value override them; `python distill.py --help` lists them)
+# I/O
+out_dir = 'out'  # checkpoints (ckpt/), the exported student (student/) and log.jsonl
+init_from = 'scratch'  # 'scratch' or 'resume' (continue exactly from out_dir/ckpt)
+eval_interval = 100  # evaluate and checkpoint every this many iterations (and at the end)
+eval_docs = 64  # validation documents per evaluation
+log_interval = 1  # print a log line every this many iterations
+export = True  # save out_dir/student as an HF folder at the end
+stop_iter = None  # end this run (with a checkpoint) at this iteration without changing the schedule
+wandb_log = False  # also log to Weights & Biases (imported only when on)
+wandb_project = 'distill'  # wandb project
+wandb_run_name = None  # wandb run name
+# data
+dataset = 'demo'  # data/<dataset>/ written by prepare_data.py
+data_root = 'data'  # folder holding the datasets
+block_size = 512  # tokens per document row; longer documents are truncated
+batch_size = 4  # documents per micro-batch (per rank)
+gradient_accumulation_steps = 8  # micro-batches per optimizer step, summed over ALL ranks
+# models
+teacher = None  # HF hub id, local folder or .gguf file
+student = None  # HF hub id, local folder or .gguf file (for 'teacher_layers': unused)
+student_init = 'pretrained'  # 'pretrained' (its weights), 'config' (random init) or 'teacher_layers'
+student_layers = None  # teacher blocks kept by student_init='teacher_layers', e.g. [0, 3, 6]
+trust_remote_code = False  # let transformers run model code shipped with a checkpoint
+# distillation
+distill = 'logits'  # 'logits' or 'none' (the SFT baseline: no teacher)
+kd_kind = 'fkl'  # divergence: 'fkl', 'rkl', 'jsd', 'skl', 'srkl' or 'tvd'
+temperature = 2.0  # softmax temperature of both distributions in the divergence
+alpha = 0.5  # loss = (1 - alpha) * CE + alpha * T^2 * D
+beta = 0.5  # JSD mixture weight of the teacher; skew weight for 'skl' / 'srkl' (DistiLLM: 0.1)
+# optimizer
+learning_rate = 2e-5  # peak learning rate
+min_lr = 2e-6  # the cosine schedule ends here
+warmup_frac = 0.1  # fraction of the iterations with linear warmup
+max_iters = None  # optimizer steps; None: computed from epochs
+epochs = 1.0  # passes over the training documents (when max_iters is None)
+weight_decay = 0.0  # AdamW decay, matrices only
+beta1 = 0.9  # AdamW beta1
+beta2 = 0.999  # AdamW beta2
+grad_clip = 1.0  # clip the gradient norm at this value; 0: off
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # autocast: 'float32', 'bfloat16' or 'float16'
+compile = False  # torch.compile the student
+seed = 1337  # data order and initialisation
+peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: 989e12 on CUDA (H100 bf16), else measured at start
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, type(None)))]
+# -----------------------------------------------------------------------------
+
+class ConfigError(Exception):
+    pass
+
+def default_comments():
+    """key -> inline comment of its default, read from this file (what --help prints)."""
+    src = open(__file__).read().split('# defaults', 1)[1].split('config_keys =')[0]
+    return {m[1]: m[2] for m in re.finditer(r'^(\w+) = .*?  # (.*)$', src, re.M)}
+
+def parse_config(argv, defaults):
+    """nanoGPT-style: a config file (Python, only assignments to known keys), then --key=value overrides."""
+    config = dict(defaults)
+
+    def setkey(key, value, where):
+        if key not in defaults:
+            close = difflib.get_close_matches(key, defaults, n=1)
+            raise ConfigError(f"unknown config key '{key}' ({where})" + (f"; did you mean '{close[0]}'?" if close else ''))
+        old = defaults[key]
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if old is not None and value is not None and not isinstance(value, type(old)):
+            raise ConfigError(f"{key} must be {type(old).__name__} like its default {old!r}, got {value!r} ({where})")
+        config[key] = value
+
+    for arg in argv:
+        if arg.startswith('--'):
+            if '=' not in arg:
+                raise ConfigError(f"malformed override '{arg}': write --key=value")
+            key, val = arg[2:].split('=', 1)
+            try:
+                val = ast.literal_eval(val)
+            except (SyntaxError, ValueError):
+                pass  # a plain string
+            setkey(key, val, 'command line')
+        else:
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file '{arg}' not found")
+            scope = {}
+            exec(open(arg).read(), {}, scope)
+            for key, val in scope.items():
+                if not key.startswith('_') and not callable(val) and not isinstance(val, type(os)):
+                    setkey(key, val, arg)
+    return config
+
+# -----------------------------------------------------------------------------
+# losses (all in fp32)
+
+KD_KINDS = ('fkl', 'rkl', 'jsd', 'skl', 'srkl', 'tvd')
+
+def _kl(log_a, log_b):
+    """KL(a || b) over the last dim, from log-probabilities."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+def _log_mix(log_a, log_b, w):
+    """log(w * a + (1 - w) * b), computed in log space."""
+    if w == 0:
+        return log_b
+    if w == 1:
+        return log_a
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log(1 - w))
+
+def kd_divergence(student_logits, teacher_logits, kind='fkl', temperature=1.0, beta=0.5):
+    """Per-position divergence between p = softmax(teacher / T) and q = softmax(student / T) (shape [...]).
+
+    jsd: beta * KL(p || M) + (1 - beta) * KL(q || M), M = beta * p + (1 - beta) * q. The formula vanishes at
+    both ends, so, as the limits of JSD/beta and JSD/(1 - beta), beta = 0 is forward KL and beta = 1 reverse KL.
+    skl: KL(p || beta p + (1 - beta) q); srkl: KL(q || beta q + (1 - beta) p) (DistiLLM's skew, beta = 0.1 there).
+    """
+    if kind not in KD_KINDS:
+        raise ValueError(f"kd_kind must be one of {KD_KINDS}, got '{kind}'")
+    tiny = torch.finfo(torch.float32).min  # -inf logits (masked tokens) must not turn 0 * inf into NaN
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1).clamp(min=tiny)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).clamp(min=tiny)
+    if kind == 'fkl' or (kind == 'jsd' and beta == 0):
+        return _kl(log_p, log_q)
+    if kind == 'rkl' or (kind == 'jsd' and beta == 1):
+        return _kl(log_q, log_p)
+    if kind == 'jsd':
+        log_m = _log_mix(log_p, log_q, beta)
+        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+    if kind == 'skl':
+        return _kl(log_p, _log_mix(log_p, log_q, beta))
+    if kind == 'srkl':
+        return _kl(log_q, _log_mix(log_q, log_p, beta))
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)  # tvd
+
+def kd_loss(student_logits, teacher_logits, mask, kind='fkl', temperature=1.0, beta=0.5):
+    """Mean over masked positions of kd_divergence (logits [..., V], mask [...])."""
+    mask = mask.float()
+    return (kd_divergence(student_logits, teacher_logits, kind, temperature, beta) * mask).sum() / mask.sum().clamp(min=1)
+
+def total_loss(ce, kd, alpha, temperature, with_teacher=True):
+    """(1 - alpha) * CE + alpha * T^2 * D: T^2 keeps the gradient scale of D comparable across temperatures
+    (Hinton et al. 2015). Without a teacher (SFT) the loss is the CE alone."""
+    if not with_teacher:
+        return ce
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kd
+
+def loss_sums(logits, Y, M, teacher_logits, vocab):
+    """Sums over supervised targets of the CE and of the divergence (over the shared real vocabulary)."""
+    M = M.float()
+    ce = F.cross_entropy(logits.float().flatten(0, 1), Y.flatten(), reduction='none').view_as(M)
+    ce_sum = (ce * M).sum()
+    if teacher_logits is None:
+        return ce_sum, torch.zeros_like(ce_sum)
+    # rows past the tokenizer's vocabulary are embedding padding and differ between models: never compared
+    kd = kd_divergence(logits[..., :vocab], teacher_logits[..., :vocab], kd_kind, temperature, beta)
+    return ce_sum, (kd * M).sum()
+
+# -----------------------------------------------------------------------------
+# data
+
+def load_split(folder, split):
+    meta = json.load(open(os.path.join(folder, 'meta.json')))
+    tokens = np.memmap(os.path.join(folder, f'{split}.bin'), dtype=meta['dtype'], mode='r')
+    mask = np.memmap(os.path.join(folder, f'{split}_mask.bin'), dtype=np.uint8, mode='r')
+    idx = np.fromfile(os.path.join(folder, f'{split}_idx.bin'), dtype=np.int64)
+    return tokens, mask, idx
+
+def doc_order(position, count, n_docs, seed):
+    """Document ids at [position, position + count) of the stream: epoch e is a permutation seeded by seed + e."""
+    out = []
+    while len(out) < count:
+        epoch, k = divmod(position + len(out), n_docs)
+        out.extend(np.random.default_rng(seed + epoch).permutation(n_docs)[k:k + count - len(out)].tolist())
+    return out
+
+def make_batch(split, doc_ids, block_size, pad_id, device):
+    """Right-padded X, Y, M for some documents. No attention mask is needed: causal attention never lets a
+    real token see the padding after it, and M is 0 on padding."""
+    tokens, mask, idx = split
+    docs = [(np.asarray(tokens[idx[d]:idx[d + 1]][:block_size + 1], dtype=np.int64),
+             np.asarray(mask[idx[d]:idx[d + 1]][:block_size + 1], dtype=np.int64)) for d in doc_ids]
+    L = max(len(t) for t, _ in docs) - 1
+    X = torch.full((len(docs), L), pad_id, dtype=torch.long)
+    Y = torch.zeros((len(docs), L), dtype=torch.long)
+    M = torch.zeros((len(docs), L), dtype=torch.long)
+    for i, (t, m) in enumerate(docs):
+        n = len(t) - 1
+        X[i, :n], Y[i, :n], M[i, :n] = torch.from_numpy(t[:-1]), torch.from_numpy(t[1:]), torch.from_numpy(m[1:])
+    if 'cuda' in str(device):
+        return X.pin_memory().to(device, non_blocking=True), Y.pin_memory().to(device, non_blocking=True), M.to(device)
+    return X.to(device), Y.to(device), M.to(device)
+
+def step_doc_ids(iter_num, batch_size, grad_accum, rank, world, n_docs, seed):
+    """This rank's micro-batches of step iter_num: the step takes batch_size * grad_accum documents of the
+    stream, micro-batch j of them goes to rank j % world."""
+    step = doc_order(iter_num * batch_size * grad_accum, batch_size * grad_accum, n_docs, seed)
+    return [step[j * batch_size:(j + 1) * batch_size] for j in range(rank, grad_accum, world)]
+
+# -----------------------------------------------------------------------------
+# models
+
+def model_path(spec):
+    """A .gguf file is converted once to an HF folder (model and tokenizer) and cached: loading a GGUF
+    dequantises every tensor, ~35 s for a 135M model."""
+    if not spec.endswith('.gguf'):
+        return spec
+    from transformers import AutoModelForCausalLM
+    folder = prepare_data.cache_dir(spec)
+    prepare_data.load_tokenizer(spec)  # caches the tokenizer in the same folder
+    if not os.path.exists(os.path.join(folder, 'model.safetensors')):
+        gguf = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(spec)), gguf_file=os.path.basename(spec), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(gguf.config, dtype=torch.float32)  # save_pretrained refuses GGUF-loaded models
+        model.load_state_dict(gguf.state_dict())
+        tmp = folder + f'.model{os.getpid()}'
+        model.save_pretrained(tmp)
+        for f in os.listdir(tmp):
+            os.replace(os.path.join(tmp, f), os.path.join(folder, f))
+        os.rmdir(tmp)
+    return folder
+
+def load_model(spec, trust_remote_code=False):
+    from transformers import AutoModelForCausalLM
+    path = model_path(spec)
+    if not os.path.exists(path) and (spec.startswith(('.', '/')) or spec.count('/') != 1):
+        raise ConfigError(f"model '{spec}' is neither a local folder, a .gguf file nor a hub id (org/name)")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+
+def model_tokenizer(spec):
+    """The tokenizer that ships with a model, or None (e.g. a bare folder of weights)."""
+    try:
+        return prepare_data.load_tokenizer(model_path(spec))
+    except Exception:
+        return None
+
+def student_from_teacher_layers(teacher_model, layers):
+    """A smaller model of the teacher's architecture: its embedding, the chosen blocks (in order) and its
+    head (DistilBERT / Minitron depth pruning)."""
+    import copy
+    from transformers import AutoModelForCausalLM
+    n = teacher_model.config.num_hidden_layers
+    if not layers or any(not isinstance(l, int) or not 0 <= l < n for l in layers):
+        raise ConfigError(f'student_layers must be a non-empty list of teacher blocks in [0, {n}), got {layers}')
+    config = copy.deepcopy(teacher_model.config)
+    config.num_hidden_layers = len(layers)
+    if getattr(config, 'layer_types', None):
+        config.layer_types = [config.layer_types[l] for l in layers]
+    student_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    block = re.compile(r'\.(layers|h|blocks)\.(\d+)\.')
+    keep = {l: i for i, l in enumerate(layers)}
+    state = {}
+    for k, v in teacher_model.state_dict().items():
+        m = block.search(k)
+        if m is None:
+            state[k] = v.clone()
+        elif int(m[2]) in keep:
+            state[k[:m.start()] + f'.{m[1]}.{keep[int(m[2])]}.' + k[m.end():]] = v.clone()
+    student_model.load_state_dict(state)
+    return student_model
+
+def output_rows(model):
+    return model.get_output_embeddings().weight.shape[0]
+
+def flops_per_token(model, seq_len, training):
+    """6N (training) or 2N (forward) per token, N = non-embedding params + the output head, plus attention."""
+    n = sum(p.numel() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        n -= model.get_input_embeddings().weight.numel()
+    attn = 2 * model.config.num_hidden_layers * model.config.hidden_size * seq_len
+    return (6 * n + 6 * attn) if training else (2 * n + 2 * attn)
+
+def measure_matmul_flops(device, dtype=torch.float32, n=1024, seconds=1.0):
+    """This device's sustained matmul rate (FLOP/s): the MFU denominator on a CPU."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    count, t0 = 0, time.time()
+    while time.time() - t0 < seconds:
+        a @ b
+        count += 1
+    if 'cuda' in str(device):
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * count / (time.time() - t0)
+
+# -----------------------------------------------------------------------------
+# training state
+
+class Trainable(nn.Module):
+    """Everything that trains, in one module, so that DDP, the optimizer and checkpoints see the same
+    parameters."""
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, X):
+        return self.model(input_ids=X).logits
+
+def get_lr(it, max_iters, warmup_iters, lr, min_lr):
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    ratio = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(ratio, 1.0))) * (lr - min_lr)
+
+def configure_optimizer(module, lr, weight_decay, betas, device):
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused='cuda' in str(device))
+
+def save_checkpoint(folder, raw_model, optimizer, scaler, iter_num, data_position, rng_states, config):
+    """Weights as safetensors, the rest as a torch file; written under a temporary name, then renamed."""
+    from safetensors.torch import save_model
+    tmp = folder + '.tmp'
+    os.makedirs(tmp, exist_ok=True)
+    save_model(raw_model, os.path.join(tmp, 'model.safetensors'))
+    torch.save({'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'iter_num': iter_num,
+                'data_position': data_position, 'rng_states': rng_states, 'config': config},
+               os.path.join(tmp, 'state.pt'))
+    old = folder + '.old'
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if os.path.exists(old):
+        import shutil
+        shutil.rmtree(old)
+
+def load_checkpoint(folder, raw_model, optimizer, scaler):
+    from safetensors.torch import load_model as load_weights
+    if not os.path.exists(os.path.join(folder, 'state.pt')):
+        raise ConfigError(f"init_from='resume' but there is no checkpoint in {folder}")
+    load_weights(raw_model, os.path.join(folder, 'model.safetensors'))
+    state = torch.load(os.path.join(folder, 'state.pt'), weights_only=False)
+    optimizer.load_state_dict(state['optimizer'])
+    scaler.load_state_dict(state['scaler'])
+    return state
+
+def rng_state():
+    return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+def set_rng_state(state):
+    torch.set_rng_state(state['cpu'])
+    if state['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+def fail(message):
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+# -----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    if '--help' in sys.argv[1:] or '-h' in sys.argv[1:]:
+        comments = default_comments()
+        print(__doc__)
+        for k in config_keys:
+            print(f'  --{k}={globals()[k]!r}'.ljust(44) + f'  {comments.get(k, "")}')
+        sys.exit(0)
+    try:
+        config = parse_config(sys.argv[1:], {k: globals()[k] for k in config_keys})
+    except ConfigError as e:
+        fail(e)
+    globals().update(config)
+    if distill not in ('logits', 'none'):
+        fail(f"distill must be 'logits' or 'none', got '{distill}'")
+    if kd_kind not in KD_KINDS:
+        fail(f"kd_kind must be one of {', '.join(KD_KINDS)}; got '{kd_kind}'" + ''.join(f" (did you mean '{c}'?)" for c in difflib.get_close_matches(kd_kind, KD_KINDS, n=1)))
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        fail(f"dtype must be 'float32', 'bfloat16' or 'float16', got '{dtype}'")
+    if student_init not in ('pretrained', 'config', 'teacher_layers'):
+        fail(f"student_init must be 'pretrained', 'config' or 'teacher_layers', got '{student_init}'")
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    use_teacher = distill == 'logits' and alpha > 0 or student_init == 'teacher_layers'
+
+    # DDP: torchrun's environment decides; nccl on GPUs, gloo on CPUs
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if ddp:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        dist.init_process_group(backend='nccl' if 'cuda' in device else 'gloo')
+        rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+        if 'cuda' in device:
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    master_process = rank == 0
+    if gradient_accumulation_steps % world_size:
+        fail(f'gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the world size {world_size}')
+    torch.manual_seed(seed + rank)
+    device_type = 'cuda' if 'cuda' in device else 'cpu'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+
+    # data
+    data_dir = os.path.join(data_root, dataset)
+    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
+        fail(f'no prepared dataset in {data_dir}: run prepare_data.py first (python prepare_data.py for the demo)')
+    meta = json.load(open(os.path.join(data_dir, 'meta.json')))
+    vocab = meta['vocab_size']
+    train_data, val_data = load_split(data_dir, 'train'), load_split(data_dir, 'val')
+    n_train_docs = len(train_data[2]) - 1
+    if max_iters is None:
+        max_iters = math.ceil(epochs * n_train_docs / (batch_size * gradient_accumulation_steps))
+    warmup_iters = int(warmup_frac * max_iters)
+
+    # models; a .gguf is converted once, by rank 0, while the others wait
+    if ddp and not master_process:
+        dist.barrier()
+    try:
+        teacher_model = load_model(teacher, trust_remote_code) if use_teacher else None
+        if student_init == 'teacher_layers':
+            student_model = student_from_teacher_layers(teacher_model, student_layers)
+            student_tok = model_tokenizer(teacher)
+        else:
+            if student is None:
+                fail('set student (an HF hub id, a local folder or a .gguf file)')
+            student_model = load_model(student, trust_remote_code)
+            if student_init == 'config':
+                from transformers import AutoModelForCausalLM
+                student_model = AutoModelForCausalLM.from_config(student_model.config, dtype=torch.float32)
+            student_tok = model_tokenizer(student)
+        teacher_tok = model_tokenizer(teacher) if use_teacher else None
+    except ConfigError as e:
+        fail(e)
+    if ddp and master_process:
+        dist.barrier()
+    if distill == 'none' or alpha == 0:
+        teacher_model = None  # 'teacher_layers' needed it only to build the student
+    # vocabularies: the same tokenizer (fingerprints), and enough output rows for the real vocabulary
+    for name, tok in (('student', student_tok), ('teacher', teacher_tok if teacher_model is not None else None)):
+        if tok is not None and prepare_data.vocab_fingerprint(tok) != meta['vocab_fingerprint']:
+            fail(f"the {name}'s tokenizer differs from the one {data_dir} was prepared with ({meta['tokenizer']}); "
+                 'logit distillation needs one shared tokenizer: prepare the data with the models\' tokenizer')
+    for name, m in (('student', student_model), ('teacher', teacher_model)):
+        if m is not None and output_rows(m) < vocab:
+            fail(f'the {name} has {output_rows(m)} output rows but the tokenizer of {data_dir} has {vocab} tokens')
+    if teacher_model is not None:
+        teacher_model.to(device=device, dtype=torch.float32 if dtype == 'float16' else ptdtype).eval().requires_grad_(False)
+
+    model = Trainable(student_model).to(device)
+    raw_model = model
+    optimizer = configure_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device)
+    iter_num = 0
+    if init_from == 'resume':
+        try:
+            state = load_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer, scaler)
+        except ConfigError as e:
+            fail(e)
+        iter_num = state['iter_num']
+        assert state['data_position'] == iter_num * batch_size * gradient_accumulation_steps, 'batch shape changed since the checkpoint'
+        if len(state['rng_states']) != world_size:
+            fail(f"the checkpoint was written by {len(state['rng_states'])} ranks; resume with the same number")
+        set_rng_state(state['rng_states'][rank])
+    if compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+    def all_reduce(*values):
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def teacher_logits(X):
+        if teacher_model is None:
+            return None
+        with torch.no_grad(), ctx:
+            return teacher_model(input_ids=X).logits
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        docs = list(range(min(eval_docs, len(val_data[2]) - 1)))[rank::world_size]
+        ce = kd = n = 0.0
+        for k in range(0, len(docs), batch_size):
+            X, Y, M = make_batch(val_data, docs[k:k + batch_size], block_size, meta['pad_id'], device)
+            with ctx:
+                logits = model(X)
+            c, d = loss_sums(logits, Y, M, teacher_logits(X), vocab)
+            ce, kd, n = ce + c.item(), kd + d.item(), n + M.sum().item()
+        model.train()
+        ce, kd, n = all_reduce(ce, kd, n)
+        return ce / max(n, 1), kd / max(n, 1)
+
+    def save(iter_num):
+        states = [None] * world_size
+        if ddp:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if master_process:
+            save_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer, scaler, iter_num,
+                            iter_num * batch_size * gradient_accumulation_steps, states, config)
+
+    if master_process:
+        os.makedirs(out_dir, exist_ok=True)
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f'student: {n_params / 1e6:.2f}M parameters; teacher: '
+              + (f'{sum(p.numel() for p in teacher_model.parameters()) / 1e6:.2f}M parameters' if teacher_model is not None else 'none'))
+        print(f'{n_train_docs:,} training documents, {max_iters} iterations of {batch_size} x {gradient_accumulation_steps} '
+              f'documents ({world_size} rank(s)), block {block_size}')
+        if wandb_log:
+            import wandb
+            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+        log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
+    if peak_flops == 0:
+        peak_flops = 989e12 if device_type == 'cuda' else measure_matmul_flops(device)
+    last_iter = max_iters if stop_iter is None else min(stop_iter, max_iters)
+
+    t0 = time.time()
+    while True:
+        if iter_num % eval_interval == 0 or iter_num == last_iter:
+            val_ce, val_kd = evaluate()
+            if master_process:
+                print(f'iter {iter_num}: val ce {val_ce:.4f}, val kd {val_kd:.4f}')
+                log_file.write(json.dumps({'iter': iter_num, 'val_ce': val_ce, 'val_kd': val_kd}) + '\n')
+                if wandb_log:
+                    wandb.log({'iter': iter_num, 'val/ce': val_ce, 'val/kd': val_kd})
+            if iter_num > 0:
+                save(iter_num)
+        if iter_num >= last_iter:
+            break
+        lr = get_lr(iter_num, max_iters, warmup_iters, learning_rate, min_lr)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        micro_batches = [make_batch(train_data, ids, block_size, meta['pad_id'], device) for ids in
+                         step_doc_ids(iter_num, batch_size, gradient_accumulation_steps, rank, world_size, n_train_docs, seed)]
+        # N: supervised targets of the whole step, over every micro-batch and rank
+        supervised_tokens, step_tokens = all_reduce(sum(M.sum().item() for _, _, M in micro_batches),
+                                                    sum(X.numel() for X, _, _ in micro_batches))
+        ce_total = kd_total = 0.0
+        for micro_step, (X, Y, M) in enumerate(micro_batches):
+            if ddp:
+                model.require_backward_grad_sync = micro_step == len(micro_batches) - 1
+            with ctx:
+                logits = model(X)
+            ce_sum, kd_sum = loss_sums(logits, Y, M, teacher_logits(X), vocab)
+            loss = total_loss(ce_sum, kd_sum, alpha, temperature, teacher_model is not None) / max(supervised_tokens, 1)
+            scaler.scale(loss * world_size).backward()  # DDP averages gradients over ranks; the sum is wanted
+            ce_total, kd_total = ce_total + ce_sum.detach(), kd_total + kd_sum.detach()
+        ce_total, kd_total = all_reduce(float(ce_total), float(kd_total))
+        ce_mean, kd_mean = ce_total / max(supervised_tokens, 1), kd_total / max(supervised_tokens, 1)
+        loss_value = total_loss(ce_mean, kd_mean, alpha, temperature, teacher_model is not None)
+        if not math.isfinite(loss_value):
+            fail(f'non-finite loss at iteration {iter_num} (ce {ce_mean}, kd {kd_mean}): lower learning_rate, '
+                 'check the data, or use bfloat16 instead of float16')
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf')).item()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        if device_type == 'cuda':
+            torch.cuda.synchronize()
+        dt, t0 = time.time() - t0, time.time()
+        if master_process and iter_num % log_interval == 0:
+            seq = step_tokens / (batch_size * gradient_accumulation_steps)
+            flops = flops_per_token(raw_model.model, seq, True) + (flops_per_token(teacher_model, seq, False) if teacher_model is not None else 0)
+            tok_s = step_tokens / dt
+            mfu = flops * tok_s / (peak_flops * world_size)
+            print(f'iter {iter_num}: loss {loss_value:.4f}, ce {ce_mean:.4f}, kd {kd_mean:.4f}, lr {lr:.2e}, '
+                  f'grad norm {grad_norm:.3f}, {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%')
+            record = {'iter': iter_num, 'loss': loss_value, 'ce': ce_mean, 'kd': kd_mean, 'lr': lr, 'grad_norm': grad_norm,
+                      'ms': dt * 1000, 'tokens_per_s': tok_s, 'mfu': mfu}
+            log_file.write(json.dumps(record) + '\n')
+            log_file.flush()
+            if wandb_log:
+                wandb.log(record)
+
+    if master_process and export:
+        folder = os.path.join(out_dir, 'student')
+        raw_model.model.save_pretrained(folder)
+        export_tok = student_tok or model_tokenizer(meta['tokenizer'])
+        if export_tok is not None and hasattr(export_tok, 'save_pretrained'):
+            export_tok.save_pretrained(folder)
+        print(f'exported the student to {folder}')
+    if ddp:
+        dist.destroy_process_group()
