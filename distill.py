@@ -144,9 +144,10 @@ def kd_divergence(student_logits, teacher_logits, kind='fkl', temperature=1.0, b
     """
     if kind not in KD_KINDS:
         raise ValueError(f"kd_kind must be one of {KD_KINDS}, got '{kind}'")
-    tiny = torch.finfo(torch.float32).min  # -inf logits (masked tokens) must not turn 0 * inf into NaN
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1).clamp(min=tiny)
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).clamp(min=tiny)
+    fp = torch.float64 if student_logits.dtype == torch.float64 else torch.float32  # never below fp32
+    tiny = torch.finfo(fp).min  # -inf logits (masked tokens) must not turn 0 * inf into NaN
+    log_p = F.log_softmax(teacher_logits.to(fp) / temperature, dim=-1).clamp(min=tiny)
+    log_q = F.log_softmax(student_logits.to(fp) / temperature, dim=-1).clamp(min=tiny)
     if kind == 'fkl' or (kind == 'jsd' and beta == 0):
         return _kl(log_p, log_q)
     if kind == 'rkl' or (kind == 'jsd' and beta == 1):
@@ -162,8 +163,8 @@ def kd_divergence(student_logits, teacher_logits, kind='fkl', temperature=1.0, b
 
 def kd_loss(student_logits, teacher_logits, mask, kind='fkl', temperature=1.0, beta=0.5):
     """Mean over masked positions of kd_divergence (logits [..., V], mask [...])."""
-    mask = mask.float()
-    return (kd_divergence(student_logits, teacher_logits, kind, temperature, beta) * mask).sum() / mask.sum().clamp(min=1)
+    keep = mask.bool()  # only supervised positions are computed: whatever sits elsewhere cannot leak in
+    return kd_divergence(student_logits[keep], teacher_logits[keep], kind, temperature, beta).sum() / keep.sum().clamp(min=1)
 
 def total_loss(ce, kd, alpha, temperature, with_teacher=True):
     """(1 - alpha) * CE + alpha * T^2 * D: T^2 keeps the gradient scale of D comparable across temperatures
@@ -174,14 +175,14 @@ def total_loss(ce, kd, alpha, temperature, with_teacher=True):
 
 def loss_sums(logits, Y, M, teacher_logits, vocab):
     """Sums over supervised targets of the CE and of the divergence (over the shared real vocabulary)."""
-    M = M.float()
-    ce = F.cross_entropy(logits.float().flatten(0, 1), Y.flatten(), reduction='none').view_as(M)
-    ce_sum = (ce * M).sum()
+    keep = M.bool()
+    logits = logits[keep]  # (supervised positions, V): prompt and padding rows are never computed
+    ce_sum = F.cross_entropy(logits.float(), Y[keep], reduction='sum')
     if teacher_logits is None:
         return ce_sum, torch.zeros_like(ce_sum)
     # rows past the tokenizer's vocabulary are embedding padding and differ between models: never compared
-    kd = kd_divergence(logits[..., :vocab], teacher_logits[..., :vocab], kd_kind, temperature, beta)
-    return ce_sum, (kd * M).sum()
+    kd = kd_divergence(logits[:, :vocab], teacher_logits[keep][:, :vocab], kd_kind, temperature, beta)
+    return ce_sum, kd.sum()
 
 # -----------------------------------------------------------------------------
 # data
@@ -255,8 +256,12 @@ def load_model(spec, trust_remote_code=False):
 
 def model_tokenizer(spec):
     """The tokenizer that ships with a model, or None (e.g. a bare folder of weights)."""
+    path = model_path(spec)
+    files = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'tokenizer.model')
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in files):
+        return None  # transformers would build an empty tokenizer from config.json alone
     try:
-        return prepare_data.load_tokenizer(model_path(spec))
+        return prepare_data.load_tokenizer(path)
     except Exception:
         return None
 
@@ -298,7 +303,8 @@ def flops_per_token(model, seq_len, training):
 
 def measure_matmul_flops(device, dtype=torch.float32, n=1024, seconds=1.0):
     """This device's sustained matmul rate (FLOP/s): the MFU denominator on a CPU."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a = torch.rand(n, n, generator=torch.Generator().manual_seed(0)).to(device, dtype)  # own generator: the
+    b = a.T.contiguous()                                                                  # run's RNG stays untouched
     a @ b
     count, t0 = 0, time.time()
     while time.time() - t0 < seconds:
@@ -465,7 +471,7 @@ if __name__ == '__main__':
     if teacher_model is not None:
         teacher_model.to(device=device, dtype=torch.float32 if dtype == 'float16' else ptdtype).eval().requires_grad_(False)
 
-    model = Trainable(student_model).to(device)
+    model = Trainable(student_model).to(device).train()  # from_pretrained returns models in eval mode
     raw_model = model
     optimizer = configure_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device)
     iter_num = 0

@@ -1,0 +1,196 @@
+"""Real runs of distill.py on tiny models: invariances, resume, vocabularies, export, errors."""
+import json, os, random, subprocess, sys
+import pytest, torch
+from safetensors.torch import load_file
+from conftest import BYTES_VOCAB, ROOT, save_tiny_model, tiny_model, write_jsonl
+import prepare_data
+from distill import student_from_teacher_layers
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory):
+    """A bytes-tokenized dataset of text and chat records of varied lengths, a teacher and two students."""
+    d = tmp_path_factory.mktemp('distill')
+    rng = random.Random(0)
+    words = 'the cat sat on a mat while dogs ran far away from home'.split()
+    recs = [{'text': ' '.join(rng.choice(words) for _ in range(rng.randint(2, 30)))} for _ in range(60)]
+    recs += [{'question': f'what is {i} plus {i}?', 'answer': f'{2 * i}, I think.'} for i in range(60)]
+    write_jsonl(d / 'in.jsonl', recs)
+    assert prepare_data.main([str(d / 'in.jsonl'), '--tokenizer', 'bytes', '--out_root', str(d / 'data'),
+                              '--name', 'tiny', '--val_fraction', '0.1']) == 0
+    teacher = tiny_model(vocab=300, hidden=32, layers=2)  # output rows padded past the 259 real tokens
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30)  # a confident teacher, far from the student: KD terms well above round-off
+    teacher.save_pretrained(d / 'teacher')
+    save_tiny_model(d / 'student', vocab=280, hidden=16, layers=2, heads=2, seed=1)
+    save_tiny_model(d / 'gpt2', arch='gpt2', vocab=BYTES_VOCAB, hidden=16, layers=2, heads=2, seed=2)  # has dropout
+    return d
+
+def run(work, out, *overrides, nproc=1, check=True):
+    args = [os.path.join(ROOT, 'distill.py'), f'--data_root={work / "data"}', '--dataset=tiny', f'--out_dir={out}',
+            f'--teacher={work / "teacher"}', f'--student={work / "student"}', '--device=cpu', '--dtype=float32',
+            '--block_size=48', '--learning_rate=1e-2', '--warmup_frac=0.0', '--eval_interval=1000', '--eval_docs=4',
+            '--temperature=2.0', '--alpha=0.5', *overrides]
+    cmd = [sys.executable, *args] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                                      f'--nproc_per_node={nproc}', *args]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+def train_log(out):
+    return [r for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if 'loss' in r]
+
+def weights(out):
+    return load_file(os.path.join(out, 'ckpt', 'model.safetensors'))
+
+def assert_same_run(a, b, tol=1e-6):
+    la, lb = train_log(a), train_log(b)
+    assert len(la) == len(lb) > 0
+    for ra, rb in zip(la, lb):
+        for key in ('loss', 'ce', 'kd', 'grad_norm'):
+            assert ra[key] == pytest.approx(rb[key], rel=tol, abs=1e-9), (key, ra, rb)
+    wa, wb = weights(a), weights(b)
+    for k in wa:
+        # Adam divides by sqrt(v): a near-zero gradient element turns fp32 round-off into up to ~1e-5 here
+        assert torch.allclose(wa[k], wb[k], rtol=0, atol=2e-5), k
+
+@pytest.mark.parametrize('kind', ['fkl', 'jsd'])
+def test_microbatch_split_invariance(work, kind):
+    """4 micro-batches of 1 document == 1 micro-batch of 4: loss, gradient norm and updated weights."""
+    run(work, work / f'a{kind}', '--batch_size=1', '--gradient_accumulation_steps=4', '--max_iters=2', f'--kd_kind={kind}')
+    run(work, work / f'b{kind}', '--batch_size=4', '--gradient_accumulation_steps=1', '--max_iters=2', f'--kd_kind={kind}')
+    assert_same_run(work / f'a{kind}', work / f'b{kind}')
+    # and the test can fail: a different batch split of the stream is a different run
+    run(work, work / f'c{kind}', '--batch_size=2', '--gradient_accumulation_steps=1', '--max_iters=2', f'--kd_kind={kind}')
+    assert train_log(work / f'c{kind}')[0]['loss'] != pytest.approx(train_log(work / f'a{kind}')[0]['loss'], rel=1e-6)
+
+def test_ddp_two_ranks_equal_one_process(work):
+    run(work, work / 'one', '--batch_size=1', '--gradient_accumulation_steps=4', '--max_iters=2')
+    run(work, work / 'two', '--batch_size=1', '--gradient_accumulation_steps=4', '--max_iters=2', nproc=2)
+    assert_same_run(work / 'one', work / 'two')
+
+def test_sft_ddp_two_ranks_equal_one_process(work):
+    run(work, work / 'sft1', '--distill=none', '--batch_size=2', '--gradient_accumulation_steps=2', '--max_iters=2')
+    run(work, work / 'sft2', '--distill=none', '--batch_size=2', '--gradient_accumulation_steps=2', '--max_iters=2', nproc=2)
+    assert_same_run(work / 'sft1', work / 'sft2')
+    assert all(r['kd'] == 0 for r in train_log(work / 'sft1'))
+
+def test_resume_is_bit_identical(work):
+    """4 iterations straight == 2, stop, resume, 2 more (a GPT-2 student with dropout: RNG state matters)."""
+    common = ['--batch_size=2', '--gradient_accumulation_steps=2', '--max_iters=4', f'--student={work / "gpt2"}']
+    run(work, work / 'straight', *common)
+    run(work, work / 'split', *common, '--stop_iter=2')
+    assert torch.load(work / 'split' / 'ckpt' / 'state.pt', weights_only=False)['iter_num'] == 2
+    run(work, work / 'split', *common, '--init_from=resume')
+    ws, wr = weights(work / 'straight'), weights(work / 'split')
+    assert all(torch.equal(ws[k], wr[k]) for k in ws)
+    assert [r['loss'] for r in train_log(work / 'straight')] == [r['loss'] for r in train_log(work / 'split')]
+    # resuming without the restored RNG would differ: dropout draws are part of the run
+    run(work, work / 'fresh', *common, '--stop_iter=2')
+    state = torch.load(work / 'fresh' / 'ckpt' / 'state.pt', weights_only=False)
+    state['rng_states'][0]['cpu'] = torch.manual_seed(99).get_state()
+    torch.save(state, work / 'fresh' / 'ckpt' / 'state.pt')
+    run(work, work / 'fresh', *common, '--init_from=resume')
+    wf = weights(work / 'fresh')
+    assert not all(torch.equal(ws[k], wf[k]) for k in ws)
+
+def test_padded_vocabulary_and_export(work):
+    """Teacher 300 rows, student 280 rows, 259 real tokens; the export loads, generates, holds only the student."""
+    run(work, work / 'exp', '--batch_size=2', '--gradient_accumulation_steps=1', '--max_iters=3')
+    assert all(r['kd'] > 0 for r in train_log(work / 'exp'))
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(work / 'exp' / 'student')
+    ref = tiny_model(vocab=280, hidden=16, layers=2, heads=2)
+    assert set(model.state_dict()) == set(ref.state_dict())
+    ckpt = weights(work / 'exp')
+    assert all(torch.equal(v, ckpt['model.' + k]) for k, v in model.state_dict().items() if 'model.' + k in ckpt)
+    out = model.generate(torch.tensor([[72, 105]]), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 7)
+
+def test_teacher_layers_copies_exactly_the_chosen_blocks():
+    for arch in ('llama', 'gpt2'):
+        teacher = tiny_model(arch=arch, layers=4, seed=3)
+        student = student_from_teacher_layers(teacher, [0, 2, 3])
+        t, s = teacher.state_dict(), student.state_dict()
+        prefix = 'model.layers.' if arch == 'llama' else 'transformer.h.'
+        for k, v in s.items():
+            src = k
+            if k.startswith(prefix):
+                i, rest = k[len(prefix):].split('.', 1)
+                src = f'{prefix}{[0, 2, 3][int(i)]}.{rest}'
+            assert torch.equal(v, t[src]), k
+        assert student.config.num_hidden_layers == 3 and len(s) < len(t)
+        every = student_from_teacher_layers(teacher, [0, 1, 2, 3]).eval()
+        X = torch.randint(0, BYTES_VOCAB, (2, 9))
+        assert torch.allclose(every(X).logits, teacher.eval()(X).logits, atol=1e-6)
+    with pytest.raises(Exception, match='student_layers'):
+        student_from_teacher_layers(tiny_model(layers=2), [0, 5])
+
+def test_tokenizer_mismatch_is_refused(work, smol_tok):
+    """A student whose tokenizer is not the data's: one clear line, exit code 2."""
+    folder = work / 'smolvocab'
+    save_tiny_model(folder, vocab=49152, hidden=16, layers=1, heads=2)
+    smol_tok.save_pretrained(folder)
+    proc = run(work, work / 'mm', f'--student={folder}', '--max_iters=1', check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: the student's tokenizer differs")
+
+def test_too_few_output_rows_is_refused(work):
+    save_tiny_model(work / 'small_vocab', vocab=200, hidden=16, layers=1, heads=2)
+    proc = run(work, work / 'sv', f'--student={work / "small_vocab"}', '--max_iters=1', check=False)
+    assert proc.returncode == 2 and 'has 200 output rows but the tokenizer' in proc.stderr
+
+def test_non_finite_loss_stops_naming_the_iteration(work):
+    model = tiny_model(vocab=280, hidden=16, layers=2, heads=2, seed=1)
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float('inf')
+    model.save_pretrained(work / 'broken')
+    proc = run(work, work / 'nan', f'--student={work / "broken"}', '--max_iters=3', check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith('error: non-finite loss at iteration 0')
+
+@pytest.mark.parametrize('override,message', [
+    ('--learning_rat=1e-3', "unknown config key 'learning_rat' (command line); did you mean 'learning_rate'?"),
+    ('--batch_size=two', 'batch_size must be int like its default 4'),
+    ('--kd_kind=jsdd', "kd_kind must be one of fkl, rkl, jsd, skl, srkl, tvd; got 'jsdd' (did you mean 'jsd'?)"),
+    ('--dataset=missing', 'no prepared dataset in'),
+    ('--init_from=resume', "init_from='resume' but there is no checkpoint"),
+])
+def test_config_errors(work, override, message):
+    proc = run(work, work / 'cfg', override, '--max_iters=1', check=False)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+def test_config_file_int_for_float_and_none(work, tmp_path):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text('learning_rate = 1  # an int for a float\nmax_iters = None\nepochs = 1\nwandb_run_name = "x"\n')
+    from distill import parse_config, ConfigError
+    import distill
+    defaults = {k: getattr(distill, k) for k in distill.config_keys}
+    config = parse_config([str(cfg), '--stop_iter=3', '--student_layers=[0, 2]'], defaults)
+    assert config['learning_rate'] == 1.0 and isinstance(config['learning_rate'], float)
+    assert config['max_iters'] is None and config['stop_iter'] == 3 and config['student_layers'] == [0, 2]
+    cfg.write_text('temprature = 2\n')
+    with pytest.raises(ConfigError, match="did you mean 'temperature'"):
+        parse_config([str(cfg)], defaults)
+
+def test_help_lists_every_key():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'distill.py'), '--help'], capture_output=True, text=True).stdout
+    import distill
+    for k in distill.config_keys:
+        assert f'--{k}=' in out
+    assert "--kd_kind='fkl'" in out and "divergence: 'fkl', 'rkl'" in out
+
+@pytest.mark.real
+def test_end_to_end_packaged_teacher_kd_falls(tmp_path):
+    """configs/tiny.py: SmolLM2-135M-Instruct -> its 3-block copy on the demo data; the held-out KD falls."""
+    data = tmp_path / 'data'
+    assert prepare_data.main(['--demo', '--out_root', str(data)]) == 0
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'distill.py'), os.path.join(ROOT, 'configs', 'tiny.py'),
+                           f'--data_root={data}', f'--out_dir={tmp_path / "out"}', '--export=False'],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    val = [r for r in map(json.loads, open(tmp_path / 'out' / 'log.jsonl')) if 'val_kd' in r]
+    assert val[0]['iter'] == 0 and val[-1]['iter'] == 8
+    assert val[-1]['val_kd'] < 0.7 * val[0]['val_kd'] and val[-1]['val_ce'] < val[0]['val_ce']

@@ -1,0 +1,149 @@
+"""Every divergence against a brute-force float64 reference, value and gradient."""
+import math
+import pytest, torch
+from distill import KD_KINDS, kd_divergence, kd_loss, loss_sums, total_loss
+
+def softmax64(z, T):
+    z = [v / T for v in z]
+    mx = max(z)
+    e = [math.exp(v - mx) for v in z]
+    return [v / sum(e) for v in e]
+
+def kl64(a, b):
+    return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+
+def mix64(a, b, w):
+    return [w * x + (1 - w) * y for x, y in zip(a, b)]
+
+def divergence64(s, t, kind, T, beta):
+    """One position, plain Python floats (float64), straight from the formulas."""
+    p, q = softmax64(t, T), softmax64(s, T)
+    if kind == 'fkl' or (kind == 'jsd' and beta == 0):
+        return kl64(p, q)
+    if kind == 'rkl' or (kind == 'jsd' and beta == 1):
+        return kl64(q, p)
+    if kind == 'jsd':
+        m = mix64(p, q, beta)
+        return beta * kl64(p, m) + (1 - beta) * kl64(q, m)
+    if kind == 'skl':
+        return kl64(p, mix64(p, q, beta))
+    if kind == 'srkl':
+        return kl64(q, mix64(q, p, beta))
+    return 0.5 * sum(abs(x - y) for x, y in zip(p, q))
+
+def loss64(s, t, mask, kind, T, beta):
+    rows = [(sr, tr) for sr, tr, m in zip(s.reshape(-1, s.shape[-1]).tolist(), t.reshape(-1, t.shape[-1]).tolist(),
+                                           mask.reshape(-1).tolist()) if m]
+    return sum(divergence64(sr, tr, kind, T, beta) for sr, tr in rows) / len(rows)
+
+def numeric_grad(s, t, mask, kind, T, beta, h=1e-6):
+    """Central differences of the float64 reference w.r.t. every student logit."""
+    g = torch.zeros_like(s, dtype=torch.float64)
+    flat = s.double().flatten()
+    for i in range(flat.numel()):
+        up, down = flat.clone(), flat.clone()
+        up[i] += h
+        down[i] -= h
+        g.view(-1)[i] = (loss64(up.view_as(s), t, mask, kind, T, beta) - loss64(down.view_as(s), t, mask, kind, T, beta)) / (2 * h)
+    return g
+
+CASES = [(k, b) for k in KD_KINDS for b in ((0.5,) if k in ('fkl', 'rkl', 'tvd') else (0.0, 0.1, 0.5, 0.9, 1.0))]
+
+@pytest.mark.parametrize('kind,beta', CASES)
+@pytest.mark.parametrize('T', [1.0, 2.0])
+def test_divergence_value_and_gradient(kind, beta, T):
+    torch.manual_seed(0)
+    s = (torch.randn(2, 3, 7) * 2).double().requires_grad_()
+    t = torch.randn(2, 3, 7).double() * 2
+    mask = torch.tensor([[1, 0, 1], [1, 1, 0]])
+    value = kd_loss(s, t, mask, kind, T, beta)
+    assert value.item() == pytest.approx(loss64(s.detach(), t, mask, kind, T, beta), rel=1e-10, abs=1e-12)
+    expected = numeric_grad(s.detach(), t, mask, kind, T, beta)
+    if not value.requires_grad:  # skl / srkl at beta = 1 compare a distribution with itself
+        assert expected.abs().max() < 1e-8 and value.item() == 0
+        return
+    value.backward()
+    assert torch.allclose(s.grad, expected, rtol=1e-5, atol=1e-8)
+
+def test_beta_ends():
+    torch.manual_seed(1)
+    s, t = torch.randn(5, 11), torch.randn(5, 11)
+    fkl, rkl = kd_divergence(s, t, 'fkl'), kd_divergence(s, t, 'rkl')
+    assert torch.allclose(kd_divergence(s, t, 'jsd', beta=0.0), fkl)  # convention: the limit of JSD / beta
+    assert torch.allclose(kd_divergence(s, t, 'jsd', beta=1.0), rkl)  # ... and of JSD / (1 - beta)
+    assert torch.allclose(kd_divergence(s, t, 'skl', beta=0.0), fkl, atol=1e-6)
+    assert torch.allclose(kd_divergence(s, t, 'srkl', beta=0.0), rkl, atol=1e-6)
+    assert kd_divergence(s, t, 'skl', beta=1.0).abs().max() < 1e-6
+    assert kd_divergence(s, t, 'srkl', beta=1.0).abs().max() < 1e-6
+    # just inside the ends, JSD / beta approaches the convention's value
+    assert torch.allclose(kd_divergence(s.double(), t.double(), 'jsd', beta=1e-6) / 1e-6, fkl.double(), rtol=1e-3)
+    assert torch.allclose(kd_divergence(s.double(), t.double(), 'jsd', beta=1 - 1e-6) / 1e-6, rkl.double(), rtol=1e-3)
+
+@pytest.mark.parametrize('kind', KD_KINDS)
+def test_zero_when_equal_and_nonnegative(kind):
+    torch.manual_seed(2)
+    z = torch.randn(4, 6, 13) * 3
+    assert kd_divergence(z, z.clone(), kind, 2.0).abs().max() < 1e-6
+    d = kd_divergence(torch.randn(4, 6, 13) * 3, z, kind, 2.0)
+    assert (d >= -1e-7).all() and (d > 1e-4).all()
+
+@pytest.mark.parametrize('kind', KD_KINDS)
+def test_temperature_divides_logits(kind):
+    torch.manual_seed(3)
+    s, t = torch.randn(3, 9) * 4, torch.randn(3, 9) * 4
+    assert torch.allclose(kd_divergence(s, t, kind, 3.0), kd_divergence(s / 3, t / 3, kind, 1.0), atol=1e-6)
+
+def test_t_squared_keeps_gradient_scale():
+    """Without T^2 the gradient of D shrinks like 1/T^2; with it, it stays put as T grows."""
+    torch.manual_seed(4)
+    t = torch.randn(8, 50)
+    norms = {}
+    for T in (8.0, 16.0):
+        s = torch.randn(8, 50, generator=torch.Generator().manual_seed(5)).requires_grad_()
+        total_loss(torch.tensor(0.0), kd_loss(s, t, torch.ones(8), 'fkl', T), 1.0, T).backward()
+        norms[T] = s.grad.norm().item()
+    assert norms[16.0] / norms[8.0] == pytest.approx(1.0, rel=0.05)
+    assert total_loss(2.0, 3.0, 0.25, 2.0) == pytest.approx(0.75 * 2.0 + 0.25 * 4 * 3.0)
+    assert total_loss(2.0, 3.0, 0.25, 2.0, with_teacher=False) == 2.0
+
+@pytest.mark.parametrize('kind', KD_KINDS)
+def test_masked_positions_change_nothing(kind):
+    torch.manual_seed(6)
+    s, t = torch.randn(2, 5, 8).requires_grad_(), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 0, 0]])
+    base = kd_loss(s, t, mask, kind, 2.0, 0.3)
+    base.backward()
+    assert (s.grad[mask == 0] == 0).all()
+    s2, t2 = s.detach().clone(), t.clone()
+    s2[mask == 0] = 1e4 * torch.randn_like(s2[mask == 0])
+    t2[mask == 0] = float('nan')
+    assert kd_loss(s2, t2, mask, kind, 2.0, 0.3).item() == pytest.approx(base.item(), rel=1e-6)
+
+@pytest.mark.parametrize('kind', KD_KINDS)
+def test_minus_inf_logits_stay_finite(kind):
+    s, t = torch.randn(3, 6).requires_grad_(), torch.randn(3, 6)
+    t[:, 4:] = float('-inf')
+    loss = kd_loss(s, t, torch.ones(3), kind, 1.0)
+    if kind == 'rkl':  # KL(q || p) is truly infinite where the student puts mass on an impossible token
+        assert loss.item() == float('inf')
+        return
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    if kind == 'fkl':  # tokens the teacher rules out contribute nothing to KL(p || q)
+        ref = kd_loss(torch.cat([s.detach()[:, :4], s.detach()[:, 4:]], 1), t, torch.ones(3), 'fkl')
+        assert loss.item() == pytest.approx(ref.item())
+
+def test_padded_vocabulary_rows_are_ignored():
+    """152064 vs 151936 rows with ~151,646 real tokens, in small: only the shared real vocabulary counts."""
+    import distill
+    torch.manual_seed(7)
+    real = 10
+    s, t = torch.randn(2, 3, 12), torch.randn(2, 3, 16)  # both padded past the 10 real tokens, differently
+    Y, M = torch.randint(0, real, (2, 3)), torch.ones(2, 3, dtype=torch.long)
+    ce, kd = loss_sums(s, Y, M, t, real)
+    t2 = t.clone()
+    t2[..., real:] = 100.0  # junk in the padding rows
+    assert loss_sums(s, Y, M, t2, real)[1].item() == pytest.approx(kd.item())
+    assert kd.item() == pytest.approx(6 * kd_loss(s[..., :real], t[..., :real], M, distill.kd_kind, distill.temperature,
+                                                  distill.beta).item(), rel=1e-6)
+    assert ce.item() == pytest.approx(torch.nn.functional.cross_entropy(s.flatten(0, 1), Y.flatten(), reduction='sum').item(), rel=1e-6)
