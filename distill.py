@@ -112,7 +112,7 @@ def parse_config(argv, defaults):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file '{arg}' not found")
             scope = {}
-            exec(open(arg).read(), {}, scope)
+            exec(open(arg).read(), {'__file__': arg}, scope)
             for key, val in scope.items():
                 if not key.startswith('_') and not callable(val) and not isinstance(val, type(os)):
                     setkey(key, val, arg)

@@ -1,5 +1,5 @@
 """Real runs of distill.py on tiny models: invariances, resume, vocabularies, export, errors."""
-import json, os, random, subprocess, sys
+import json, math, os, random, subprocess, sys
 import pytest, torch
 from safetensors.torch import load_file
 from conftest import BYTES_VOCAB, ROOT, save_tiny_model, tiny_model, write_jsonl
@@ -194,3 +194,24 @@ def test_end_to_end_packaged_teacher_kd_falls(tmp_path):
     val = [r for r in map(json.loads, open(tmp_path / 'out' / 'log.jsonl')) if 'val_kd' in r]
     assert val[0]['iter'] == 0 and val[-1]['iter'] == 8
     assert val[-1]['val_kd'] < 0.7 * val[0]['val_kd'] and val[-1]['val_ce'] < val[0]['val_ce']
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_mixed_precision_paths(work, dtype):
+    """The autocast (and, for float16, GradScaler) path on tiny shapes: the same first loss as fp32 within
+    the dtype's precision, then training proceeds with finite values and a falling loss."""
+    common = ['--batch_size=2', '--gradient_accumulation_steps=2', '--max_iters=6', '--learning_rate=3e-3']
+    run(work, work / f'mp32{dtype}', *common)
+    run(work, work / f'mp{dtype}', *common, f'--dtype={dtype}')
+    ref, low = train_log(work / f'mp32{dtype}'), train_log(work / f'mp{dtype}')
+    assert low[0]['loss'] == pytest.approx(ref[0]['loss'], rel=2e-2) and low[0]['loss'] != ref[0]['loss']
+    assert all(math.isfinite(r['loss']) for r in low) and low[-1]['loss'] < low[0]['loss']
+
+def test_every_config_parses_and_documents_itself():
+    import glob, distill
+    from distill import parse_config
+    defaults = {k: getattr(distill, k) for k in distill.config_keys}
+    for path in glob.glob(os.path.join(ROOT, 'configs', '*.py')):
+        config = parse_config([path], defaults)
+        header = open(path).read().split('\n\n')[0]
+        assert 'distill.py' in header and 'Sized for' in header and 'Batch' in header, path
+        assert config['distill'] in ('logits', 'none') and 10 <= len(open(path).read().splitlines()) <= 40 or 'sft' in path
