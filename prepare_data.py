@@ -194,7 +194,7 @@ def process(rec):
             return [], 'empty', False
         ids = encode(TOK, rec['text'])[0] + [eos_id(TOK)]
         docs = [ids[k:k + max_len] for k in range(0, len(ids), max_len)] if max_len else [ids]
-        return [(d, [0] + [1] * (len(d) - 1)) for d in docs if len(d) > 1], None, False
+        return [compact(d, [0] + [1] * (len(d) - 1)) for d in docs if len(d) > 1], None, False
     msgs = to_messages(rec, fmt)
     if isinstance(msgs, str):
         return [], msgs, False
@@ -204,7 +204,10 @@ def process(rec):
     mask[0] = 0
     if not any(mask):
         return [], 'no_supervised_tokens', truncated
-    return [(ids, mask)], None, truncated
+    return [compact(ids, mask)], None, truncated
+
+def compact(ids, mask):
+    return np.asarray(ids, dtype=np.uint32), np.asarray(mask, dtype=np.uint8)  # ~10x smaller than lists
 
 TOK, ARGS = None, {}  # set before the worker pool forks, so workers inherit the loaded tokenizer
 
@@ -280,9 +283,10 @@ def demo_tokenizer():
 def write_split(folder, split, docs, dtype):
     lengths = np.array([len(ids) for ids, _ in docs], dtype=np.int64)
     np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tofile(os.path.join(folder, f'{split}_idx.bin'))
-    np.array([t for ids, _ in docs for t in ids], dtype=dtype).tofile(os.path.join(folder, f'{split}.bin'))
-    np.array([m for _, mask in docs for m in mask], dtype=np.uint8).tofile(os.path.join(folder, f'{split}_mask.bin'))
-    return {'documents': len(docs), 'tokens': int(lengths.sum()), 'supervised_tokens': int(sum(sum(m) for _, m in docs))}
+    np.concatenate([ids for ids, _ in docs] + [np.zeros(0, np.uint32)]).astype(dtype).tofile(os.path.join(folder, f'{split}.bin'))
+    masks = np.concatenate([mask for _, mask in docs] + [np.zeros(0, np.uint8)])
+    masks.tofile(os.path.join(folder, f'{split}_mask.bin'))
+    return {'documents': len(docs), 'tokens': int(lengths.sum()), 'supervised_tokens': int(masks.sum())}
 
 def main(argv=None):
     global TOK, ARGS
