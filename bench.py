@@ -23,9 +23,10 @@ torch.manual_seed(0)
 teacher = load_model(prepare_data.demo_tokenizer()).eval().requires_grad_(False)
 student = student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
 meta = json.load(open(os.path.join(args.dataset, 'meta.json')))
-tokens, mask, idx = distill.load_split(args.dataset, 'train')
+split = distill.load_split(args.dataset, 'train')
+idx = split['idx']
 long_docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
-X, Y, M = distill.make_batch((tokens, mask, idx), long_docs, args.block_size, meta['pad_id'], 'cpu')
+X, Y, M, _ = distill.make_batch(split, long_docs, args.block_size, meta['pad_id'], 'cpu')
 optimizer = distill.configure_optimizer(student, 1e-5, 0.0, (0.9, 0.999), 'cpu')
 n_tokens = X.numel()
 
@@ -40,7 +41,7 @@ for step in range(args.steps + 1):  # step 0 warms up
     s_logits = student(input_ids=X).logits
     times.append(time.perf_counter())
     ce, kd = loss_sums(s_logits, Y, M, t_logits, meta['vocab_size'])
-    loss = total_loss(ce, kd, 0.5, 2.0) / M.sum()
+    loss = total_loss(ce, kd, 0.0, (0.5, 0.5, 0.0), 2.0) / M.sum()
     times.append(time.perf_counter())
     loss.backward()
     times.append(time.perf_counter())

@@ -51,11 +51,18 @@ student_init = 'pretrained'  # 'pretrained' (its weights), 'config' (random init
 student_layers = None  # teacher blocks kept by student_init='teacher_layers', e.g. [0, 3, 6]
 trust_remote_code = False  # let transformers run model code shipped with a checkpoint
 # distillation
-distill = 'logits'  # 'logits' or 'none' (the SFT baseline: no teacher)
+distill = 'logits'  # 'logits', 'hidden' or 'none' (the SFT baseline: no teacher)
+alpha = 0.5  # 'logits': loss = (1 - alpha) CE + alpha T^2 D; 'hidden': (1 - alpha) CE + alpha H
+ce_weight = None  # explicit weights of loss = ce_weight CE + kd_weight T^2 D + hidden_weight H override
+kd_weight = None  # ... the ones distill and alpha imply; a zero weight skips its term's work
+hidden_weight = None  # ... (e.g. ce_weight=0.5, kd_weight=0.5, hidden_weight=1.0 mixes all three)
 kd_kind = 'fkl'  # divergence: 'fkl', 'rkl', 'jsd', 'skl', 'srkl' or 'tvd'
 temperature = 2.0  # softmax temperature of both distributions in the divergence
-alpha = 0.5  # loss = (1 - alpha) * CE + alpha * T^2 * D
 beta = 0.5  # JSD mixture weight of the teacher; skew weight for 'skl' / 'srkl' (DistiLLM: 0.1)
+layer_map = 'uniform'  # 'uniform', 'last' or [(student, teacher), ...]; index 0 = embedding output, l = block l
+hidden_loss = 'mse'  # 'mse' (squared error / d_teacher) or 'cosine' (1 - cos)
+hidden_rms_norm = False  # RMS-normalise both sides first: a guard against the teacher's massive activations
+proj_init = 'xavier'  # projection init: 'xavier' or 'identity' (rectangular identity)
 # optimizer
 learning_rate = 2e-5  # peak learning rate
 min_lr = 2e-6  # the cosine schedule ends here
@@ -166,12 +173,11 @@ def kd_loss(student_logits, teacher_logits, mask, kind='fkl', temperature=1.0, b
     keep = mask.bool()  # only supervised positions are computed: whatever sits elsewhere cannot leak in
     return kd_divergence(student_logits[keep], teacher_logits[keep], kind, temperature, beta).sum() / keep.sum().clamp(min=1)
 
-def total_loss(ce, kd, alpha, temperature, with_teacher=True):
-    """(1 - alpha) * CE + alpha * T^2 * D: T^2 keeps the gradient scale of D comparable across temperatures
-    (Hinton et al. 2015). Without a teacher (SFT) the loss is the CE alone."""
-    if not with_teacher:
-        return ce
-    return (1 - alpha) * ce + alpha * temperature ** 2 * kd
+def total_loss(ce, kd, hidden, weights, temperature):
+    """w_ce CE + w_kd T^2 D + w_hidden H. T^2 keeps the gradient scale of D comparable across temperatures
+    (Hinton et al. 2015): the gradient of D itself shrinks like 1/T^2."""
+    w_ce, w_kd, w_hidden = weights
+    return w_ce * ce + w_kd * temperature ** 2 * kd + w_hidden * hidden
 
 def loss_sums(logits, Y, M, teacher_logits, vocab):
     """Sums over supervised targets of the CE and of the divergence (over the shared real vocabulary)."""
@@ -184,15 +190,52 @@ def loss_sums(logits, Y, M, teacher_logits, vocab):
     kd = kd_divergence(logits[:, :vocab], teacher_logits[keep][:, :vocab], kd_kind, temperature, beta)
     return ce_sum, kd.sum()
 
+def hidden_distance(student_h, teacher_h, kind='mse', rms_norm=False):
+    """Per-position distance between projected student and teacher hidden states ([..., d_t]), in fp32."""
+    fp = torch.float64 if student_h.dtype == torch.float64 else torch.float32
+    hs, ht = student_h.to(fp), teacher_h.to(fp)
+    if rms_norm:
+        hs = hs * torch.rsqrt(hs.pow(2).mean(-1, keepdim=True) + 1e-6)
+        ht = ht * torch.rsqrt(ht.pow(2).mean(-1, keepdim=True) + 1e-6)
+    if kind == 'mse':
+        return (hs - ht).pow(2).mean(-1)  # normalised by d_t, so widths compare
+    if kind == 'cosine':
+        return 1 - F.cosine_similarity(hs, ht, dim=-1, eps=1e-8)
+    raise ValueError(f"hidden_loss must be 'mse' or 'cosine', got '{kind}'")
+
+def make_layer_pairs(spec, student_layers_n, teacher_layers_n):
+    """(student, teacher) hidden-state indices; 0 is the embedding output, l the output of block l (HF's
+    hidden_states[l]). 'uniform': student l <-> teacher round(l * L_t / L_s) for l = 1..L_s; 'last': the
+    final ones only."""
+    if spec == 'uniform':
+        return [(l, round(l * teacher_layers_n / student_layers_n)) for l in range(1, student_layers_n + 1)]
+    if spec == 'last':
+        return [(student_layers_n, teacher_layers_n)]
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(p, (list, tuple)) and len(p) == 2 and
+                                                        all(isinstance(i, int) for i in p) for p in spec):
+        for s_l, t_l in spec:
+            if not (0 <= s_l <= student_layers_n and 0 <= t_l <= teacher_layers_n):
+                raise ConfigError(f'layer_map pair ({s_l}, {t_l}) is out of range: the student has hidden states '
+                                  f'0..{student_layers_n}, the teacher 0..{teacher_layers_n} (0 = embedding output)')
+        return [tuple(p) for p in spec]
+    raise ConfigError(f"layer_map must be 'uniform', 'last' or a list of (student, teacher) pairs, got {spec!r}")
+
 # -----------------------------------------------------------------------------
 # data
 
 def load_split(folder, split):
+    """A split as a dict of arrays; with a cross-tokenizer dataset also the teacher's tokens and the aligned
+    position pairs (see prepare_data.py)."""
     meta = json.load(open(os.path.join(folder, 'meta.json')))
-    tokens = np.memmap(os.path.join(folder, f'{split}.bin'), dtype=meta['dtype'], mode='r')
-    mask = np.memmap(os.path.join(folder, f'{split}_mask.bin'), dtype=np.uint8, mode='r')
-    idx = np.fromfile(os.path.join(folder, f'{split}_idx.bin'), dtype=np.int64)
-    return tokens, mask, idx
+    path = lambda name: os.path.join(folder, f'{split}{name}.bin')
+    data = {'tokens': np.memmap(path(''), dtype=meta['dtype'], mode='r'),
+            'mask': np.memmap(path('_mask'), dtype=np.uint8, mode='r'), 'idx': np.fromfile(path('_idx'), dtype=np.int64)}
+    if 'teacher_tokenizer' in meta:
+        data['teacher'] = np.memmap(path('_teacher'), dtype=meta['teacher_dtype'], mode='r')
+        data['teacher_idx'] = np.fromfile(path('_teacher_idx'), dtype=np.int64)
+        data['align'] = np.fromfile(path('_align'), dtype=np.int32).reshape(-1, 2)
+        data['align_idx'] = np.fromfile(path('_align_idx'), dtype=np.int64)
+    return data
 
 def doc_order(position, count, n_docs, seed):
     """Document ids at [position, position + count) of the stream: epoch e is a permutation seeded by seed + e."""
@@ -202,12 +245,14 @@ def doc_order(position, count, n_docs, seed):
         out.extend(np.random.default_rng(seed + epoch).permutation(n_docs)[k:k + count - len(out)].tolist())
     return out
 
-def make_batch(split, doc_ids, block_size, pad_id, device):
-    """Right-padded X, Y, M for some documents. No attention mask is needed: causal attention never lets a
-    real token see the padding after it, and M is 0 on padding."""
-    tokens, mask, idx = split
-    docs = [(np.asarray(tokens[idx[d]:idx[d + 1]][:block_size + 1], dtype=np.int64),
-             np.asarray(mask[idx[d]:idx[d + 1]][:block_size + 1], dtype=np.int64)) for d in doc_ids]
+def make_batch(split, doc_ids, block_size, pad_id, device, teacher_pad_id=0):
+    """Right-padded X, Y, M for some documents, and H: where the hidden-state loss is taken.
+    No attention mask is needed: causal attention never lets a real token see the padding after it, and M
+    is 0 on padding. H = (XT, b, s, t): student position s of row b pairs with teacher position t, at the
+    supervised positions only; XT is the teacher's own input across tokenizers, else None (it reads X)."""
+    idx = split['idx']
+    docs = [(np.asarray(split['tokens'][idx[d]:idx[d + 1]][:block_size + 1], dtype=np.int64),
+             np.asarray(split['mask'][idx[d]:idx[d + 1]][:block_size + 1], dtype=np.int64)) for d in doc_ids]
     L = max(len(t) for t, _ in docs) - 1
     X = torch.full((len(docs), L), pad_id, dtype=torch.long)
     Y = torch.zeros((len(docs), L), dtype=torch.long)
@@ -215,9 +260,24 @@ def make_batch(split, doc_ids, block_size, pad_id, device):
     for i, (t, m) in enumerate(docs):
         n = len(t) - 1
         X[i, :n], Y[i, :n], M[i, :n] = torch.from_numpy(t[:-1]), torch.from_numpy(t[1:]), torch.from_numpy(m[1:])
-    if 'cuda' in str(device):
-        return X.pin_memory().to(device, non_blocking=True), Y.pin_memory().to(device, non_blocking=True), M.to(device)
-    return X.to(device), Y.to(device), M.to(device)
+    if 'teacher' in split:
+        pairs, rows = [], []
+        for i, d in enumerate(doc_ids):
+            p = split['align'][split['align_idx'][d]:split['align_idx'][d + 1]].astype(np.int64)
+            p = p[p[:, 0] < len(docs[i][0]) - 1]  # positions the student reads
+            p = p[M[i, p[:, 0]].numpy() == 1]
+            pairs.append(np.column_stack([np.full(len(p), i), p]))
+            ti = split['teacher_idx']
+            rows.append(np.asarray(split['teacher'][ti[d]:ti[d + 1]][:int(p[:, 1].max()) + 1 if len(p) else 1], dtype=np.int64))
+        XT = torch.full((len(docs), max(len(r) for r in rows)), teacher_pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            XT[i, :len(r)] = torch.from_numpy(r)
+        b, s, t = torch.from_numpy(np.concatenate(pairs)).T
+        H = (XT.to(device), b.to(device), s.to(device), t.to(device))
+    else:
+        b, s = M.nonzero(as_tuple=True)
+        H = (None, b.to(device), s.to(device), s.to(device))
+    return X.to(device), Y.to(device), M.to(device), H
 
 def step_doc_ids(iter_num, batch_size, grad_accum, rank, world, n_docs, seed):
     """This rank's micro-batches of step iter_num: the step takes batch_size * grad_accum documents of the
@@ -318,14 +378,34 @@ def measure_matmul_flops(device, dtype=torch.float32, n=1024, seconds=1.0):
 # training state
 
 class Trainable(nn.Module):
-    """Everything that trains, in one module, so that DDP, the optimizer and checkpoints see the same
-    parameters."""
-    def __init__(self, model):
+    """Everything that trains (the student and any hidden-state projections) in one module, so that DDP,
+    the optimizer and checkpoints see the same parameters. Only .model is exported."""
+    def __init__(self, model, layer_pairs=(), teacher_width=0, proj_init='xavier', hidden_loss='mse', rms_norm=False):
         super().__init__()
         self.model = model
+        self.layer_pairs, self.hidden_loss, self.rms_norm = list(layer_pairs), hidden_loss, rms_norm
+        self.proj = nn.ModuleList(nn.Linear(model.config.hidden_size, teacher_width, bias=False) for _ in self.layer_pairs)
+        for p in self.proj:
+            if proj_init == 'identity':
+                nn.init.eye_(p.weight)
+            elif proj_init == 'xavier':
+                nn.init.xavier_uniform_(p.weight)
+            else:
+                raise ConfigError(f"proj_init must be 'xavier' or 'identity', got '{proj_init}'")
 
-    def forward(self, X):
-        return self.model(input_ids=X).logits
+    def forward(self, X, teacher_hidden=None, H=None):
+        """Logits, and with teacher_hidden (one tensor per layer pair) the sum over the positions of H of the
+        hidden loss, averaged over the pairs."""
+        out = self.model(input_ids=X, output_hidden_states=teacher_hidden is not None)
+        if teacher_hidden is None:
+            return out.logits, None
+        _, b, s, t = H
+        total = 0.0
+        with torch.autocast(X.device.type, enabled=False):  # projections and distances in fp32
+            for (ls, _), proj, ht in zip(self.layer_pairs, self.proj, teacher_hidden):
+                hs = proj(out.hidden_states[ls][b, s].float())
+                total = total + hidden_distance(hs, ht[b, t], self.hidden_loss, self.rms_norm).sum()
+        return out.logits, total / len(self.layer_pairs)
 
 def get_lr(it, max_iters, warmup_iters, lr, min_lr):
     if it < warmup_iters:
@@ -392,8 +472,10 @@ if __name__ == '__main__':
     except ConfigError as e:
         fail(e)
     globals().update(config)
-    if distill not in ('logits', 'none'):
-        fail(f"distill must be 'logits' or 'none', got '{distill}'")
+    if distill not in ('logits', 'hidden', 'none'):
+        fail(f"distill must be 'logits', 'hidden' or 'none', got '{distill}'")
+    if hidden_loss not in ('mse', 'cosine'):
+        fail(f"hidden_loss must be 'mse' or 'cosine', got '{hidden_loss}'")
     if kd_kind not in KD_KINDS:
         fail(f"kd_kind must be one of {', '.join(KD_KINDS)}; got '{kd_kind}'" + ''.join(f" (did you mean '{c}'?)" for c in difflib.get_close_matches(kd_kind, KD_KINDS, n=1)))
     if dtype not in ('float32', 'bfloat16', 'float16'):
@@ -402,7 +484,10 @@ if __name__ == '__main__':
         fail(f"student_init must be 'pretrained', 'config' or 'teacher_layers', got '{student_init}'")
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    use_teacher = distill == 'logits' and alpha > 0 or student_init == 'teacher_layers'
+    # the loss: w_ce CE + w_kd T^2 D + w_hidden H; distill and alpha imply the weights, explicit ones override
+    implied = {'none': (1.0, 0.0, 0.0), 'logits': (1 - alpha, alpha, 0.0), 'hidden': (1 - alpha, 0.0, alpha)}[distill]
+    w_ce, w_kd, w_hidden = (implied[i] if w is None else float(w) for i, w in enumerate((ce_weight, kd_weight, hidden_weight)))
+    use_teacher = w_kd > 0 or w_hidden > 0 or student_init == 'teacher_layers'
 
     # DDP: torchrun's environment decides; nccl on GPUs, gloo on CPUs
     ddp = int(os.environ.get('RANK', -1)) != -1
@@ -431,8 +516,12 @@ if __name__ == '__main__':
         fail(f'no prepared dataset in {data_dir}: run prepare_data.py first (python prepare_data.py for the demo)')
     meta = json.load(open(os.path.join(data_dir, 'meta.json')))
     vocab = meta['vocab_size']
+    cross_tokenizer = 'teacher_tokenizer' in meta
+    if cross_tokenizer and w_kd > 0:
+        fail(f"{data_dir} pairs two tokenizers: logit distillation compares distributions token by token and needs one "
+             "shared tokenizer; use distill='hidden' (or kd_weight=0)")
     train_data, val_data = load_split(data_dir, 'train'), load_split(data_dir, 'val')
-    n_train_docs = len(train_data[2]) - 1
+    n_train_docs = len(train_data['idx']) - 1
     if max_iters is None:
         max_iters = math.ceil(epochs * n_train_docs / (batch_size * gradient_accumulation_steps))
     warmup_iters = int(warmup_frac * max_iters)
@@ -458,20 +547,32 @@ if __name__ == '__main__':
         fail(e)
     if ddp and master_process:
         dist.barrier()
-    if distill == 'none' or alpha == 0:
+    if w_kd == 0 and w_hidden == 0:
         teacher_model = None  # 'teacher_layers' needed it only to build the student
-    # vocabularies: the same tokenizer (fingerprints), and enough output rows for the real vocabulary
-    for name, tok in (('student', student_tok), ('teacher', teacher_tok if teacher_model is not None else None)):
-        if tok is not None and prepare_data.vocab_fingerprint(tok) != meta['vocab_fingerprint']:
-            fail(f"the {name}'s tokenizer differs from the one {data_dir} was prepared with ({meta['tokenizer']}); "
-                 'logit distillation needs one shared tokenizer: prepare the data with the models\' tokenizer')
-    for name, m in (('student', student_model), ('teacher', teacher_model)):
-        if m is not None and output_rows(m) < vocab:
-            fail(f'the {name} has {output_rows(m)} output rows but the tokenizer of {data_dir} has {vocab} tokens')
+    # vocabularies: the data's tokenizer(s) (compared by fingerprint) and enough output rows for them
+    teacher_fingerprint = meta['teacher_vocab_fingerprint'] if cross_tokenizer else meta['vocab_fingerprint']
+    for name, tok, expected in (('student', student_tok, meta['vocab_fingerprint']),
+                                ('teacher', teacher_tok if teacher_model is not None else None, teacher_fingerprint)):
+        if tok is not None and prepare_data.vocab_fingerprint(tok) != expected:
+            fail(f"the {name}'s tokenizer differs from the one {data_dir} was prepared with for it; logit distillation needs "
+                 "one shared tokenizer, hidden-state distillation across tokenizers needs prepare_data.py --teacher_tokenizer")
+    for name, m, rows in (('student', student_model, vocab),
+                          ('teacher', teacher_model, meta.get('teacher_vocab_size', vocab))):
+        if m is not None and output_rows(m) < rows:
+            fail(f'the {name} has {output_rows(m)} output rows but the tokenizer of {data_dir} has {rows} tokens')
     if teacher_model is not None:
         teacher_model.to(device=device, dtype=torch.float32 if dtype == 'float16' else ptdtype).eval().requires_grad_(False)
 
-    model = Trainable(student_model).to(device).train()  # from_pretrained returns models in eval mode
+    layer_pairs = []
+    if w_hidden > 0:
+        try:
+            layer_pairs = make_layer_pairs(layer_map, student_model.config.num_hidden_layers, teacher_model.config.num_hidden_layers)
+            model = Trainable(student_model, layer_pairs, teacher_model.config.hidden_size, proj_init, hidden_loss, hidden_rms_norm)
+        except ConfigError as e:
+            fail(e)
+    else:
+        model = Trainable(student_model)
+    model = model.to(device).train()  # from_pretrained returns models in eval mode
     raw_model = model
     optimizer = configure_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device)
     iter_num = 0
@@ -496,26 +597,39 @@ if __name__ == '__main__':
             dist.all_reduce(t)
         return t.tolist()
 
-    def teacher_logits(X):
+    def run_teacher(X, H):
+        """The teacher's logits (when w_kd > 0) and its hidden states at the mapped layers (when w_hidden > 0)."""
         if teacher_model is None:
-            return None
+            return None, None
+        XT = X if H[0] is None else H[0]
         with torch.no_grad(), ctx:
-            return teacher_model(input_ids=X).logits
+            if w_kd > 0:
+                out = teacher_model(input_ids=XT, output_hidden_states=w_hidden > 0)
+                logits = out.logits
+            else:  # no output head: hidden states only
+                out, logits = teacher_model.base_model(input_ids=XT, output_hidden_states=True), None
+            hidden = [out.hidden_states[lt] for _, lt in layer_pairs] if w_hidden > 0 else None
+        return logits, hidden
+
+    def batch(split, doc_ids):
+        return make_batch(split, doc_ids, block_size, meta['pad_id'], device, meta.get('teacher_eos_id', 0))
 
     @torch.no_grad()
     def evaluate():
         model.eval()
-        docs = list(range(min(eval_docs, len(val_data[2]) - 1)))[rank::world_size]
-        ce = kd = n = 0.0
+        docs = list(range(min(eval_docs, len(val_data['idx']) - 1)))[rank::world_size]
+        ce = kd = hid = n = n_hidden = 0.0
         for k in range(0, len(docs), batch_size):
-            X, Y, M = make_batch(val_data, docs[k:k + batch_size], block_size, meta['pad_id'], device)
+            X, Y, M, H = batch(val_data, docs[k:k + batch_size])
+            t_logits, t_hidden = run_teacher(X, H)
             with ctx:
-                logits = model(X)
-            c, d = loss_sums(logits, Y, M, teacher_logits(X), vocab)
+                logits, h_sum = model(X, t_hidden, H)
+            c, d = loss_sums(logits, Y, M, t_logits, vocab)
             ce, kd, n = ce + c.item(), kd + d.item(), n + M.sum().item()
+            hid, n_hidden = hid + (h_sum.item() if h_sum is not None else 0.0), n_hidden + len(H[1])
         model.train()
-        ce, kd, n = all_reduce(ce, kd, n)
-        return ce / max(n, 1), kd / max(n, 1)
+        ce, kd, hid, n, n_hidden = all_reduce(ce, kd, hid, n, n_hidden)
+        return ce / max(n, 1), kd / max(n, 1), hid / max(n_hidden, 1)
 
     def save(iter_num):
         states = [None] * world_size
@@ -529,9 +643,15 @@ if __name__ == '__main__':
 
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
-        n_params = sum(p.numel() for p in raw_model.parameters())
+        n_params = sum(p.numel() for p in raw_model.model.parameters())
         print(f'student: {n_params / 1e6:.2f}M parameters; teacher: '
               + (f'{sum(p.numel() for p in teacher_model.parameters()) / 1e6:.2f}M parameters' if teacher_model is not None else 'none'))
+        print(f'loss = {w_ce:g} CE' + (f' + {w_kd:g} T^2 {kd_kind} (T={temperature:g})' if w_kd else '')
+              + (f' + {w_hidden:g} hidden {hidden_loss}' if w_hidden else '') + (' [across tokenizers]' if cross_tokenizer else ''))
+        if layer_pairs:
+            print('layer map (student <- teacher, 0 = embedding output, l = block l): '
+                  + ', '.join(f'{a}<-{b}' for a, b in layer_pairs)
+                  + f'; projections {student_model.config.hidden_size} -> {teacher_model.config.hidden_size} ({proj_init})')
         print(f'{n_train_docs:,} training documents, {max_iters} iterations of {batch_size} x {gradient_accumulation_steps} '
               f'documents ({world_size} rank(s)), block {block_size}')
         if wandb_log:
@@ -542,15 +662,15 @@ if __name__ == '__main__':
         peak_flops = 989e12 if device_type == 'cuda' else measure_matmul_flops(device)
     last_iter = max_iters if stop_iter is None else min(stop_iter, max_iters)
 
-    t0 = time.time()
     while True:
         if iter_num % eval_interval == 0 or iter_num == last_iter:
-            val_ce, val_kd = evaluate()
+            val_ce, val_kd, val_hidden = evaluate()
             if master_process:
-                print(f'iter {iter_num}: val ce {val_ce:.4f}, val kd {val_kd:.4f}')
-                log_file.write(json.dumps({'iter': iter_num, 'val_ce': val_ce, 'val_kd': val_kd}) + '\n')
+                print(f'iter {iter_num}: val ce {val_ce:.4f}, val kd {val_kd:.4f}, val hidden {val_hidden:.4f}')
+                log_file.write(json.dumps({'iter': iter_num, 'val_ce': val_ce, 'val_kd': val_kd, 'val_hidden': val_hidden}) + '\n')
+                log_file.flush()
                 if wandb_log:
-                    wandb.log({'iter': iter_num, 'val/ce': val_ce, 'val/kd': val_kd})
+                    wandb.log({'iter': iter_num, 'val/ce': val_ce, 'val/kd': val_kd, 'val/hidden': val_hidden})
             if iter_num > 0:
                 save(iter_num)
         if iter_num >= last_iter:
@@ -558,53 +678,59 @@ if __name__ == '__main__':
         lr = get_lr(iter_num, max_iters, warmup_iters, learning_rate, min_lr)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        micro_batches = [make_batch(train_data, ids, block_size, meta['pad_id'], device) for ids in
+        t0 = time.time()
+        micro_batches = [batch(train_data, ids) for ids in
                          step_doc_ids(iter_num, batch_size, gradient_accumulation_steps, rank, world_size, n_train_docs, seed)]
-        # N: supervised targets of the whole step, over every micro-batch and rank
-        supervised_tokens, step_tokens = all_reduce(sum(M.sum().item() for _, _, M in micro_batches),
-                                                    sum(X.numel() for X, _, _ in micro_batches))
-        ce_total = kd_total = 0.0
-        for micro_step, (X, Y, M) in enumerate(micro_batches):
+        # N: supervised targets of the whole step, over every micro-batch and rank (and the hidden-loss positions)
+        supervised_tokens, hidden_positions, step_tokens = all_reduce(
+            sum(M.sum().item() for _, _, M, _ in micro_batches), sum(len(H[1]) for *_, H in micro_batches),
+            sum(X.numel() for X, *_ in micro_batches))
+        ce_total = kd_total = hidden_total = 0.0
+        for micro_step, (X, Y, M, H) in enumerate(micro_batches):
             if ddp:
                 model.require_backward_grad_sync = micro_step == len(micro_batches) - 1
+            t_logits, t_hidden = run_teacher(X, H)
             with ctx:
-                logits = model(X)
-            ce_sum, kd_sum = loss_sums(logits, Y, M, teacher_logits(X), vocab)
-            loss = total_loss(ce_sum, kd_sum, alpha, temperature, teacher_model is not None) / max(supervised_tokens, 1)
+                logits, h_sum = model(X, t_hidden, H)
+            ce_sum, kd_sum = loss_sums(logits, Y, M, t_logits, vocab)
+            h_sum = torch.zeros_like(ce_sum) if h_sum is None else h_sum
+            loss = total_loss(ce_sum / max(supervised_tokens, 1), kd_sum / max(supervised_tokens, 1),
+                              h_sum / max(hidden_positions, 1), (w_ce, w_kd, w_hidden), temperature)
             scaler.scale(loss * world_size).backward()  # DDP averages gradients over ranks; the sum is wanted
-            ce_total, kd_total = ce_total + ce_sum.detach(), kd_total + kd_sum.detach()
-        ce_total, kd_total = all_reduce(float(ce_total), float(kd_total))
+            ce_total, kd_total, hidden_total = ce_total + ce_sum.detach(), kd_total + kd_sum.detach(), hidden_total + h_sum.detach()
+        ce_total, kd_total, hidden_total = all_reduce(float(ce_total), float(kd_total), float(hidden_total))
         ce_mean, kd_mean = ce_total / max(supervised_tokens, 1), kd_total / max(supervised_tokens, 1)
-        loss_value = total_loss(ce_mean, kd_mean, alpha, temperature, teacher_model is not None)
+        hidden_mean = hidden_total / max(hidden_positions, 1)
+        loss_value = total_loss(ce_mean, kd_mean, hidden_mean, (w_ce, w_kd, w_hidden), temperature)
         if not math.isfinite(loss_value):
-            fail(f'non-finite loss at iteration {iter_num} (ce {ce_mean}, kd {kd_mean}): lower learning_rate, '
-                 'check the data, or use bfloat16 instead of float16')
+            fail(f'non-finite loss at iteration {iter_num} (ce {ce_mean}, kd {kd_mean}, hidden {hidden_mean}): lower '
+                 'learning_rate, check the data, or use bfloat16 instead of float16')
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf')).item()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
         if device_type == 'cuda':
             torch.cuda.synchronize()
-        dt, t0 = time.time() - t0, time.time()
+        dt = time.time() - t0
         if master_process and iter_num % log_interval == 0:
             seq = step_tokens / (batch_size * gradient_accumulation_steps)
             flops = flops_per_token(raw_model.model, seq, True) + (flops_per_token(teacher_model, seq, False) if teacher_model is not None else 0)
             tok_s = step_tokens / dt
             mfu = flops * tok_s / (peak_flops * world_size)
-            print(f'iter {iter_num}: loss {loss_value:.4f}, ce {ce_mean:.4f}, kd {kd_mean:.4f}, lr {lr:.2e}, '
-                  f'grad norm {grad_norm:.3f}, {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%')
-            record = {'iter': iter_num, 'loss': loss_value, 'ce': ce_mean, 'kd': kd_mean, 'lr': lr, 'grad_norm': grad_norm,
-                      'ms': dt * 1000, 'tokens_per_s': tok_s, 'mfu': mfu}
+            print(f'iter {iter_num}: loss {loss_value:.4f}, ce {ce_mean:.4f}, kd {kd_mean:.4f}, hidden {hidden_mean:.4f}, '
+                  f'lr {lr:.2e}, grad norm {grad_norm:.3f}, {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%')
+            record = {'iter': iter_num, 'loss': loss_value, 'ce': ce_mean, 'kd': kd_mean, 'hidden': hidden_mean, 'lr': lr,
+                      'grad_norm': grad_norm, 'ms': dt * 1000, 'tokens_per_s': tok_s, 'mfu': mfu}
             log_file.write(json.dumps(record) + '\n')
             log_file.flush()
             if wandb_log:
                 wandb.log(record)
+        iter_num += 1
 
     if master_process and export:
         folder = os.path.join(out_dir, 'student')
-        raw_model.model.save_pretrained(folder)
+        raw_model.model.save_pretrained(folder)  # the student alone: projections are training machinery
         export_tok = student_tok or model_tokenizer(meta['tokenizer'])
         if export_tok is not None and hasattr(export_tok, 'save_pretrained'):
             export_tok.save_pretrained(folder)

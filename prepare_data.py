@@ -45,6 +45,11 @@ def bytes_encoding():
 def load_tokenizer(spec):
     if spec == 'bytes':
         return bytes_encoding()
+    if spec.endswith('.tiktoken'):  # a BPE ranks file, e.g. GPT-2's: the r50k pattern and <|endoftext|>
+        import tiktoken, tiktoken.load
+        ranks = tiktoken.load.load_tiktoken_bpe(spec)
+        return tiktoken.Encoding(os.path.basename(spec), pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens={'<|endoftext|>': len(ranks)})
     if spec.startswith('tiktoken:'):
         import tiktoken
         return tiktoken.get_encoding(spec[len('tiktoken:'):])
@@ -88,12 +93,23 @@ def eos_id(tok):
     return tok.eos_token_id
 
 def encode(tok, text):
-    """Token ids and the character offset where each token starts."""
+    """Token ids, the character offset where each token starts, and the UTF-8 byte offset where it ends
+    (bytes, because a byte-level token can end inside a character)."""
     if is_tiktoken(tok):
         ids = tok.encode(text, allowed_special='all')
-        return ids, tok.decode_with_offsets(ids)[1]
+        ends = np.cumsum([len(tok.decode_single_token_bytes(i)) for i in ids], dtype=np.int64)
+        return ids, tok.decode_with_offsets(ids)[1], ends
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    return enc['input_ids'], [a for a, b in enc['offset_mapping']]
+    char_to_byte = np.concatenate([[0], np.cumsum([len(c.encode()) for c in text], dtype=np.int64)])
+    return enc['input_ids'], [a for a, b in enc['offset_mapping']], char_to_byte[[b for a, b in enc['offset_mapping']]]
+
+def align_positions(student_ends, teacher_ends):
+    """(student index, teacher index) pairs of tokens after which both tokenizations have covered exactly the
+    same text: equal byte end offsets. Where several tokens end at one offset (a token of no text, such as
+    an appended eos, or the pieces of a split character) the last of them stands for it."""
+    last_t = {int(e): j for j, e in enumerate(teacher_ends)}
+    last_s = {int(e): i for i, e in enumerate(student_ends)}
+    return [(i, last_t[e]) for e, i in sorted(last_s.items(), key=lambda kv: kv[1]) if e in last_t]
 
 def special_ids(tok):
     return set(tok._special_tokens.values()) if is_tiktoken(tok) else set(tok.all_special_ids) | {
@@ -163,7 +179,7 @@ def render_chat(tok, msgs):
 
 def chat_to_ids(tok, msgs, train_on_prompt):
     text, spans = render_chat(tok, msgs)
-    ids, starts = encode(tok, text)
+    ids, starts, ends = encode(tok, text)
     mask = [0] * len(ids)
     specials = special_ids(tok)
     for a, b in spans:
@@ -179,37 +195,59 @@ def chat_to_ids(tok, msgs, train_on_prompt):
             mask[i:j + 1] = [1] * (j + 1 - i)
     if train_on_prompt:
         mask = [1] * len(ids)
-    return ids, mask
+    return ids, mask, text, ends
 
 def process(rec):
-    """One record -> (list of (ids, mask) documents, skip reason or None, truncated?)."""
+    """One record -> (documents, skip reason or None, truncated?). A document is (ids, mask), plus, with a
+    teacher tokenizer, (teacher ids, aligned position pairs)."""
     fmt = ARGS['format'] or detect_format(rec)
     if fmt is None or not isinstance(rec, dict) or (fmt in ('alpaca', 'qa', 'text') and detect_format(rec) is None):
         return [], 'unknown_shape', False
-    max_len = ARGS['max_length']
+    max_len, truncated = ARGS['max_length'], False
     if fmt == 'text':
         if not isinstance(rec.get('text'), str):
             return [], 'unknown_shape', False
         if not rec['text'].strip():
             return [], 'empty', False
-        ids = encode(TOK, rec['text'])[0] + [eos_id(TOK)]
-        docs = [ids[k:k + max_len] for k in range(0, len(ids), max_len)] if max_len else [ids]
-        return [compact(d, [0] + [1] * (len(d) - 1)) for d in docs if len(d) > 1], None, False
-    msgs = to_messages(rec, fmt)
-    if isinstance(msgs, str):
-        return [], msgs, False
-    ids, mask = chat_to_ids(TOK, msgs, ARGS['train_on_prompt'])
-    truncated = bool(max_len) and len(ids) > max_len
-    ids, mask = ids[:max_len or None], mask[:max_len or None]
-    mask[0] = 0
-    if not any(mask):
+        text = rec['text']
+        ids, _, ends = encode(TOK, text)
+        ids, ends = ids + [eos_id(TOK)], np.append(ends, len(text.encode()))  # eos: a token of no text
+        mask = [0] + [1] * (len(ids) - 1)
+        pieces = [(k, min(k + max_len, len(ids))) for k in range(0, len(ids), max_len)] if max_len else [(0, len(ids))]
+    else:
+        msgs = to_messages(rec, fmt)
+        if isinstance(msgs, str):
+            return [], msgs, False
+        ids, mask, text, ends = chat_to_ids(TOK, msgs, ARGS['train_on_prompt'])
+        truncated = bool(max_len) and len(ids) > max_len
+        pieces = [(0, min(len(ids), max_len or len(ids)))]
+    docs = []
+    if TEACHER_TOK is not None:
+        t_ids, _, t_ends = encode(TEACHER_TOK, text)
+        if fmt == 'text':
+            t_ids, t_ends = t_ids + [eos_id(TEACHER_TOK)], np.append(t_ends, len(text.encode()))
+        t_starts = np.concatenate([[0], t_ends[:-1]])
+    for a, b in pieces:
+        if b - a < 2:
+            continue
+        doc_mask = [0] + mask[a + 1:b]  # the first token of a document is never a target
+        if not any(doc_mask):
+            continue
+        doc = compact(ids[a:b], doc_mask)
+        if TEACHER_TOK is not None:  # the teacher's tokens covering the same bytes, and the shared boundaries
+            lo, hi = (ends[a - 1] if a else 0), ends[b - 1]
+            keep = np.flatnonzero((t_starts >= lo) & (t_ends <= hi))
+            pairs = align_positions(ends[a:b], t_ends[keep]) if len(keep) else []
+            doc += (np.asarray(t_ids, dtype=np.uint32)[keep], np.asarray(pairs, dtype=np.int32).reshape(-1, 2))
+        docs.append(doc)
+    if not docs:
         return [], 'no_supervised_tokens', truncated
-    return [compact(ids, mask)], None, truncated
+    return docs, None, truncated
 
 def compact(ids, mask):
     return np.asarray(ids, dtype=np.uint32), np.asarray(mask, dtype=np.uint8)  # ~10x smaller than lists
 
-TOK, ARGS = None, {}  # set before the worker pool forks, so workers inherit the loaded tokenizer
+TOK, TEACHER_TOK, ARGS = None, None, {}  # set before the worker pool forks: workers inherit the tokenizers
 
 def tokenize_all(records, num_proc):
     results, t0, last = [], time.time(), time.time()
@@ -280,21 +318,39 @@ def demo_tokenizer():
 
 # -----------------------------------------------------------------------------
 
-def write_split(folder, split, docs, dtype):
-    lengths = np.array([len(ids) for ids, _ in docs], dtype=np.int64)
-    np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tofile(os.path.join(folder, f'{split}_idx.bin'))
-    np.concatenate([ids for ids, _ in docs] + [np.zeros(0, np.uint32)]).astype(dtype).tofile(os.path.join(folder, f'{split}.bin'))
-    masks = np.concatenate([mask for _, mask in docs] + [np.zeros(0, np.uint8)])
+def write_ragged(folder, name, arrays, dtype):
+    """name.bin: the arrays one after another; name_idx.bin: int64 offsets (array d is [idx[d], idx[d+1]))."""
+    lengths = [len(a) for a in arrays]
+    np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64).tofile(os.path.join(folder, f'{name}_idx.bin'))
+    flat = np.concatenate(list(arrays) + [np.zeros((0,) + np.shape(arrays[0])[1:] if arrays else 0, dtype)]).astype(dtype)
+    flat.tofile(os.path.join(folder, f'{name}.bin'))
+    return flat
+
+def write_split(folder, split, docs, dtype, teacher_dtype):
+    tokens = write_ragged(folder, split, [d[0] for d in docs], dtype)
+    masks = np.concatenate([d[1] for d in docs] + [np.zeros(0, np.uint8)])
     masks.tofile(os.path.join(folder, f'{split}_mask.bin'))
-    return {'documents': len(docs), 'tokens': int(lengths.sum()), 'supervised_tokens': int(masks.sum())}
+    counts = {'documents': len(docs), 'tokens': len(tokens), 'supervised_tokens': int(masks.sum())}
+    if teacher_dtype is not None:
+        counts['teacher_tokens'] = len(write_ragged(folder, f'{split}_teacher', [d[2] for d in docs], teacher_dtype))
+        write_ragged(folder, f'{split}_align', [d[3] for d in docs], np.int32)
+        # a pair counts where the student's hidden state at i predicts a supervised target (mask[i + 1])
+        aligned = 0
+        for ids, mask, _, pairs in docs:
+            i = pairs[:, 0][pairs[:, 0] + 1 < len(mask)]
+            aligned += int(mask[i + 1].sum())
+        counts['aligned_supervised_fraction'] = aligned / max(1, counts['supervised_tokens'])
+    return counts
 
 def main(argv=None):
-    global TOK, ARGS
+    global TOK, TEACHER_TOK, ARGS
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('inputs', nargs='*', help='.json / .jsonl files')
     p.add_argument('--dataset', help='a Hugging Face dataset id (needs the optional `datasets` library)')
     p.add_argument('--demo', action='store_true', help='the embedded default dataset (also when no input is given)')
     p.add_argument('--tokenizer', help="hub id, folder, .gguf file, 'tiktoken:<encoding>' or 'bytes'")
+    p.add_argument('--teacher_tokenizer', help='for hidden-state distillation across tokenizers: also tokenize every '
+                   'document with this one and record the positions where both tokenizations end at the same byte')
     p.add_argument('--format', choices=FORMATS, help='force a record shape instead of detecting it per record')
     p.add_argument('--name', help='output folder data/<name> (default: the input file name, or "demo")')
     p.add_argument('--out_root', default='data')
@@ -313,6 +369,10 @@ def main(argv=None):
         records = demo_records() if demo else read_hub_dataset(args.dataset) if args.dataset else read_records(args.inputs)
         name = args.name or ('demo' if demo else os.path.splitext(os.path.basename((args.inputs or [args.dataset])[0]))[0].replace('/', '_'))
         TOK = load_tokenizer(tokenizer_spec)
+        TEACHER_TOK = load_tokenizer(args.teacher_tokenizer) if args.teacher_tokenizer else None
+        if TEACHER_TOK is not None and vocab_fingerprint(TEACHER_TOK) == vocab_fingerprint(TOK):
+            print('the teacher tokenizer is the student tokenizer: no alignment needed', file=sys.stderr)
+            TEACHER_TOK = None
         ARGS = {'format': args.format, 'max_length': args.max_length, 'train_on_prompt': args.train_on_prompt}
         order = list(range(len(records)))
         random.Random(args.seed).shuffle(order)
@@ -335,11 +395,12 @@ def main(argv=None):
         splits = {'val': [d for r in used[:n_val] for d in r], 'train': [d for r in used[n_val:] for d in r]}
         vsize = vocab_size(TOK)
         dtype = np.uint16 if vsize <= 2 ** 16 else np.uint32
+        teacher_dtype = None if TEACHER_TOK is None else np.uint16 if vocab_size(TEACHER_TOK) <= 2 ** 16 else np.uint32
         out = os.path.join(args.out_root, name)
         tmp = out + f'.tmp{os.getpid()}'
         os.makedirs(tmp)
         try:
-            counts = {s: write_split(tmp, s, docs, dtype) for s, docs in splits.items()}
+            counts = {s: write_split(tmp, s, docs, dtype, teacher_dtype) for s, docs in splits.items()}
             meta = {
                 'tokenizer': tokenizer_spec, 'vocab_fingerprint': vocab_fingerprint(TOK), 'vocab_size': vsize,
                 'eos_id': eos_id(TOK), 'pad_id': eos_id(TOK) if is_tiktoken(TOK) or TOK.pad_token_id is None else TOK.pad_token_id,
@@ -348,6 +409,13 @@ def main(argv=None):
                 'documents': 'document d of split s is tokens s.bin[idx[d]:idx[d+1]] with s_idx.bin int64 offsets; '
                              'documents are never packed together',
                 'mask': 'mask[i]==1 iff token i is a supervised target (predicted from tokens[:i]); the first token of a document is never one',
+                **({} if TEACHER_TOK is None else {
+                    'teacher_tokenizer': args.teacher_tokenizer, 'teacher_vocab_fingerprint': vocab_fingerprint(TEACHER_TOK),
+                    'teacher_vocab_size': vocab_size(TEACHER_TOK), 'teacher_dtype': np.dtype(teacher_dtype).name,
+                    'teacher_eos_id': eos_id(TEACHER_TOK),
+                    'alignment': 's_teacher.bin holds each document in the teacher tokenizer (same text, same bytes); '
+                                 's_align.bin int32 (student position, teacher position) pairs where both tokens end '
+                                 'at the same byte; s_align_idx.bin their offsets per document'}),
                 'records_read': len(records), 'records_used': len(used), 'records_skipped': skipped,
                 'records_truncated': truncated, 'splits': counts,
                 'command': ' '.join(['python', 'prepare_data.py'] + (sys.argv[1:] if argv is None else list(argv))),
@@ -366,7 +434,9 @@ def main(argv=None):
     print(f'{len(records):,} records in {dt:.1f}s ({len(records) / max(dt, 1e-9):,.0f}/s): {len(used):,} used, '
           f'skipped {skipped or "none"}, {truncated} truncated')
     for s, c in counts.items():
-        print(f'{s}: {c["documents"]:,} documents, {c["tokens"]:,} tokens, {c["supervised_tokens"]:,} supervised')
+        print(f'{s}: {c["documents"]:,} documents, {c["tokens"]:,} tokens, {c["supervised_tokens"]:,} supervised'
+              + (f', {c["teacher_tokens"]:,} teacher tokens, {c["aligned_supervised_fraction"]:.1%} of supervised positions aligned'
+                 if 'teacher_tokens' in c else ''))
     print(f'wrote {out}/')
     return 0
 

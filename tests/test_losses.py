@@ -100,11 +100,11 @@ def test_t_squared_keeps_gradient_scale():
     norms = {}
     for T in (8.0, 16.0):
         s = torch.randn(8, 50, generator=torch.Generator().manual_seed(5)).requires_grad_()
-        total_loss(torch.tensor(0.0), kd_loss(s, t, torch.ones(8), 'fkl', T), 1.0, T).backward()
+        total_loss(0.0, kd_loss(s, t, torch.ones(8), 'fkl', T), 0.0, (0.0, 1.0, 0.0), T).backward()
         norms[T] = s.grad.norm().item()
     assert norms[16.0] / norms[8.0] == pytest.approx(1.0, rel=0.05)
-    assert total_loss(2.0, 3.0, 0.25, 2.0) == pytest.approx(0.75 * 2.0 + 0.25 * 4 * 3.0)
-    assert total_loss(2.0, 3.0, 0.25, 2.0, with_teacher=False) == 2.0
+    assert total_loss(2.0, 3.0, 5.0, (0.75, 0.25, 0.5), 2.0) == pytest.approx(0.75 * 2.0 + 0.25 * 4 * 3.0 + 0.5 * 5.0)
+    assert total_loss(2.0, 3.0, 5.0, (1.0, 0.0, 0.0), 2.0) == 2.0
 
 @pytest.mark.parametrize('kind', KD_KINDS)
 def test_masked_positions_change_nothing(kind):
