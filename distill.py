@@ -101,7 +101,9 @@ def parse_config(argv, defaults):
         old = defaults[key]
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if old is not None and value is not None and not isinstance(value, type(old)):
+        if key == 'layer_map' and isinstance(value, (list, tuple)):
+            pass  # a name or explicit pairs
+        elif old is not None and value is not None and not isinstance(value, type(old)):
             raise ConfigError(f"{key} must be {type(old).__name__} like its default {old!r}, got {value!r} ({where})")
         config[key] = value
 
@@ -205,10 +207,10 @@ def hidden_distance(student_h, teacher_h, kind='mse', rms_norm=False):
 
 def make_layer_pairs(spec, student_layers_n, teacher_layers_n):
     """(student, teacher) hidden-state indices; 0 is the embedding output, l the output of block l (HF's
-    hidden_states[l]). 'uniform': student l <-> teacher round(l * L_t / L_s) for l = 1..L_s; 'last': the
-    final ones only."""
+    hidden_states[l]). 'uniform': student l <-> teacher round(l * L_t / L_s) (halves up) for l = 1..L_s;
+    'last': the final ones only."""
     if spec == 'uniform':
-        return [(l, round(l * teacher_layers_n / student_layers_n)) for l in range(1, student_layers_n + 1)]
+        return [(l, int(l * teacher_layers_n / student_layers_n + 0.5)) for l in range(1, student_layers_n + 1)]
     if spec == 'last':
         return [(student_layers_n, teacher_layers_n)]
     if isinstance(spec, (list, tuple)) and spec and all(isinstance(p, (list, tuple)) and len(p) == 2 and

@@ -25,7 +25,8 @@ def tiny_model(arch='llama', vocab=BYTES_VOCAB, hidden=32, layers=2, heads=4, se
     import transformers as T
     torch.manual_seed(seed)
     if arch == 'gpt2':
-        cfg = T.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512)
+        cfg = T.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512,
+                           bos_token_id=256, eos_token_id=256)
     elif arch == 'qwen2':
         cfg = T.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                             num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=512)
