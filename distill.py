@@ -300,7 +300,10 @@ def model_path(spec):
     prepare_data.load_tokenizer(spec)  # caches the tokenizer in the same folder
     if not os.path.exists(os.path.join(folder, 'model.safetensors')):
         gguf = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(spec)), gguf_file=os.path.basename(spec), dtype=torch.float32)
-        model = AutoModelForCausalLM.from_config(gguf.config, dtype=torch.float32)  # save_pretrained refuses GGUF-loaded models
+        config = gguf.config
+        if hasattr(config, 'quantization_config'):
+            del config.quantization_config  # the weights are dequantised now: a plain fp32 checkpoint
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # save_pretrained refuses GGUF-loaded models
         model.load_state_dict(gguf.state_dict())
         tmp = folder + f'.model{os.getpid()}'
         model.save_pretrained(tmp)

@@ -188,12 +188,20 @@ def test_end_to_end_packaged_teacher_kd_falls(tmp_path):
     data = tmp_path / 'data'
     assert prepare_data.main(['--demo', '--out_root', str(data)]) == 0
     proc = subprocess.run([sys.executable, os.path.join(ROOT, 'distill.py'), os.path.join(ROOT, 'configs', 'tiny.py'),
-                           f'--data_root={data}', f'--out_dir={tmp_path / "out"}', '--export=False'],
+                           f'--data_root={data}', f'--out_dir={tmp_path / "out"}'],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     val = [r for r in map(json.loads, open(tmp_path / 'out' / 'log.jsonl')) if 'val_kd' in r]
     assert val[0]['iter'] == 0 and val[-1]['iter'] == 8
     assert val[-1]['val_kd'] < 0.7 * val[0]['val_kd'] and val[-1]['val_ce'] < val[0]['val_ce']
+    # the export is a plain HF folder with the tokenizer: it loads (no GGUF leftovers) and chats
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / 'out' / 'student')
+    tok = AutoTokenizer.from_pretrained(tmp_path / 'out' / 'student')
+    assert model.config.num_hidden_layers == 3 and getattr(model.config, 'quantization_config', None) is None
+    ids = tok.apply_chat_template([{'role': 'user', 'content': 'Hi'}], add_generation_prompt=True, return_tensors='pt')
+    ids = ids['input_ids'] if hasattr(ids, 'keys') else ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
 
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
 def test_mixed_precision_paths(work, dtype):

