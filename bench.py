@@ -40,7 +40,7 @@ for step in range(args.steps + 1):  # step 0 warms up
     times.append(time.perf_counter())
     s_logits = student(input_ids=X).logits
     times.append(time.perf_counter())
-    ce, kd = loss_sums(s_logits, Y, M, t_logits, meta['vocab_size'])
+    ce, kd = loss_sums(s_logits, Y, M, t_logits, meta['vocab_size'], 'fkl', 2.0)
     loss = total_loss(ce, kd, 0.0, (0.5, 0.5, 0.0), 2.0) / M.sum()
     times.append(time.perf_counter())
     loss.backward()

@@ -63,6 +63,7 @@ layer_map = 'uniform'  # 'uniform', 'last' or [(student, teacher), ...]; index 0
 hidden_loss = 'mse'  # 'mse' (squared error / d_teacher) or 'cosine' (1 - cos)
 hidden_rms_norm = False  # RMS-normalise both sides first: a guard against the teacher's massive activations
 proj_init = 'xavier'  # projection init: 'xavier' or 'identity' (rectangular identity)
+loss_chunk = 0  # >0: CE and divergence from hidden states, this many positions at a time, never the full logits
 # optimizer
 learning_rate = 2e-5  # peak learning rate
 min_lr = 2e-6  # the cosine schedule ends here
@@ -181,16 +182,50 @@ def total_loss(ce, kd, hidden, weights, temperature):
     w_ce, w_kd, w_hidden = weights
     return w_ce * ce + w_kd * temperature ** 2 * kd + w_hidden * hidden
 
-def loss_sums(logits, Y, M, teacher_logits, vocab):
-    """Sums over supervised targets of the CE and of the divergence (over the shared real vocabulary)."""
+def loss_sums(logits, Y, M, teacher_logits, vocab, kind='fkl', temperature=1.0, beta=0.5):
+    """Sums over supervised targets of the CE and of the divergence (over the shared real vocabulary): the
+    plain path, which holds the full logits of both models."""
     keep = M.bool()
     logits = logits[keep]  # (supervised positions, V): prompt and padding rows are never computed
     ce_sum = F.cross_entropy(logits.float(), Y[keep], reduction='sum')
     if teacher_logits is None:
         return ce_sum, torch.zeros_like(ce_sum)
     # rows past the tokenizer's vocabulary are embedding padding and differ between models: never compared
-    kd = kd_divergence(logits[:, :vocab], teacher_logits[keep][:, :vocab], kd_kind, temperature, beta)
+    kd = kd_divergence(logits[:, :vocab], teacher_logits[keep][:, :vocab], kind, temperature, beta)
     return ce_sum, kd.sum()
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """w_ce * CE_sum + w_kd * D_sum straight from the final hidden states and the output heads, a chunk of
+    positions at a time, so that no (positions, V) tensor of either model ever exists. Each chunk's logits,
+    loss and gradient are computed in forward and only the gradients w.r.t. the hidden states and the head
+    (small: positions x d and V x d) are kept; backward scales them. The same matmuls as the plain path,
+    none repeated. Inputs: h (n, d_s) student states at supervised positions, W (V_s, d_s) its head, Y (n,)
+    targets, t_h (n, d_t) / t_W (V_t, d_t) the teacher's, or None for CE alone."""
+    @staticmethod
+    def forward(ctx, h, W, Y, t_h, t_W, vocab, w_ce, w_kd, kind, temperature, beta, chunk):
+        dh, dW = torch.zeros_like(h), torch.zeros_like(W, dtype=torch.float32)
+        ce_sum, kd_sum = torch.zeros((), device=h.device), torch.zeros((), device=h.device)
+        for a in range(0, len(h), chunk):
+            hc = h[a:a + chunk]
+            with torch.enable_grad():
+                z = (hc @ W.T).float().detach().requires_grad_()
+                ce = F.cross_entropy(z, Y[a:a + chunk], reduction='sum')
+                kd = torch.zeros_like(ce)
+                if t_h is not None:
+                    zt = (t_h[a:a + chunk] @ t_W.T).float()
+                    kd = kd_divergence(z[:, :vocab], zt[:, :vocab], kind, temperature, beta).sum()
+                dz, = torch.autograd.grad(w_ce * ce + w_kd * kd, z)
+            dh[a:a + chunk] = (dz.to(hc.dtype) @ W.to(hc.dtype)).to(dh.dtype)
+            dW += (dz.to(hc.dtype).T @ hc).float()
+            ce_sum, kd_sum = ce_sum + ce.detach(), kd_sum + kd.detach()
+        ctx.save_for_backward(dh, dW.to(W.dtype))
+        ctx.mark_non_differentiable(ce_sum, kd_sum)
+        return w_ce * ce_sum + w_kd * kd_sum, ce_sum, kd_sum
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        dh, dW = ctx.saved_tensors
+        return grad * dh, grad * dW, *[None] * 10
 
 def hidden_distance(student_h, teacher_h, kind='mse', rms_norm=False):
     """Per-position distance between projected student and teacher hidden states ([..., d_t]), in fp32."""
@@ -382,12 +417,20 @@ def measure_matmul_flops(device, dtype=torch.float32, n=1024, seconds=1.0):
 # -----------------------------------------------------------------------------
 # training state
 
+def plain_head(model):
+    """True when logits are just final hidden states @ head weight (what the chunked path computes)."""
+    head, cfg = model.get_output_embeddings(), model.config
+    return getattr(head, 'bias', None) is None and not getattr(cfg, 'final_logit_softcapping', None) and \
+        getattr(cfg, 'logit_scale', 1.0) in (None, 1.0)
+
 class Trainable(nn.Module):
     """Everything that trains (the student and any hidden-state projections) in one module, so that DDP,
-    the optimizer and checkpoints see the same parameters. Only .model is exported."""
-    def __init__(self, model, layer_pairs=(), teacher_width=0, proj_init='xavier', hidden_loss='mse', rms_norm=False):
+    the optimizer and checkpoints see the same parameters. Only .model is exported. forward returns the
+    loss sums over supervised targets; loss settings: vocab, weights (w_ce, w_kd * T^2), kind, temperature,
+    beta and chunk (0: the plain path with full logits)."""
+    def __init__(self, model, loss, layer_pairs=(), teacher_width=0, proj_init='xavier', hidden_loss='mse', rms_norm=False):
         super().__init__()
-        self.model = model
+        self.model, self.loss = model, loss
         self.layer_pairs, self.hidden_loss, self.rms_norm = list(layer_pairs), hidden_loss, rms_norm
         self.proj = nn.ModuleList(nn.Linear(model.config.hidden_size, teacher_width, bias=False) for _ in self.layer_pairs)
         for p in self.proj:
@@ -398,19 +441,32 @@ class Trainable(nn.Module):
             else:
                 raise ConfigError(f"proj_init must be 'xavier' or 'identity', got '{proj_init}'")
 
-    def forward(self, X, teacher_hidden=None, H=None):
-        """Logits, and with teacher_hidden (one tensor per layer pair) the sum over the positions of H of the
-        hidden loss, averaged over the pairs."""
-        out = self.model(input_ids=X, output_hidden_states=teacher_hidden is not None)
-        if teacher_hidden is None:
-            return out.logits, None
+    def forward(self, X, Y, M, teacher=None, H=None):
+        """(w_ce CE_sum + w_kd D_sum, CE_sum, D_sum, hidden-loss sum over the positions of H averaged over the
+        layer pairs). teacher: (its logits, or its final hidden states for the chunked path; its output head
+        weight; its hidden states at the mapped layers), any of them None."""
+        t_final, t_head, t_hidden = teacher or (None, None, None)
+        cfg, keep = self.loss, M.bool()
+        w_ce, w_kd = cfg['weights']
+        if cfg['chunk']:
+            out = self.model.base_model(input_ids=X, output_hidden_states=t_hidden is not None)
+            weighted, ce, kd = ChunkedHeadLoss.apply(
+                out.last_hidden_state[keep], self.model.get_output_embeddings().weight, Y[keep],
+                None if t_final is None else t_final[keep], t_head, cfg['vocab'], w_ce, w_kd, cfg['kind'],
+                cfg['temperature'], cfg['beta'], cfg['chunk'])
+        else:
+            out = self.model(input_ids=X, output_hidden_states=t_hidden is not None)
+            ce, kd = loss_sums(out.logits, Y, M, t_final, cfg['vocab'], cfg['kind'], cfg['temperature'], cfg['beta'])
+            weighted = w_ce * ce + w_kd * kd
+        if t_hidden is None:
+            return weighted, ce.detach(), kd.detach(), torch.zeros_like(ce)
         _, b, s, t = H
         total = 0.0
         with torch.autocast(X.device.type, enabled=False):  # projections and distances in fp32
-            for (ls, _), proj, ht in zip(self.layer_pairs, self.proj, teacher_hidden):
+            for (ls, _), proj, ht in zip(self.layer_pairs, self.proj, t_hidden):
                 hs = proj(out.hidden_states[ls][b, s].float())
                 total = total + hidden_distance(hs, ht[b, t], self.hidden_loss, self.rms_norm).sum()
-        return out.logits, total / len(self.layer_pairs)
+        return weighted, ce.detach(), kd.detach(), total / len(self.layer_pairs)
 
 def get_lr(it, max_iters, warmup_iters, lr, min_lr):
     if it < warmup_iters:
@@ -568,15 +624,18 @@ if __name__ == '__main__':
     if teacher_model is not None:
         teacher_model.to(device=device, dtype=torch.float32 if dtype == 'float16' else ptdtype).eval().requires_grad_(False)
 
+    if loss_chunk and not all(plain_head(m) for m in (student_model, teacher_model) if m is not None):
+        fail('loss_chunk needs plain linear output heads (no bias, logit scale or soft-capping); set loss_chunk=0')
+    loss_settings = {'vocab': vocab, 'weights': (w_ce, w_kd * temperature ** 2), 'kind': kd_kind,
+                     'temperature': temperature, 'beta': beta, 'chunk': loss_chunk}
     layer_pairs = []
-    if w_hidden > 0:
-        try:
+    try:
+        if w_hidden > 0:
             layer_pairs = make_layer_pairs(layer_map, student_model.config.num_hidden_layers, teacher_model.config.num_hidden_layers)
-            model = Trainable(student_model, layer_pairs, teacher_model.config.hidden_size, proj_init, hidden_loss, hidden_rms_norm)
-        except ConfigError as e:
-            fail(e)
-    else:
-        model = Trainable(student_model)
+        model = Trainable(student_model, loss_settings, layer_pairs, teacher_model.config.hidden_size if layer_pairs else 0,
+                          proj_init, hidden_loss, hidden_rms_norm)
+    except ConfigError as e:
+        fail(e)
     model = model.to(device).train()  # from_pretrained returns models in eval mode
     raw_model = model
     optimizer = configure_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device)
@@ -603,18 +662,20 @@ if __name__ == '__main__':
         return t.tolist()
 
     def run_teacher(X, H):
-        """The teacher's logits (when w_kd > 0) and its hidden states at the mapped layers (when w_hidden > 0)."""
+        """What the loss needs of the teacher: its logits when w_kd > 0 (its final hidden states and head
+        weight on the chunked path), its hidden states at the mapped layers when w_hidden > 0."""
         if teacher_model is None:
-            return None, None
+            return None
         XT = X if H[0] is None else H[0]
         with torch.no_grad(), ctx:
-            if w_kd > 0:
+            if w_kd > 0 and not loss_chunk:
                 out = teacher_model(input_ids=XT, output_hidden_states=w_hidden > 0)
-                logits = out.logits
-            else:  # no output head: hidden states only
-                out, logits = teacher_model.base_model(input_ids=XT, output_hidden_states=True), None
+                final, head = out.logits, None
+            else:  # no output head here: the chunked loss applies it a chunk at a time
+                out = teacher_model.base_model(input_ids=XT, output_hidden_states=w_hidden > 0)
+                final, head = (out.last_hidden_state, teacher_model.get_output_embeddings().weight) if w_kd > 0 else (None, None)
             hidden = [out.hidden_states[lt] for _, lt in layer_pairs] if w_hidden > 0 else None
-        return logits, hidden
+        return final, head, hidden
 
     def batch(split, doc_ids):
         return make_batch(split, doc_ids, block_size, meta['pad_id'], device, meta.get('teacher_eos_id', 0))
@@ -626,12 +687,10 @@ if __name__ == '__main__':
         ce = kd = hid = n = n_hidden = 0.0
         for k in range(0, len(docs), batch_size):
             X, Y, M, H = batch(val_data, docs[k:k + batch_size])
-            t_logits, t_hidden = run_teacher(X, H)
             with ctx:
-                logits, h_sum = model(X, t_hidden, H)
-            c, d = loss_sums(logits, Y, M, t_logits, vocab)
+                _, c, d, h = model(X, Y, M, run_teacher(X, H), H)
             ce, kd, n = ce + c.item(), kd + d.item(), n + M.sum().item()
-            hid, n_hidden = hid + (h_sum.item() if h_sum is not None else 0.0), n_hidden + len(H[1])
+            hid, n_hidden = hid + h.item(), n_hidden + len(H[1])
         model.train()
         ce, kd, hid, n, n_hidden = all_reduce(ce, kd, hid, n, n_hidden)
         return ce / max(n, 1), kd / max(n, 1), hid / max(n_hidden, 1)
@@ -694,15 +753,11 @@ if __name__ == '__main__':
         for micro_step, (X, Y, M, H) in enumerate(micro_batches):
             if ddp:
                 model.require_backward_grad_sync = micro_step == len(micro_batches) - 1
-            t_logits, t_hidden = run_teacher(X, H)
             with ctx:
-                logits, h_sum = model(X, t_hidden, H)
-            ce_sum, kd_sum = loss_sums(logits, Y, M, t_logits, vocab)
-            h_sum = torch.zeros_like(ce_sum) if h_sum is None else h_sum
-            loss = total_loss(ce_sum / max(supervised_tokens, 1), kd_sum / max(supervised_tokens, 1),
-                              h_sum / max(hidden_positions, 1), (w_ce, w_kd, w_hidden), temperature)
+                weighted, ce_sum, kd_sum, h_sum = model(X, Y, M, run_teacher(X, H), H)
+            loss = weighted / max(supervised_tokens, 1) + w_hidden * h_sum / max(hidden_positions, 1)
             scaler.scale(loss * world_size).backward()  # DDP averages gradients over ranks; the sum is wanted
-            ce_total, kd_total, hidden_total = ce_total + ce_sum.detach(), kd_total + kd_sum.detach(), hidden_total + h_sum.detach()
+            ce_total, kd_total, hidden_total = ce_total + ce_sum, kd_total + kd_sum, hidden_total + h_sum.detach()
         ce_total, kd_total, hidden_total = all_reduce(float(ce_total), float(kd_total), float(hidden_total))
         ce_mean, kd_mean = ce_total / max(supervised_tokens, 1), kd_total / max(supervised_tokens, 1)
         hidden_mean = hidden_total / max(hidden_positions, 1)

@@ -52,8 +52,9 @@ def assert_same_run(a, b, tol=1e-6):
             assert ra[key] == pytest.approx(rb[key], rel=tol, abs=1e-9), (key, ra, rb)
     wa, wb = weights(a), weights(b)
     for k in wa:
-        # Adam divides by sqrt(v): a near-zero gradient element turns fp32 round-off into up to ~1e-5 here
-        assert torch.allclose(wa[k], wb[k], rtol=0, atol=2e-5), k
+        # Adam divides by sqrt(v): where a gradient element is near zero, fp32 round-off in it moves the update
+        # by a few 1e-5 (lr 1e-2 here); a wrong weighting of micro-batches or ranks moves it by ~lr
+        assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-4), k
 
 @pytest.mark.parametrize('kind', ['fkl', 'jsd'])
 def test_microbatch_split_invariance(work, kind):

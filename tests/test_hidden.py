@@ -57,12 +57,14 @@ def test_hidden_distance_value_and_gradient(kind, rms):
 
 def test_projections_receive_gradients_and_are_not_the_student():
     student = tiny_model(arch='gpt2', hidden=16, layers=2, heads=2)
-    model = Trainable(student, [(1, 1), (2, 3)], teacher_width=32, proj_init='identity').eval()  # no dropout
+    loss = {'vocab': BYTES_VOCAB, 'weights': (1.0, 0.0), 'kind': 'fkl', 'temperature': 1.0, 'beta': 0.5, 'chunk': 0}
+    model = Trainable(student, loss, [(1, 1), (2, 3)], teacher_width=32, proj_init='identity').eval()  # no dropout
     assert model.proj[0].weight.shape == (32, 16) and torch.equal(model.proj[0].weight, torch.eye(32, 16))
     X = torch.randint(0, BYTES_VOCAB, (2, 7))
-    b, s = torch.ones(2, 7).nonzero(as_tuple=True)
+    M = torch.ones(2, 7, dtype=torch.long)
+    b, s = M.nonzero(as_tuple=True)
     teacher_hidden = [torch.randn(2, 7, 32), torch.randn(2, 7, 32)]
-    logits, h = model(X, teacher_hidden, (None, b, s, s))
+    _, _, _, h = model(X, X, M, (None, None, teacher_hidden), (None, b, s, s))
     h.backward()
     assert all(p.weight.grad.abs().sum() > 0 for p in model.proj)
     assert set(k for k in model.state_dict() if k.startswith('proj.')) == {'proj.0.weight', 'proj.1.weight'}
