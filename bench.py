@@ -1,63 +1,131 @@
 """
-Speed of one logit-distillation step, next to this machine's matmul peak measured in the same run.
+Speed and memory of distillation, plain (full logits) vs chunked (loss_chunk), as ratios measured in one run.
 
-    python prepare_data.py && python bench.py                 # packaged SmolLM2-135M teacher -> its 10-layer copy
-    python bench.py --batch_size=4 --block_size=256 --steps=5
+    python prepare_data.py && python bench.py            # both parts below
+    python bench.py --part=loss                           # the loss alone: peak memory and time
+    python bench.py --part=step --batch_size=8 --block_size=128
 
-Prints the peak (fp32 matmul FLOP/s), tokens/s, MFU, and what each part of the step costs.
+--part=loss: forward + backward of CE + forward KL at T=2 from final hidden states, for V = 49,152 and
+151,936, hidden 576 and 1,536, 8,192 positions; each case in a fresh process, peak memory = its peak RSS
+above the inputs. --part=step: one whole KD step (the packaged SmolLM2-135M teacher -> its 10-layer copy,
+fp32) through distill.py's own Trainable, plain and chunked, next to this machine's fp32 matmul peak
+measured in the same run, with the cost of each part of the step.
 """
-import argparse, json, os, time
-import numpy as np
+import argparse, json, os, resource, subprocess, sys, time
 import torch
 import distill, prepare_data
-from distill import flops_per_token, load_model, loss_sums, measure_matmul_flops, student_from_teacher_layers, total_loss
+from distill import ChunkedHeadLoss, Trainable, flops_per_token, load_model, loss_sums, measure_matmul_flops, student_from_teacher_layers
 
 p = argparse.ArgumentParser()
+p.add_argument('--part', default='all', choices=['all', 'loss', 'step'])
+p.add_argument('--positions', type=int, default=8192)
+p.add_argument('--chunk', type=int, default=1024, help='positions per chunk on the chunked path')
+p.add_argument('--max_gb', type=float, default=14.0, help='fewer positions where the plain path would need more memory')
+p.add_argument('--vocabs', type=int, nargs='+', default=[49152, 151936])
 p.add_argument('--batch_size', type=int, default=8)
 p.add_argument('--block_size', type=int, default=128)
 p.add_argument('--steps', type=int, default=3)
 p.add_argument('--dataset', default='data/demo')
+p.add_argument('--case', help=argparse.SUPPRESS)  # internal: one loss case in this process
 args = p.parse_args()
-torch.manual_seed(0)
 
-teacher = load_model(prepare_data.demo_tokenizer()).eval().requires_grad_(False)
-student = student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
-meta = json.load(open(os.path.join(args.dataset, 'meta.json')))
-split = distill.load_split(args.dataset, 'train')
-idx = split['idx']
-long_docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
-X, Y, M, _ = distill.make_batch(split, long_docs, args.block_size, meta['pad_id'], 'cpu')
-optimizer = distill.configure_optimizer(student, 1e-5, 0.0, (0.9, 0.999), 'cpu')
-n_tokens = X.numel()
+def rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
 
-peak = measure_matmul_flops('cpu', n=2048, seconds=3.0)
-parts = {k: 0.0 for k in ('teacher forward', 'student forward', 'loss', 'backward', 'optimizer')}
-for step in range(args.steps + 1):  # step 0 warms up
+def loss_case(path, V, d, n, chunk, repeats=2):
+    """One loss case in this process: prints seconds per forward + backward and peak memory above the inputs."""
+    torch.manual_seed(0)
+    h = (torch.randn(n, d) * 0.5).requires_grad_()
+    W = (torch.randn(V, d) * d ** -0.5).requires_grad_()
+    t_h, t_W = torch.randn(n, d), torch.randn(V, d) * d ** -0.5
+    Y = torch.randint(0, V, (n,))
+    base = rss_gb()
     times = []
-    t = time.perf_counter()
-    with torch.no_grad():
-        t_logits = teacher(input_ids=X).logits
-    times.append(time.perf_counter())
-    s_logits = student(input_ids=X).logits
-    times.append(time.perf_counter())
-    ce, kd = loss_sums(s_logits, Y, M, t_logits, meta['vocab_size'], 'fkl', 2.0)
-    loss = total_loss(ce, kd, 0.0, (0.5, 0.5, 0.0), 2.0) / M.sum()
-    times.append(time.perf_counter())
-    loss.backward()
-    times.append(time.perf_counter())
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    times.append(time.perf_counter())
-    if step:
-        for k, a, b in zip(parts, [t] + times[:-1], times):
-            parts[k] += (b - a) / args.steps
-step_s = sum(parts.values())
-flops = flops_per_token(student, args.block_size, True) + flops_per_token(teacher, args.block_size, False)
-tok_s = n_tokens / step_s
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if path == 'plain':
+            ce, kd = loss_sums((h @ W.T)[None], Y[None], torch.ones(1, n), (t_h @ t_W.T)[None], V, 'fkl', 2.0)
+            loss = 0.5 * ce + 2.0 * kd
+        else:
+            loss, ce, kd = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, V, 0.5, 2.0, 'fkl', 2.0, 0.5, chunk)
+        (loss / n).backward()
+        times.append(time.perf_counter() - t0)
+        h.grad = W.grad = None
+    print(json.dumps({'seconds': min(times), 'peak_gb': rss_gb() - base, 'loss': loss.item() / n}))
+
+if args.case:
+    path, V, d, n = args.case.split(',')
+    loss_case(path, int(V), int(d), int(n), args.chunk)
+    sys.exit(0)
+
 print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, fp32')
-print(f'matmul peak (2048x2048 fp32): {peak / 1e9:.1f} GFLOP/s')
-print(f'KD step: {args.batch_size} x {args.block_size} tokens, teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M, '
-      f'student {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M, {flops / 1e9:.2f} GFLOP/token')
-print(f'  {step_s * 1000:.0f} ms/step, {tok_s:.1f} tokens/s, {flops * tok_s / 1e9:.1f} GFLOP/s = MFU {flops * tok_s / peak * 100:.1f}%')
-for k, v in parts.items():
-    print(f'  {k:16s} {v * 1000:8.0f} ms  {v / step_s * 100:5.1f}%')
+if args.part in ('all', 'loss'):
+    print(f'\nloss alone (CE + forward KL, T=2), {args.positions} positions, chunk {args.chunk}: forward + backward')
+    print(f'{"V":>8s} {"hidden":>6s} {"plain s":>8s} {"plain GB":>9s} {"chunked s":>10s} {"chunked GB":>11s} {"time ratio":>11s} {"memory ratio":>13s}')
+    for V in args.vocabs:
+        for d in (576, 1536):
+            n = args.positions
+            while 10 * n * V * 4 / 2 ** 30 > args.max_gb:  # the plain path peaks at ~10 (n, V) fp32 tensors (measured)
+                n //= 2
+            res = {}
+            for path in ('plain', 'chunked'):
+                out = subprocess.run([sys.executable, __file__, f'--case={path},{V},{d},{n}', f'--chunk={args.chunk}'],
+                                     capture_output=True, text=True)
+                res[path] = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+            pl, ch = res['plain'], res['chunked']
+            assert pl and ch and abs(pl['loss'] - ch['loss']) <= 1e-4 * abs(pl['loss']), (pl, ch)
+            print(f'{V:8d} {d:6d} {pl["seconds"]:8.2f} {pl["peak_gb"]:9.2f} {ch["seconds"]:10.2f} {ch["peak_gb"]:11.2f} '
+                  f'{ch["seconds"] / pl["seconds"]:11.2f} {ch["peak_gb"] / pl["peak_gb"]:13.2f}'
+                  + (f'   at {n} positions: the plain path at {args.positions} would need ~{10 * args.positions * V * 4 / 2 ** 30:.0f} GB'
+                     if n != args.positions else ''))
+    try:
+        import liger_kernel  # noqa: F401  (Triton kernels: CUDA only)
+        print('liger-kernel is installed, but its fused linear JSD runs on CUDA devices only: not measured on this CPU')
+    except ImportError:
+        print('liger-kernel: not installed (its fused kernels are Triton, CUDA only): not measured on this CPU')
+
+if args.part in ('all', 'step'):
+    torch.manual_seed(0)
+    teacher = load_model(prepare_data.demo_tokenizer()).eval().requires_grad_(False)
+    meta = json.load(open(os.path.join(args.dataset, 'meta.json')))
+    split = distill.load_split(args.dataset, 'train')
+    idx = split['idx']
+    long_docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
+    X, Y, M, _ = distill.make_batch(split, long_docs, args.block_size, meta['pad_id'], 'cpu')
+    peak = measure_matmul_flops('cpu', n=2048, seconds=3.0)
+    print(f'\nmatmul peak (2048 x 2048 fp32, measured now): {peak / 1e9:.1f} GFLOP/s')
+    for chunk in (0, args.chunk):
+        student = student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
+        loss_settings = {'vocab': meta['vocab_size'], 'weights': (0.5, 0.5 * 4), 'kind': 'fkl', 'temperature': 2.0,
+                         'beta': 0.5, 'chunk': chunk}
+        model = Trainable(student, loss_settings)
+        optimizer = distill.configure_optimizer(model, 1e-5, 0.0, (0.9, 0.999), 'cpu')
+        parts = dict.fromkeys(('data', 'teacher forward', 'student forward + loss', 'backward', 'optimizer'), 0.0)
+        for step in range(args.steps + 1):  # step 0 warms up
+            t = [time.perf_counter()]
+            X, Y, M, _ = distill.make_batch(split, long_docs, args.block_size, meta['pad_id'], 'cpu')
+            t.append(time.perf_counter())
+            with torch.no_grad():
+                if chunk:
+                    t_out = (teacher.base_model(input_ids=X).last_hidden_state, teacher.get_output_embeddings().weight, None)
+                else:
+                    t_out = (teacher(input_ids=X).logits, None, None)
+            t.append(time.perf_counter())
+            weighted, ce, kd, _ = model(X, Y, M, t_out)
+            t.append(time.perf_counter())
+            (weighted / M.sum()).backward()
+            t.append(time.perf_counter())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t.append(time.perf_counter())
+            if step:
+                for k, a, b in zip(parts, t[:-1], t[1:]):
+                    parts[k] += (b - a) / args.steps
+        step_s = sum(parts.values())
+        flops = flops_per_token(student, args.block_size, True) + flops_per_token(teacher, args.block_size, False)
+        tok_s = X.numel() / step_s
+        print(f'KD step, {"chunked (loss_chunk=%d)" % chunk if chunk else "plain"}: {args.batch_size} x {args.block_size} tokens, '
+              f'{step_s * 1000:.0f} ms, {tok_s:.1f} tokens/s, {flops * tok_s / 1e9:.1f} GFLOP/s = {flops * tok_s / peak:.1%} of peak '
+              f'(loss {(ce / M.sum()).item():.4f} ce, {(kd / M.sum()).item():.4f} kd)')
+        for k, v in parts.items():
+            print(f'  {k:24s} {v * 1000:8.0f} ms  {v / step_s:6.1%}')

@@ -233,7 +233,8 @@ def main(argv=None):
     width = max(len(s) for s in results) + 2
     print('model'.ljust(width) + ''.join(c.rjust(max(12, len(c) + 2)) for c in columns))
     for spec, row in results.items():
-        print(spec.ljust(width) + ''.join((f'{row[c]:.4f}' if c in row else '-').rjust(max(12, len(c) + 2)) for c in columns))
+        cell = lambda v: f'{v:.4f}' if abs(v) < 1e4 else f'{v:.3e}'
+        print(spec.ljust(width) + ''.join((cell(row[c]) if c in row else '-').rjust(max(12, len(c) + 2)) for c in columns))
         for q, a in row['samples'].items():
             print(f'  {q!r} -> {a!r}')
     settings = {k: v for k, v in vars(args).items()}

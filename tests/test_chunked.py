@@ -65,7 +65,7 @@ def test_trainable_chunked_equals_plain_with_masks(kind):
 def test_chunked_ddp_and_split_invariance(work):
     """Real runs: chunked 2 ranks x 2 micro-batches == plain 1 process x 4 micro-batches == chunked 1 x 4."""
     common = ['--batch_size=1', '--gradient_accumulation_steps=4', '--max_iters=2', '--kd_kind=jsd']
-    run(work, work / 'plain', *common)
+    run(work, work / 'plain', *common, '--loss_chunk=0')
     run(work, work / 'chunk2', *common, '--loss_chunk=7', nproc=2)
     run(work, work / 'chunk1', '--batch_size=4', '--gradient_accumulation_steps=1', '--max_iters=2', '--kd_kind=jsd', '--loss_chunk=5')
     assert_same_run(work / 'plain', work / 'chunk2')

@@ -135,15 +135,13 @@ def test_minus_inf_logits_stay_finite(kind):
 
 def test_padded_vocabulary_rows_are_ignored():
     """152064 vs 151936 rows with ~151,646 real tokens, in small: only the shared real vocabulary counts."""
-    import distill
     torch.manual_seed(7)
     real = 10
     s, t = torch.randn(2, 3, 12), torch.randn(2, 3, 16)  # both padded past the 10 real tokens, differently
     Y, M = torch.randint(0, real, (2, 3)), torch.ones(2, 3, dtype=torch.long)
-    ce, kd = loss_sums(s, Y, M, t, real)
+    ce, kd = loss_sums(s, Y, M, t, real, 'jsd', 2.0, 0.3)
     t2 = t.clone()
     t2[..., real:] = 100.0  # junk in the padding rows
-    assert loss_sums(s, Y, M, t2, real)[1].item() == pytest.approx(kd.item())
-    assert kd.item() == pytest.approx(6 * kd_loss(s[..., :real], t[..., :real], M, distill.kd_kind, distill.temperature,
-                                                  distill.beta).item(), rel=1e-6)
+    assert loss_sums(s, Y, M, t2, real, 'jsd', 2.0, 0.3)[1].item() == pytest.approx(kd.item())
+    assert kd.item() == pytest.approx(6 * kd_loss(s[..., :real], t[..., :real], M, 'jsd', 2.0, 0.3).item(), rel=1e-6)
     assert ce.item() == pytest.approx(torch.nn.functional.cross_entropy(s.flatten(0, 1), Y.flatten(), reduction='sum').item(), rel=1e-6)
