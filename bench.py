@@ -20,11 +20,11 @@ p = argparse.ArgumentParser()
 p.add_argument('--part', default='all', choices=['all', 'loss', 'step'])
 p.add_argument('--positions', type=int, default=8192)
 p.add_argument('--chunk', type=int, default=1024, help='positions per chunk on the chunked path')
-p.add_argument('--max_gb', type=float, default=14.0, help='fewer positions where the plain path would need more memory')
+p.add_argument('--max_gb', type=float, default=16.0, help='fewer positions where the plain path would need more memory')
 p.add_argument('--vocabs', type=int, nargs='+', default=[49152, 151936])
 p.add_argument('--batch_size', type=int, default=8)
 p.add_argument('--block_size', type=int, default=128)
-p.add_argument('--steps', type=int, default=3)
+p.add_argument('--steps', type=int, default=4)
 p.add_argument('--dataset', default='data/demo')
 p.add_argument('--case', help=argparse.SUPPRESS)  # internal: one loss case in this process
 args = p.parse_args()
@@ -34,6 +34,8 @@ def rss_gb():
 
 def loss_case(path, V, d, n, chunk, repeats=2):
     """One loss case in this process: prints seconds per forward + backward and peak memory above the inputs."""
+    if path == 'chunked':
+        distill.keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0
     torch.manual_seed(0)
     h = (torch.randn(n, d) * 0.5).requires_grad_()
     W = (torch.randn(V, d) * d ** -0.5).requires_grad_()
@@ -78,6 +80,12 @@ if args.part in ('all', 'loss'):
                   f'{ch["seconds"] / pl["seconds"]:11.2f} {ch["peak_gb"] / pl["peak_gb"]:13.2f}'
                   + (f'   at {n} positions: the plain path at {args.positions} would need ~{10 * args.positions * V * 4 / 2 ** 30:.0f} GB'
                      if n != args.positions else ''))
+            if n != args.positions:  # the chunked path at the full size: its memory over plain's at n bounds the ratio
+                out = subprocess.run([sys.executable, __file__, f'--case=chunked,{V},{d},{args.positions}', f'--chunk={args.chunk}'],
+                                     capture_output=True, text=True)
+                full = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f'{"":15s} chunked at {args.positions} positions: {full["seconds"]:.2f} s, {full["peak_gb"]:.2f} GB = '
+                      f'{full["peak_gb"] / pl["peak_gb"]:.2f}x plain at {n}: the memory ratio at {args.positions} is below that')
     try:
         import liger_kernel  # noqa: F401  (Triton kernels: CUDA only)
         print('liger-kernel is installed, but its fused linear JSD runs on CUDA devices only: not measured on this CPU')
@@ -92,24 +100,30 @@ if args.part in ('all', 'step'):
     idx = split['idx']
     long_docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
     X, Y, M, _ = distill.make_batch(split, long_docs, args.block_size, meta['pad_id'], 'cpu')
-    peak = measure_matmul_flops('cpu', n=2048, seconds=3.0)
-    print(f'\nmatmul peak (2048 x 2048 fp32, measured now): {peak / 1e9:.1f} GFLOP/s')
-    for chunk in (0, args.chunk):
+    print(f'\nKD step: {args.batch_size} x {args.block_size} tokens; each row next to the fp32 matmul peak (2048 x 2048) measured right after it')
+    for label, chunk, compiled in (('plain', 0, False), (f'chunked (loss_chunk={args.chunk})', args.chunk, False),
+                                   (f'chunked (loss_chunk={args.chunk}), compile=True', args.chunk, True)):
         student = student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
         loss_settings = {'vocab': meta['vocab_size'], 'weights': (0.5, 0.5 * 4), 'kind': 'fkl', 'temperature': 2.0,
                          'beta': 0.5, 'chunk': chunk}
-        model = Trainable(student, loss_settings)
-        optimizer = distill.configure_optimizer(model, 1e-5, 0.0, (0.9, 0.999), 'cpu')
+        model = raw_model = Trainable(student, loss_settings)
+        if chunk:
+            distill.keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0 (process-wide from here on)
+        optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))  # lr 0: every row sees the same weights
+        teacher_net = teacher.base_model if chunk else teacher
+        if compiled:  # as distill.py --compile=True: the student (with the loss) and the teacher
+            model, teacher_net = torch.compile(model), torch.compile(teacher_net)
         parts = dict.fromkeys(('data', 'teacher forward', 'student forward + loss', 'backward', 'optimizer'), 0.0)
-        for step in range(args.steps + 1):  # step 0 warms up
+        t_compile = time.perf_counter()
+        for step in range(args.steps + 1 + compiled):  # step 0 warms up (and compiles, and recompiles)
+            if step == 1 + compiled:
+                t_compile = time.perf_counter() - t_compile
             t = [time.perf_counter()]
             X, Y, M, _ = distill.make_batch(split, long_docs, args.block_size, meta['pad_id'], 'cpu')
             t.append(time.perf_counter())
             with torch.no_grad():
-                if chunk:
-                    t_out = (teacher.base_model(input_ids=X).last_hidden_state, teacher.get_output_embeddings().weight, None)
-                else:
-                    t_out = (teacher(input_ids=X).logits, None, None)
+                out = teacher_net(input_ids=X)
+                t_out = (out.last_hidden_state, teacher.get_output_embeddings().weight, None) if chunk else (out.logits, None, None)
             t.append(time.perf_counter())
             weighted, ce, kd, _ = model(X, Y, M, t_out)
             t.append(time.perf_counter())
@@ -118,14 +132,15 @@ if args.part in ('all', 'step'):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             t.append(time.perf_counter())
-            if step:
+            if step > compiled:
                 for k, a, b in zip(parts, t[:-1], t[1:]):
                     parts[k] += (b - a) / args.steps
         step_s = sum(parts.values())
-        flops = flops_per_token(student, args.block_size, True) + flops_per_token(teacher, args.block_size, False)
+        flops = flops_per_token(raw_model.model, args.block_size, True) + flops_per_token(teacher, args.block_size, False)
         tok_s = X.numel() / step_s
-        print(f'KD step, {"chunked (loss_chunk=%d)" % chunk if chunk else "plain"}: {args.batch_size} x {args.block_size} tokens, '
-              f'{step_s * 1000:.0f} ms, {tok_s:.1f} tokens/s, {flops * tok_s / 1e9:.1f} GFLOP/s = {flops * tok_s / peak:.1%} of peak '
-              f'(loss {(ce / M.sum()).item():.4f} ce, {(kd / M.sum()).item():.4f} kd)')
+        peak = measure_matmul_flops('cpu', n=2048, seconds=3.0)
+        print(f'{label}: {step_s * 1000:.0f} ms, {tok_s:.1f} tokens/s, {flops * tok_s / 1e9:.1f} GFLOP/s = '
+              f'{flops * tok_s / peak:.1%} of {peak / 1e9:.1f} GFLOP/s (loss {(ce / M.sum()).item():.4f} ce, '
+              f'{(kd / M.sum()).item():.4f} kd)' + (f'; compiling took {t_compile:.0f} s' if compiled else ''))
         for k, v in parts.items():
             print(f'  {k:24s} {v * 1000:8.0f} ms  {v / step_s:6.1%}')
