@@ -19,7 +19,7 @@ from distill import ChunkedHeadLoss, Trainable, flops_per_token, load_model, los
 p = argparse.ArgumentParser()
 p.add_argument('--part', default='all', choices=['all', 'loss', 'step'])
 p.add_argument('--positions', type=int, default=8192)
-p.add_argument('--chunk', type=int, default=1024, help='positions per chunk on the chunked path')
+p.add_argument('--chunk', type=int, default=256, help='positions per chunk on the chunked path (distill.py: loss_chunk)')
 p.add_argument('--max_gb', type=float, default=16.0, help='fewer positions where the plain path would need more memory')
 p.add_argument('--vocabs', type=int, nargs='+', default=[49152, 151936])
 p.add_argument('--batch_size', type=int, default=8)
@@ -105,14 +105,15 @@ if args.part in ('all', 'step'):
                                    (f'chunked (loss_chunk={args.chunk}), compile=True', args.chunk, True)):
         student = student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
         loss_settings = {'vocab': meta['vocab_size'], 'weights': (0.5, 0.5 * 4), 'kind': 'fkl', 'temperature': 2.0,
-                         'beta': 0.5, 'chunk': chunk}
-        model = raw_model = Trainable(student, loss_settings)
+                         'beta': 0.5, 'chunk': chunk, 'compile': compiled}
+        model = Trainable(student, loss_settings)
         if chunk:
             distill.keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0 (process-wide from here on)
         optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))  # lr 0: every row sees the same weights
         teacher_net = teacher.base_model if chunk else teacher
-        if compiled:  # as distill.py --compile=True: the student (with the loss) and the teacher
-            model, teacher_net = torch.compile(model), torch.compile(teacher_net)
+        if compiled:  # as distill.py --compile=True: both transformer stacks (the teacher's: for this last row) and the loss
+            student.base_model.compile()
+            teacher.base_model.compile()
         parts = dict.fromkeys(('data', 'teacher forward', 'student forward + loss', 'backward', 'optimizer'), 0.0)
         t_compile = time.perf_counter()
         for step in range(args.steps + 1 + compiled):  # step 0 warms up (and compiles, and recompiles)
@@ -136,7 +137,7 @@ if args.part in ('all', 'step'):
                 for k, a, b in zip(parts, t[:-1], t[1:]):
                     parts[k] += (b - a) / args.steps
         step_s = sum(parts.values())
-        flops = flops_per_token(raw_model.model, args.block_size, True) + flops_per_token(teacher, args.block_size, False)
+        flops = flops_per_token(student, args.block_size, True) + flops_per_token(teacher, args.block_size, False)
         tok_s = X.numel() / step_s
         peak = measure_matmul_flops('cpu', n=2048, seconds=3.0)
         print(f'{label}: {step_s * 1000:.0f} ms, {tok_s:.1f} tokens/s, {flops * tok_s / 1e9:.1f} GFLOP/s = '

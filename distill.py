@@ -68,7 +68,7 @@ layer_map = 'uniform'  # 'uniform', 'last' or [(student, teacher), ...]; index 0
 hidden_loss = 'mse'  # 'mse' (squared error / d_teacher) or 'cosine' (1 - cos)
 hidden_rms_norm = False  # RMS-normalise both sides first: a guard against the teacher's massive activations
 proj_init = 'xavier'  # projection init: 'xavier' or 'identity' (rectangular identity)
-loss_chunk = 1024  # >0: CE and divergence from hidden states, this many positions at a time (no full logits); 0: plain
+loss_chunk = 256  # >0: CE and divergence from hidden states, this many positions at a time (no full logits); 0: plain
 # optimizer
 learning_rate = 2e-5  # peak learning rate
 min_lr = 2e-6  # the cosine schedule ends here
@@ -82,7 +82,7 @@ grad_clip = 1.0  # clip the gradient norm at this value; 0: off
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # autocast: 'float32', 'bfloat16' or 'float16'
-compile = False  # torch.compile the student and the teacher (a minute or more at start; CPU step ~15% faster)
+compile = False  # torch.compile both transformer stacks (costs a minute or more at start; see README)
 seed = 1337  # data order and initialisation
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: 989e12 on CUDA (H100 bf16), else measured at start
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, type(None)))]
@@ -230,30 +230,37 @@ def kd_divergence_grad(student_logits, teacher_logits, kind='fkl', temperature=1
         raise ValueError(f"kd_kind must be one of {KD_KINDS}, got '{kind}'")
     return d, (r - q * r.sum(-1, keepdim=True)) / T
 
+def chunk_loss_grad(z, zt, y, vocab, w_ce, w_kd, kind, temperature, beta):
+    """One chunk of the chunked loss: the CE sum, the divergence sum and d(w_ce CE + w_kd D)/dz, in closed form:
+    softmax - onehot for CE, kd_divergence_grad for D. z, zt: fp32 student and teacher logits (zt None: CE only)."""
+    dz = F.log_softmax(z, dim=-1)
+    ce = -dz.gather(1, y[:, None]).sum()
+    dz = dz.exp_().mul_(w_ce)
+    dz[torch.arange(len(y), device=y.device), y] -= w_ce
+    kd = torch.zeros_like(ce)
+    if zt is not None:
+        d, g = kd_divergence_grad(z[:, :vocab], zt[:, :vocab], kind, temperature, beta)
+        kd = d.sum()
+        dz[:, :vocab].add_(g, alpha=w_kd)
+    return ce, kd, dz
+
 class ChunkedHeadLoss(torch.autograd.Function):
     """w_ce * CE_sum + w_kd * D_sum straight from the final hidden states and the output heads, a chunk of
     positions at a time, so that no (positions, V) tensor of either model ever exists. Each chunk's logits,
-    loss and gradient (closed form: softmax - onehot for CE, kd_divergence_grad for D) are computed in
-    forward, and only the gradients w.r.t. the hidden states and the head (small: positions x d and V x d)
-    are kept; backward scales them. The same matmuls as the plain path, none repeated. Inputs: h (n, d_s)
-    student states at supervised positions, W (V_s, d_s) its head, Y (n,) targets, t_h (n, d_t) / t_W
-    (V_t, d_t) the teacher's, or None for CE alone."""
+    loss and gradient (chunk_loss_grad) are computed in forward, and only the gradients w.r.t. the hidden
+    states and the head (small: positions x d and V x d) are kept; backward scales them. The same matmuls as
+    the plain path, none repeated. Inputs: h (n, d_s) student states at supervised positions, W (V_s, d_s) its
+    head, Y (n,) targets, t_h (n, d_t) / t_W (V_t, d_t) the teacher's, or None for CE alone; optionally the
+    chunk function (a compiled chunk_loss_grad)."""
     @staticmethod
-    def forward(ctx, h, W, Y, t_h, t_W, vocab, w_ce, w_kd, kind, temperature, beta, chunk):
+    def forward(ctx, h, W, Y, t_h, t_W, vocab, w_ce, w_kd, kind, temperature, beta, chunk, chunk_fn=chunk_loss_grad):
         dh, dW = torch.zeros_like(h), torch.zeros_like(W, dtype=torch.float32)
         ce_sum, kd_sum = torch.zeros((), device=h.device), torch.zeros((), device=h.device)
         for a in range(0, len(h), chunk):
-            hc, y = h[a:a + chunk], Y[a:a + chunk]
-            z = (hc @ W.T).float()
-            dz = F.log_softmax(z, dim=-1)
-            ce_sum -= dz.gather(1, y[:, None]).sum()
-            dz = dz.exp_().mul_(w_ce)  # d(w_ce CE)/dz = w_ce (softmax - onehot)
-            dz[torch.arange(len(y), device=y.device), y] -= w_ce
-            if t_h is not None:
-                zt = (t_h[a:a + chunk] @ t_W.T).float()
-                d, g = kd_divergence_grad(z[:, :vocab], zt[:, :vocab], kind, temperature, beta)
-                kd_sum += d.sum()
-                dz[:, :vocab].add_(g, alpha=w_kd)
+            hc = h[a:a + chunk]
+            zt = None if t_h is None else (t_h[a:a + chunk] @ t_W.T).float()
+            ce, kd, dz = chunk_fn((hc @ W.T).float(), zt, Y[a:a + chunk], vocab, w_ce, w_kd, kind, temperature, beta)
+            ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
             dh[a:a + chunk] = (dz.to(hc.dtype) @ W.to(hc.dtype)).to(dh.dtype)
             dW += (dz.to(hc.dtype).T @ hc).float()
         ctx.save_for_backward(dh, dW.to(W.dtype))
@@ -263,7 +270,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, *_):
         dh, dW = ctx.saved_tensors
-        return grad * dh, grad * dW, *[None] * 10
+        return grad * dh, grad * dW, *[None] * 11
 
 def hidden_distance(student_h, teacher_h, kind='mse', rms_norm=False):
     """Per-position distance between projected student and teacher hidden states ([..., d_t]), in fp32."""
@@ -477,10 +484,11 @@ class Trainable(nn.Module):
     """Everything that trains (the student and any hidden-state projections) in one module, so that DDP,
     the optimizer and checkpoints see the same parameters. Only .model is exported. forward returns the
     loss sums over supervised targets; loss settings: vocab, weights (w_ce, w_kd * T^2), kind, temperature,
-    beta and chunk (0: the plain path with full logits)."""
+    beta, chunk (0: the plain path with full logits) and compile (compile the chunked loss's arithmetic)."""
     def __init__(self, model, loss, layer_pairs=(), teacher_width=0, proj_init='xavier', hidden_loss='mse', rms_norm=False):
         super().__init__()
         self.model, self.loss = model, loss
+        self.chunk_fn = torch.compile(chunk_loss_grad, dynamic=True) if loss.get('compile') else chunk_loss_grad
         self.layer_pairs, self.hidden_loss, self.rms_norm = list(layer_pairs), hidden_loss, rms_norm
         self.proj = nn.ModuleList(nn.Linear(model.config.hidden_size, teacher_width, bias=False) for _ in self.layer_pairs)
         for p in self.proj:
@@ -503,7 +511,7 @@ class Trainable(nn.Module):
             weighted, ce, kd = ChunkedHeadLoss.apply(
                 out.last_hidden_state[keep], self.model.get_output_embeddings().weight, Y[keep],
                 None if t_final is None else t_final[keep], t_head, cfg['vocab'], w_ce, w_kd, cfg['kind'],
-                cfg['temperature'], cfg['beta'], cfg['chunk'])
+                cfg['temperature'], cfg['beta'], cfg['chunk'], self.chunk_fn)
         else:
             out = self.model(input_ids=X, output_hidden_states=t_hidden is not None)
             ce, kd = loss_sums(out.logits, Y, M, t_final, cfg['vocab'], cfg['kind'], cfg['temperature'], cfg['beta'])
@@ -681,7 +689,7 @@ if __name__ == '__main__':
     if loss_chunk and device_type == 'cpu':
         keep_freed_memory()  # the chunk loop reallocates the same few (chunk, V) blocks; the plain path would fragment
     loss_settings = {'vocab': vocab, 'weights': (w_ce, w_kd * temperature ** 2), 'kind': kd_kind,
-                     'temperature': temperature, 'beta': beta, 'chunk': loss_chunk}
+                     'temperature': temperature, 'beta': beta, 'chunk': loss_chunk, 'compile': compile}
     layer_pairs = []
     try:
         if w_hidden > 0:
@@ -704,8 +712,10 @@ if __name__ == '__main__':
         if len(state['rng_states']) != world_size:
             fail(f"the checkpoint was written by {len(state['rng_states'])} ranks; resume with the same number")
         set_rng_state(state['rng_states'][rank])
-    if compile:
-        model = torch.compile(model)
+    if compile:  # the transformer stacks, in place (parameter names unchanged); the loss stays eager: the number
+        for m in (student_model, teacher_model):  # of supervised positions changes every batch
+            if m is not None:
+                m.base_model.compile()
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
@@ -719,8 +729,6 @@ if __name__ == '__main__':
     # applies its head a chunk at a time; hidden-state distillation needs no head at all)
     teacher_head = teacher_model.get_output_embeddings().weight if teacher_model is not None and w_kd > 0 and loss_chunk else None
     teacher_net = None if teacher_model is None else teacher_model if w_kd > 0 and not loss_chunk else teacher_model.base_model
-    if compile and teacher_net is not None:
-        teacher_net = torch.compile(teacher_net)
 
     def run_teacher(X, H):
         """What the loss needs of the teacher: (its logits or final hidden states when w_kd > 0, its head weight

@@ -21,7 +21,7 @@ p = argparse.ArgumentParser()
 p.add_argument('--batch_size', type=int, default=8)
 p.add_argument('--block_size', type=int, default=128)
 p.add_argument('--steps', type=int, default=4)
-p.add_argument('--chunk', type=int, default=1024, help="distill.py's loss_chunk")
+p.add_argument('--chunk', type=int, default=256, help="distill.py's loss_chunk")
 p.add_argument('--dataset', default='data/demo')
 p.add_argument('--tool', help=argparse.SUPPRESS)  # internal: run one tool in this process
 args = p.parse_args()
