@@ -254,23 +254,30 @@ class ChunkedHeadLoss(torch.autograd.Function):
     chunk function (a compiled chunk_loss_grad)."""
     @staticmethod
     def forward(ctx, h, W, Y, t_h, t_W, vocab, w_ce, w_kd, kind, temperature, beta, chunk, chunk_fn=chunk_loss_grad):
-        dh, dW = torch.zeros_like(h), torch.zeros_like(W, dtype=torch.float32)
+        Wc = W.to(h.dtype)  # the heads in the compute dtype once, not once per chunk (autocast)
+        t_Wc = None if t_h is None else t_W.to(t_h.dtype)
+        dh, dW = torch.empty_like(h), torch.zeros_like(W, dtype=torch.float32)
         ce_sum, kd_sum = torch.zeros((), device=h.device), torch.zeros((), device=h.device)
         for a in range(0, len(h), chunk):
             hc = h[a:a + chunk]
-            zt = None if t_h is None else (t_h[a:a + chunk] @ t_W.T).float()
-            ce, kd, dz = chunk_fn((hc @ W.T).float(), zt, Y[a:a + chunk], vocab, w_ce, w_kd, kind, temperature, beta)
+            zt = None if t_h is None else (t_h[a:a + chunk] @ t_Wc.T).float()
+            ce, kd, dz = chunk_fn((hc @ Wc.T).float(), zt, Y[a:a + chunk], vocab, w_ce, w_kd, kind, temperature, beta)
             ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
-            dh[a:a + chunk] = (dz.to(hc.dtype) @ W.to(hc.dtype)).to(dh.dtype)
-            dW += (dz.to(hc.dtype).T @ hc).float()
-        ctx.save_for_backward(dh, dW.to(W.dtype))
+            dz = dz.to(hc.dtype)
+            dh[a:a + chunk] = dz @ Wc
+            if dz.dtype == dW.dtype:
+                dW.addmm_(dz.T, hc)  # accumulated in place: no second (V, d) buffer
+            else:
+                dW += dz.T @ hc
+        ctx.save_for_backward(dh, dW)
+        ctx.head_dtype = W.dtype
         ctx.mark_non_differentiable(ce_sum, kd_sum)
         return w_ce * ce_sum + w_kd * kd_sum, ce_sum, kd_sum
 
     @staticmethod
     def backward(ctx, grad, *_):
-        dh, dW = ctx.saved_tensors
-        return grad * dh, grad * dW, *[None] * 11
+        dh, dW = ctx.saved_tensors  # scaled in place (a second backward through this graph raises, as it should)
+        return dh.mul_(grad), dW.mul_(grad).to(ctx.head_dtype), *[None] * 11
 
 def hidden_distance(student_h, teacher_h, kind='mse', rms_norm=False):
     """Per-position distance between projected student and teacher hidden states ([..., d_t]), in fp32."""

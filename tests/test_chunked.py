@@ -86,3 +86,13 @@ def test_chunked_ddp_and_split_invariance(work):
     run(work, work / 'chunk1', '--batch_size=4', '--gradient_accumulation_steps=1', '--max_iters=2', '--kd_kind=jsd', '--loss_chunk=5')
     assert_same_run(work / 'plain', work / 'chunk2')
     assert_same_run(work / 'plain', work / 'chunk1')
+
+def test_chunked_second_backward_raises():
+    """backward scales its saved gradients in place (no extra V x d buffer): a second backward through the same
+    graph must fail loudly, never return doubly scaled gradients."""
+    torch.manual_seed(3)
+    h, W, Y = torch.randn(7, 4, requires_grad=True), torch.randn(12, 4, requires_grad=True), torch.randint(0, 12, (7,))
+    weighted, _, _ = ChunkedHeadLoss.apply(h, W, Y, torch.randn(7, 3), torch.randn(12, 3), 12, 0.5, 2.0, 'fkl', 2.0, 0.5, 3)
+    (weighted * 0.5).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match='inplace'):
+        weighted.backward()
