@@ -200,8 +200,8 @@ def loss_sums(logits, Y, M, teacher_logits, vocab, kind='fkl', temperature=1.0, 
     return ce_sum, kd.sum()
 
 def kd_divergence_grad(student_logits, teacher_logits, kind='fkl', temperature=1.0, beta=0.5):
-    """kd_divergence (fp32 logits [n, V]) and its gradient w.r.t. the student logits in closed form: half
-    the passes over (n, V) that autograd makes. With q = softmax(z / T) and r_i = q_i dD/dq_i, the softmax
+    """kd_divergence (fp32 logits [n, V]) and its gradient w.r.t. the student logits in closed form, with
+    fewer passes over (n, V) than autograd makes. With q = softmax(z / T) and r_i = q_i dD/dq_i, the softmax
     gives dD/dz = (r - q sum(r)) / T; for forward KL r = -p, so dD/dz = (q - p) / T."""
     T = temperature
     log_q, log_p = F.log_softmax(student_logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1)
