@@ -719,8 +719,8 @@ if __name__ == '__main__':
         if len(state['rng_states']) != world_size:
             fail(f"the checkpoint was written by {len(state['rng_states'])} ranks; resume with the same number")
         set_rng_state(state['rng_states'][rank])
-    if compile:  # the transformer stacks, in place (parameter names unchanged); the loss stays eager: the number
-        for m in (student_model, teacher_model):  # of supervised positions changes every batch
+    if compile:  # the transformer stacks, in place (parameter names unchanged), apart from the loss, whose number of
+        for m in (student_model, teacher_model):  # positions changes every batch (Trainable compiles its chunk arithmetic)
             if m is not None:
                 m.base_model.compile()
     if ddp:
