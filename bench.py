@@ -92,6 +92,26 @@ if args.part in ('all', 'loss'):
     except ImportError:
         print('liger-kernel: not installed (its fused kernels are Triton, CUDA only): not measured on this CPU')
 
+def loss_alone(student, model, X, Y, M, t_out, chunk):
+    """Seconds per forward + backward of the step's loss alone, from the student's final hidden states."""
+    with torch.no_grad():
+        h = student.base_model(input_ids=X).last_hidden_state
+    keep, W, times = M.bool(), student.get_output_embeddings().weight, []
+    for _ in range(args.steps + 1):
+        hs = h.detach().requires_grad_()
+        t0 = time.perf_counter()
+        if chunk:
+            cfg = model.loss
+            weighted, _, _ = ChunkedHeadLoss.apply(hs[keep], W, Y[keep], t_out[0][keep], t_out[1], cfg['vocab'],
+                                                   *cfg['weights'], 'fkl', 2.0, 0.5, chunk, model.chunk_fn)
+        else:
+            ce, kd = loss_sums(hs @ W.T, Y, M, t_out[0], model.loss['vocab'], 'fkl', 2.0)
+            weighted = model.loss['weights'][0] * ce + model.loss['weights'][1] * kd
+        (weighted / M.sum()).backward()
+        times.append(time.perf_counter() - t0)
+        W.grad = None
+    return sum(times[1:]) / args.steps
+
 if args.part in ('all', 'step'):
     torch.manual_seed(0)
     teacher = load_model(prepare_data.demo_tokenizer()).eval().requires_grad_(False)
@@ -145,3 +165,6 @@ if args.part in ('all', 'step'):
               f'{(kd / M.sum()).item():.4f} kd)' + (f'; compiling took {t_compile:.0f} s' if compiled else ''))
         for k, v in parts.items():
             print(f'  {k:24s} {v * 1000:8.0f} ms  {v / step_s:6.1%}')
+        print(f'  of which the loss alone (its forward + backward from the final hidden states, heads included): '
+              f'{loss_alone(student, model, X, Y, M, t_out, chunk) * 1000:.0f} ms')
+
