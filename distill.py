@@ -82,7 +82,7 @@ grad_clip = 1.0  # clip the gradient norm at this value; 0: off
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # autocast: 'float32', 'bfloat16' or 'float16'
-compile = False  # torch.compile both transformer stacks (costs a minute or more at start; see README)
+compile = False  # torch.compile both transformer stacks and the chunked loss (17-63 s at start on this CPU; see README)
 seed = 1337  # data order and initialisation
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: 989e12 on CUDA (H100 bf16), else measured at start
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, type(None)))]
