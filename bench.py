@@ -96,17 +96,16 @@ def loss_alone(student, model, X, Y, M, t_out, chunk):
     """Seconds per forward + backward of the step's loss alone, from the student's final hidden states."""
     with torch.no_grad():
         h = student.base_model(input_ids=X).last_hidden_state
-    keep, W, times = M.bool(), student.get_output_embeddings().weight, []
+    keep, W, cfg, times = M.bool(), student.get_output_embeddings().weight, model.loss, []
     for _ in range(args.steps + 1):
         hs = h.detach().requires_grad_()
         t0 = time.perf_counter()
         if chunk:
-            cfg = model.loss
-            weighted, _, _ = ChunkedHeadLoss.apply(hs[keep], W, Y[keep], t_out[0][keep], t_out[1], cfg['vocab'],
-                                                   *cfg['weights'], 'fkl', 2.0, 0.5, chunk, model.chunk_fn)
+            weighted, _, _ = ChunkedHeadLoss.apply(hs[keep], W, Y[keep], t_out[0][keep], t_out[1], cfg['vocab'], *cfg['weights'],
+                                                   cfg['kind'], cfg['temperature'], cfg['beta'], chunk, model.chunk_fn)
         else:
-            ce, kd = loss_sums(hs @ W.T, Y, M, t_out[0], model.loss['vocab'], 'fkl', 2.0)
-            weighted = model.loss['weights'][0] * ce + model.loss['weights'][1] * kd
+            ce, kd = loss_sums(hs @ W.T, Y, M, t_out[0], cfg['vocab'], cfg['kind'], cfg['temperature'], cfg['beta'])
+            weighted = cfg['weights'][0] * ce + cfg['weights'][1] * kd
         (weighted / M.sum()).backward()
         times.append(time.perf_counter() - t0)
         W.grad = None
