@@ -598,16 +598,13 @@ if __name__ == '__main__':
     except ConfigError as e:
         fail(e)
     globals().update(config)
-    if distill not in ('logits', 'hidden', 'none'):
-        fail(f"distill must be 'logits', 'hidden' or 'none', got '{distill}'")
-    if hidden_loss not in ('mse', 'cosine'):
-        fail(f"hidden_loss must be 'mse' or 'cosine', got '{hidden_loss}'")
-    if kd_kind not in KD_KINDS:
-        fail(f"kd_kind must be one of {', '.join(KD_KINDS)}; got '{kd_kind}'" + ''.join(f" (did you mean '{c}'?)" for c in difflib.get_close_matches(kd_kind, KD_KINDS, n=1)))
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        fail(f"dtype must be 'float32', 'bfloat16' or 'float16', got '{dtype}'")
-    if student_init not in ('pretrained', 'config', 'teacher_layers'):
-        fail(f"student_init must be 'pretrained', 'config' or 'teacher_layers', got '{student_init}'")
+    choices = {'distill': ('logits', 'hidden', 'none'), 'kd_kind': KD_KINDS, 'hidden_loss': ('mse', 'cosine'),
+               'proj_init': ('xavier', 'identity'), 'student_init': ('pretrained', 'config', 'teacher_layers'),
+               'init_from': ('scratch', 'resume'), 'dtype': ('float32', 'bfloat16', 'float16')}
+    for key, allowed in choices.items():
+        if config[key] not in allowed:
+            close = difflib.get_close_matches(str(config[key]), allowed, n=1)
+            fail(f"{key} must be one of {', '.join(allowed)}; got {config[key]!r}" + (f" (did you mean '{close[0]}'?)" if close else ''))
     import transformers
     transformers.utils.logging.disable_progress_bar()
     # the loss: w_ce CE + w_kd T^2 D + w_hidden H; distill and alpha imply the weights, explicit ones override

@@ -157,6 +157,8 @@ def test_non_finite_loss_stops_naming_the_iteration(work):
     ('--kd_kind=jsdd', "kd_kind must be one of fkl, rkl, jsd, skl, srkl, tvd; got 'jsdd' (did you mean 'jsd'?)"),
     ('--dataset=missing', 'no prepared dataset in'),
     ('--init_from=resume', "init_from='resume' but there is no checkpoint"),
+    ('--init_from=resmue', "init_from must be one of scratch, resume; got 'resmue' (did you mean 'resume'?)"),
+    ('--dtype=bfloat', "dtype must be one of float32, bfloat16, float16; got 'bfloat' (did you mean 'bfloat16'?)"),
 ])
 def test_config_errors(work, override, message):
     proc = run(work, work / 'cfg', override, '--max_iters=1', check=False)
