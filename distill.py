@@ -605,6 +605,15 @@ if __name__ == '__main__':
         if config[key] not in allowed:
             close = difflib.get_close_matches(str(config[key]), allowed, n=1)
             fail(f"{key} must be one of {', '.join(allowed)}; got {config[key]!r}" + (f" (did you mean '{close[0]}'?)" if close else ''))
+    for key in ('block_size', 'batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'temperature'):
+        if config[key] <= 0:
+            fail(f'{key} must be > 0, got {config[key]}')
+    for key in ('alpha', 'beta', 'warmup_frac'):
+        if not 0 <= config[key] <= 1:
+            fail(f'{key} must be in [0, 1], got {config[key]}')
+    for key in ('loss_chunk', 'eval_docs', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'epochs'):
+        if config[key] < 0:
+            fail(f'{key} must be >= 0, got {config[key]}')
     import transformers
     transformers.utils.logging.disable_progress_bar()
     # the loss: w_ce CE + w_kd T^2 D + w_hidden H; distill and alpha imply the weights, explicit ones override
