@@ -3,15 +3,16 @@ Speed and memory of distillation, plain (full logits) vs chunked (loss_chunk), a
 
     python prepare_data.py && python bench.py            # both parts below
     python bench.py --part=loss                           # the loss alone: peak memory and time
-    python bench.py --part=step --batch_size=8 --block_size=128
+    python bench.py --part=step                           # 4 x 512 tokens, distill.py's defaults
 
 --part=loss: forward + backward of CE + forward KL at T=2 from final hidden states, for V = 49,152 and
 151,936, hidden 576 and 1,536, 8,192 positions; each case in a fresh process, peak memory = its peak RSS
 above the inputs. --part=step: one whole KD step (the packaged SmolLM2-135M teacher -> its 10-layer copy,
-fp32) through distill.py's own Trainable, plain and chunked, next to this machine's fp32 matmul peak
-measured in the same run, with the cost of each part of the step.
+fp32) through distill.py's own Trainable, plain and chunked, with the cost of each part of the step. MFU is
+the median over the steps of each step's FLOP/s over this machine's fp32 matmul peak measured just before
+that step: a shared machine's speed drifts by more than the differences measured here.
 """
-import argparse, json, os, resource, subprocess, sys, time
+import argparse, json, os, resource, statistics, subprocess, sys, time
 import torch
 import distill, prepare_data
 from distill import ChunkedHeadLoss, Trainable, flops_per_token, load_model, loss_sums, measure_matmul_flops, student_from_teacher_layers
@@ -22,9 +23,9 @@ p.add_argument('--positions', type=int, default=8192)
 p.add_argument('--chunk', type=int, default=256, help='positions per chunk on the chunked path (distill.py: loss_chunk)')
 p.add_argument('--max_gb', type=float, default=16.0, help='fewer positions where the plain path would need more memory')
 p.add_argument('--vocabs', type=int, nargs='+', default=[49152, 151936])
-p.add_argument('--batch_size', type=int, default=8)
-p.add_argument('--block_size', type=int, default=128)
-p.add_argument('--steps', type=int, default=4)
+p.add_argument('--batch_size', type=int, default=4)  # distill.py's defaults
+p.add_argument('--block_size', type=int, default=512)
+p.add_argument('--steps', type=int, default=5)
 p.add_argument('--dataset', default='data/demo')
 p.add_argument('--case', help=argparse.SUPPRESS)  # internal: one loss case in this process
 args = p.parse_args()
@@ -119,13 +120,14 @@ if args.part in ('all', 'step'):
     idx = split['idx']
     long_docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
     X, Y, M, _ = distill.make_batch(split, long_docs, args.block_size, meta['pad_id'], 'cpu')
-    print(f'\nKD step: {args.batch_size} x {args.block_size} tokens; each row next to the fp32 matmul peak (2048 x 2048) measured right after it')
+    print(f'\nKD step: {args.batch_size} x {args.block_size} tokens; each step next to the fp32 matmul peak (2048 x 2048) measured just before it')
     for label, chunk, compiled in (('plain', 0, False), (f'chunked (loss_chunk={args.chunk})', args.chunk, False),
                                    (f'chunked (loss_chunk={args.chunk}), compile=True', args.chunk, True)):
         student = student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
         loss_settings = {'vocab': meta['vocab_size'], 'weights': (0.5, 0.5 * 4), 'kind': 'fkl', 'temperature': 2.0,
                          'beta': 0.5, 'chunk': chunk, 'compile': compiled}
         model = Trainable(student, loss_settings)
+        flops = flops_per_token(student, args.block_size, True) + flops_per_token(teacher, args.block_size, False)
         if chunk:
             distill.keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0 (process-wide from here on)
         optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))  # lr 0: every row sees the same weights
@@ -134,10 +136,9 @@ if args.part in ('all', 'step'):
             student.base_model.compile()
             teacher.base_model.compile()
         parts = dict.fromkeys(('data', 'teacher forward', 'student forward + loss', 'backward', 'optimizer'), 0.0)
-        t_compile = time.perf_counter()
+        t_compile, ratios = 0.0, []
         for step in range(args.steps + 1 + compiled):  # step 0 warms up (and compiles, and recompiles)
-            if step == 1 + compiled:
-                t_compile = time.perf_counter() - t_compile
+            peak = measure_matmul_flops('cpu', n=2048, seconds=1.0)  # right before each step: the machine's speed drifts
             t = [time.perf_counter()]
             X, Y, M, _ = distill.make_batch(split, long_docs, args.block_size, meta['pad_id'], 'cpu')
             t.append(time.perf_counter())
@@ -152,16 +153,19 @@ if args.part in ('all', 'step'):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             t.append(time.perf_counter())
-            if step > compiled:
-                for k, a, b in zip(parts, t[:-1], t[1:]):
-                    parts[k] += (b - a) / args.steps
+            if step <= compiled:
+                t_compile += t[-1] - t[0]
+                continue
+            for k, a, b in zip(parts, t[:-1], t[1:]):
+                parts[k] += (b - a) / args.steps
+            ratios.append((flops * X.numel() / (t[-1] - t[0]), peak))
         step_s = sum(parts.values())
-        flops = flops_per_token(student, args.block_size, True) + flops_per_token(teacher, args.block_size, False)
         tok_s = X.numel() / step_s
-        peak = measure_matmul_flops('cpu', n=2048, seconds=3.0)
-        print(f'{label}: {step_s * 1000:.0f} ms, {tok_s:.1f} tokens/s, {flops * tok_s / 1e9:.1f} GFLOP/s = '
-              f'{flops * tok_s / peak:.1%} of {peak / 1e9:.1f} GFLOP/s (loss {(ce / M.sum()).item():.4f} ce, '
-              f'{(kd / M.sum()).item():.4f} kd)' + (f'; compiling took {t_compile:.0f} s' if compiled else ''))
+        mfu, peak = statistics.median(r / p for r, p in ratios), statistics.median(p for _, p in ratios)
+        print(f'{label}: {step_s * 1000:.0f} ms, {tok_s:.1f} tokens/s, {flops * tok_s / 1e9:.1f} GFLOP/s; MFU {mfu:.1%} '
+              f'(median over the steps of each one\'s FLOP/s over the peak measured just before it; median peak '
+              f'{peak / 1e9:.1f} GFLOP/s) (loss {(ce / M.sum()).item():.4f} ce, {(kd / M.sum()).item():.4f} kd)'
+              + (f'; compiling took {t_compile:.0f} s' if compiled else ''))
         for k, v in parts.items():
             print(f'  {k:24s} {v * 1000:8.0f} ms  {v / step_s:6.1%}')
         print(f'  of which the loss alone (its forward + backward from the final hidden states, heads included): '

@@ -4,12 +4,13 @@ models, data and batch: tokens/s and peak memory, each in its own fresh process.
 
     python prepare_data.py && python scripts/compare_trl.py
 
-Teacher: the packaged SmolLM2-135M-Instruct; student: its 10-layer copy (blocks 0, 3, ..., 27); 8 documents of
-the demo data, fp32 on the CPU, forward KL at T=2 on the supervised tokens, learning rate 0 (every step sees the
-same weights). TRL's trainer generates its completions on-policy; here it is handed the documents' own tokens as
-completions (prompt = the first token, completion mask = distill's loss mask), and its compute_loss, backward and
-optimizer step are timed: the work both tools share, generation left out. Its defaults that would slow it down
-(gradient checkpointing, bf16) are turned off. distill.py's step also computes the CE term; TRL's loss has none.
+Teacher: the packaged SmolLM2-135M-Instruct; student: its 10-layer copy (blocks 0, 3, ..., 27); 4 documents of
+the demo data at 512 tokens (distill.py's batch_size and block_size defaults), fp32 on the CPU, forward KL at
+T=2 on the supervised tokens, learning rate 0 (every step sees the same weights). TRL's trainer generates its
+completions on-policy; here it is handed the documents' own tokens as completions (prompt = the first token,
+completion mask = distill's loss mask), and its compute_loss, backward and optimizer step are timed: the work
+both tools share, generation left out. Its defaults that would slow it down (gradient checkpointing, bf16) are
+turned off. distill.py's step also computes the CE term; TRL's loss has none.
 'trl+allocator' is TRL with distill.py's CPU allocator setting (distill.keep_freed_memory), 'trl' as shipped.
 """
 import argparse, json, os, resource, subprocess, sys, tempfile, time
@@ -18,8 +19,8 @@ import torch
 import distill, prepare_data
 
 p = argparse.ArgumentParser()
-p.add_argument('--batch_size', type=int, default=8)
-p.add_argument('--block_size', type=int, default=128)
+p.add_argument('--batch_size', type=int, default=4)  # distill.py's defaults
+p.add_argument('--block_size', type=int, default=512)
 p.add_argument('--steps', type=int, default=4)
 p.add_argument('--chunk', type=int, default=256, help="distill.py's loss_chunk")
 p.add_argument('--dataset', default='data/demo')
