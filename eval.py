@@ -205,6 +205,11 @@ def main(argv=None):
             progress.last = time.time()
     progress.last = time.time()
     try:
+        for key in ('batch_size', 'block_size', 'limit', 'max_new_tokens'):
+            if getattr(args, key) is not None and getattr(args, key) < 1:
+                raise EvalError(f'--{key} must be >= 1, got {getattr(args, key)}')
+        if args.num_fewshot < 0:
+            raise EvalError(f'--num_fewshot must be >= 0, got {args.num_fewshot}')
         tasks = {t: load_documents(task_path(t), args.num_fewshot)[:args.limit] for t in filter(None, args.tasks.split(','))}
         if args.data and not os.path.exists(os.path.join(args.data, 'meta.json')):
             raise EvalError(f'no prepared dataset in {args.data}: run prepare_data.py first')

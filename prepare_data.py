@@ -362,6 +362,12 @@ def main(argv=None):
     p.add_argument('--num_proc', type=int, default=max(1, min(8, os.cpu_count() or 1)))
     args = p.parse_args(argv)
     try:
+        for bad, message in ((not 0 <= args.val_fraction < 1, f'--val_fraction must be in [0, 1), got {args.val_fraction}'),
+                             (args.max_examples is not None and args.max_examples < 1, f'--max_examples must be >= 1, got {args.max_examples}'),
+                             (args.max_length < 0, f'--max_length must be >= 0 (0: no limit), got {args.max_length}'),
+                             (args.num_proc < 1, f'--num_proc must be >= 1, got {args.num_proc}')):
+            if bad:
+                raise DataError(message)
         demo = args.demo or not (args.inputs or args.dataset)
         tokenizer_spec = args.tokenizer or (demo_tokenizer() if demo else None)
         if tokenizer_spec is None:

@@ -134,3 +134,11 @@ def test_cli_table_json_and_errors(evalwork, tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
         f"error: model '{evalwork / 'model'}' has no tokenizer: pass --tokenizer")
     assert not os.path.exists(tmp_path / 'x.json')
+
+@pytest.mark.parametrize('option,message', [('--batch_size=0', '--batch_size must be >= 1, got 0'),
+                                            ('--limit=-1', '--limit must be >= 1, got -1'),
+                                            ('--num_fewshot=-2', '--num_fewshot must be >= 0, got -2')])
+def test_out_of_range_options(tmp_path, capsys, option, message):
+    assert ev.main(['no-such-model', option, f'--output={tmp_path / "r.json"}']) == 1
+    assert capsys.readouterr().err.strip() == f'error: {message}'
+    assert not os.path.exists(tmp_path / 'r.json')

@@ -175,3 +175,15 @@ def test_demo_dataset(tmp_path, smol_tok):
     assert idx[-1] == len(ids) == len(mask) and (mask[idx[:-1]] == 0).all()
     chats = [(ids[a:c], mask[a:c]) for a, c in zip(idx[:-1], idx[1:]) if ids[a] == 1]  # starts with <|im_start|>
     assert chats and all(m[-1] == 0 and t[-2] == 2 and m[-2] == 1 for t, m in chats)  # ... reply<|im_end|>\n
+
+@pytest.mark.parametrize('option,message', [
+    (('--val_fraction', '1.5'), '--val_fraction must be in [0, 1), got 1.5'),
+    (('--max_examples', '-3'), '--max_examples must be >= 1, got -3'),
+    (('--max_length', '-1'), '--max_length must be >= 0 (0: no limit), got -1'),
+    (('--num_proc', '0'), '--num_proc must be >= 1, got 0'),
+])
+def test_out_of_range_options(tmp_path, capsys, option, message):
+    path = write_jsonl(tmp_path / 'in.jsonl', [{'text': 'a'}, {'text': 'b'}])
+    assert run(tmp_path, [path], '--tokenizer', 'bytes', *option) == 1
+    assert capsys.readouterr().err.strip() == f'error: {message}'
+    assert not os.path.exists(tmp_path / 'data')
