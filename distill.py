@@ -614,6 +614,10 @@ if __name__ == '__main__':
     for key in ('loss_chunk', 'eval_docs', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'epochs'):
         if config[key] < 0:
             fail(f'{key} must be >= 0, got {config[key]}')
+    if not re.fullmatch(r'cpu|cuda(:\d+)?', device):
+        fail(f"device must be 'cpu', 'cuda' or 'cuda:N', got '{device}'")
+    if 'cuda' in device and not torch.cuda.is_available():
+        fail(f"device='{device}' but this torch sees no CUDA device: pass --device=cpu, or install a CUDA build of torch")
     import transformers
     transformers.utils.logging.disable_progress_bar()
     # the loss: w_ce CE + w_kd T^2 D + w_hidden H; distill and alpha imply the weights, explicit ones override

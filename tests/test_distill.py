@@ -159,6 +159,7 @@ def test_non_finite_loss_stops_naming_the_iteration(work):
     ('--init_from=resume', "init_from='resume' but there is no checkpoint"),
     ('--init_from=resmue', "init_from must be one of scratch, resume; got 'resmue' (did you mean 'resume'?)"),
     ('--eval_interval=0', 'eval_interval must be > 0, got 0'),
+    ('--device=gpu', "device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
     ('--alpha=1.5', 'alpha must be in [0, 1], got 1.5'),
     ('--loss_chunk=-1', 'loss_chunk must be >= 0, got -1'),
     ('--dtype=bfloat', "dtype must be one of float32, bfloat16, float16; got 'bfloat' (did you mean 'bfloat16'?)"),
