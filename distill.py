@@ -875,5 +875,6 @@ if __name__ == '__main__':
         if export_tok is not None and hasattr(export_tok, 'save_pretrained'):
             export_tok.save_pretrained(folder)
         print(f'exported the student to {folder}')
-    if ddp:
+    if ddp:  # tear down together, after rank 0's export: a rank that exited while a peer still ran its
+        dist.barrier()  # gloo connections once aborted at exit in CI ('terminate called without an active exception')
         dist.destroy_process_group()
