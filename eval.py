@@ -206,8 +206,9 @@ def main(argv=None):
     progress.last = time.time()
     try:
         for key in ('batch_size', 'block_size', 'limit', 'max_new_tokens'):
-            if getattr(args, key) is not None and getattr(args, key) < 1:
-                raise EvalError(f'--{key} must be >= 1, got {getattr(args, key)}')
+            value = getattr(args, key)
+            if value is not None and value < 1:
+                raise EvalError(f'--{key} must be >= 1, got {value}')
         if args.num_fewshot < 0:
             raise EvalError(f'--num_fewshot must be >= 0, got {args.num_fewshot}')
         tasks = {t: load_documents(task_path(t), args.num_fewshot)[:args.limit] for t in filter(None, args.tasks.split(','))}
