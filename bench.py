@@ -161,10 +161,11 @@ if args.part in ('all', 'step'):
             ratios.append((flops * X.numel() / (t[-1] - t[0]), peak))
         step_s = sum(parts.values())
         tok_s = X.numel() / step_s
-        mfu, peak = statistics.median(r / p for r, p in ratios), statistics.median(p for _, p in ratios)
-        print(f'{label}: {step_s * 1000:.0f} ms, {tok_s:.1f} tokens/s, {flops * tok_s / 1e9:.1f} GFLOP/s; MFU {mfu:.1%} '
-              f'(median over the steps of each one\'s FLOP/s over the peak measured just before it; median peak '
-              f'{peak / 1e9:.1f} GFLOP/s) (loss {(ce / M.sum()).item():.4f} ce, {(kd / M.sum()).item():.4f} kd)'
+        mfus, peak = sorted(r / p for r, p in ratios), statistics.median(p for _, p in ratios)
+        print(f'{label}: {step_s * 1000:.0f} ms, {tok_s:.1f} tokens/s, {flops * tok_s / 1e9:.1f} GFLOP/s; MFU '
+              f'{statistics.median(mfus):.1%} (median over the steps of each one\'s FLOP/s over the peak measured just '
+              f'before it; steps {mfus[0]:.1%}-{mfus[-1]:.1%}; median peak {peak / 1e9:.1f} GFLOP/s) '
+              f'(loss {(ce / M.sum()).item():.4f} ce, {(kd / M.sum()).item():.4f} kd)'
               + (f'; compiling took {t_compile:.0f} s' if compiled else ''))
         for k, v in parts.items():
             print(f'  {k:24s} {v * 1000:8.0f} ms  {v / step_s:6.1%}')
