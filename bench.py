@@ -138,7 +138,8 @@ if args.part in ('all', 'step'):
         parts = dict.fromkeys(('data', 'teacher forward', 'student forward + loss', 'backward', 'optimizer'), 0.0)
         t_compile, ratios = 0.0, []
         for step in range(args.steps + 1 + compiled):  # step 0 warms up (and compiles, and recompiles)
-            peak = measure_matmul_flops('cpu', n=2048, seconds=1.0)  # right before each step: the machine's speed drifts
+            # the machine's speed drifts: its peak right before each timed step (warm-up steps need none)
+            peak = measure_matmul_flops('cpu', n=2048, seconds=1.0) if step > compiled else None
             t = [time.perf_counter()]
             X, Y, M, _ = distill.make_batch(split, long_docs, args.block_size, meta['pad_id'], 'cpu')
             t.append(time.perf_counter())
