@@ -119,7 +119,7 @@ if args.part in ('all', 'step'):
     split = distill.load_split(args.dataset, 'train')
     idx = split['idx']
     long_docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
-    X, Y, M, _ = distill.make_batch(split, long_docs, args.block_size, meta['pad_id'], 'cpu')
+    X, Y, M, _ = distill.make_batch(split, [(d, 0) for d in long_docs], args.block_size, meta['pad_id'], 'cpu')
     print(f'\nKD step: {args.batch_size} x {args.block_size} tokens; each step next to the fp32 matmul peak (2048 x 2048) measured just before it')
     for label, chunk, compiled in (('plain', 0, False), (f'chunked (loss_chunk={args.chunk})', args.chunk, False),
                                    (f'chunked (loss_chunk={args.chunk}), compile=True', args.chunk, True)):
@@ -141,7 +141,7 @@ if args.part in ('all', 'step'):
             # the machine's speed drifts: its peak right before each timed step (warm-up steps need none)
             peak = measure_matmul_flops('cpu', n=2048, seconds=1.0) if step > compiled else None
             t = [time.perf_counter()]
-            X, Y, M, _ = distill.make_batch(split, long_docs, args.block_size, meta['pad_id'], 'cpu')
+            X, Y, M, _ = distill.make_batch(split, [(d, 0) for d in long_docs], args.block_size, meta['pad_id'], 'cpu')
             t.append(time.perf_counter())
             with torch.no_grad():
                 out = teacher_net(input_ids=X)

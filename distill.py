@@ -36,7 +36,7 @@ import prepare_data
 out_dir = 'out'  # checkpoints (ckpt/), the exported student (student/) and log.jsonl
 init_from = 'scratch'  # 'scratch' or 'resume' (continue exactly from out_dir/ckpt)
 eval_interval = 100  # evaluate and checkpoint every this many iterations (and at the end)
-eval_docs = 64  # validation documents per evaluation
+eval_docs = 64  # validation windows (documents, or block_size pieces of longer ones) per evaluation
 log_interval = 1  # print a log line every this many iterations
 export = True  # save out_dir/student as an HF folder at the end
 stop_iter = None  # end this run (with a checkpoint) at this iteration without changing the schedule
@@ -46,7 +46,7 @@ wandb_run_name = None  # wandb run name
 # data
 dataset = 'demo'  # data/<dataset>/ written by prepare_data.py
 data_root = 'data'  # folder holding the datasets
-block_size = 512  # tokens per document row; longer documents are truncated
+block_size = 512  # tokens per row; a longer document is read in several windows of this many targets
 batch_size = 4  # documents per micro-batch (per rank)
 gradient_accumulation_steps = 8  # micro-batches per optimizer step, summed over ALL ranks
 # models
@@ -347,14 +347,29 @@ def doc_order(position, count, n_docs, seed):
         out.extend(np.random.default_rng(seed + epoch).permutation(n_docs)[k:k + count - len(out)].tolist())
     return out
 
-def make_batch(split, doc_ids, block_size, pad_id, device, teacher_pad_id=0):
-    """Right-padded X, Y, M for some documents, and H: where the hidden-state loss is taken.
-    No attention mask is needed: causal attention never lets a real token see the padding after it, and M
-    is 0 on padding. H = (XT, b, s, t): student position s of row b pairs with teacher position t, at the
-    supervised positions only; XT is the teacher's own input across tokenizers, else None (it reads X)."""
+def block_windows(split, block_size):
+    """(document, start) of every window that holds a supervised target. A document d of n tokens is read in
+    windows X = d[s:s + B], Y = d[s + 1:s + B + 1], s = 0, B, 2B, ..., so every target is trained on once and
+    no window crosses a document boundary (a later window's first targets see less context than one long pass)."""
     idx = split['idx']
-    docs = [(np.asarray(split['tokens'][idx[d]:idx[d + 1]][:block_size + 1], dtype=np.int64),
-             np.asarray(split['mask'][idx[d]:idx[d + 1]][:block_size + 1], dtype=np.int64)) for d in doc_ids]
+    count = np.maximum(0, -(-(np.diff(idx) - 1) // block_size))  # ceil((n - 1) / B) windows per document
+    doc = np.repeat(np.arange(len(count)), count)
+    start = (np.arange(len(doc)) - np.repeat(np.cumsum(count) - count, count)) * block_size
+    if not len(doc):
+        return np.zeros((0, 2), np.int64)
+    # supervised targets per window: its targets idx[d] + s + 1 .. run up to the next window's (the gap between
+    # documents is a first token, never a target)
+    supervised = np.add.reduceat(np.asarray(split['mask']), idx[doc] + start + 1, dtype=np.int64)
+    return np.stack([doc, start], 1)[supervised > 0]
+
+def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
+    """Right-padded X, Y, M for some (document, start) windows (block_windows), and H: where the hidden-state
+    loss is taken. No attention mask is needed: causal attention never lets a real token see the padding after
+    it, and M is 0 on padding. H = (XT, b, s, t): student position s of row b pairs with teacher position t, at
+    the supervised positions only; XT is the teacher's own input across tokenizers, else None (it reads X)."""
+    idx = split['idx']
+    spans = [(idx[d] + s, min(idx[d] + s + block_size + 1, idx[d + 1])) for d, s in windows]
+    docs = [(np.asarray(split['tokens'][a:b], dtype=np.int64), np.asarray(split['mask'][a:b], dtype=np.int64)) for a, b in spans]
     L = max(len(t) for t, _ in docs) - 1
     X = torch.full((len(docs), L), pad_id, dtype=torch.long)
     Y = torch.zeros((len(docs), L), dtype=torch.long)
@@ -363,14 +378,16 @@ def make_batch(split, doc_ids, block_size, pad_id, device, teacher_pad_id=0):
         n = len(t) - 1
         X[i, :n], Y[i, :n], M[i, :n] = torch.from_numpy(t[:-1]), torch.from_numpy(t[1:]), torch.from_numpy(m[1:])
     if 'teacher' in split:
-        pairs, rows = [], []
-        for i, d in enumerate(doc_ids):
+        pairs, rows, ti = [], [], split['teacher_idx']
+        for i, (d, s) in enumerate(windows):
             p = split['align'][split['align_idx'][d]:split['align_idx'][d + 1]].astype(np.int64)
-            p = p[p[:, 0] < len(docs[i][0]) - 1]  # positions the student reads
+            # the teacher starts where the student's window does, or at the last shared boundary before it
+            before = p[p[:, 0] < s]
+            t0 = int(before[-1, 1]) + 1 if s and len(before) else 0
+            p = p[(p[:, 0] >= s) & (p[:, 0] < s + len(docs[i][0]) - 1)] - [s, t0]  # positions the student reads
             p = p[M[i, p[:, 0]].numpy() == 1]
             pairs.append(np.column_stack([np.full(len(p), i), p]))
-            ti = split['teacher_idx']
-            rows.append(np.asarray(split['teacher'][ti[d]:ti[d + 1]][:int(p[:, 1].max()) + 1 if len(p) else 1], dtype=np.int64))
+            rows.append(np.asarray(split['teacher'][ti[d] + t0:ti[d] + t0 + (int(p[:, 1].max()) + 1 if len(p) else 1)], dtype=np.int64))
         XT = torch.full((len(docs), max(len(r) for r in rows)), teacher_pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             XT[i, :len(r)] = torch.from_numpy(r)
@@ -462,6 +479,13 @@ def student_from_teacher_layers(teacher_model, layers):
     student_model.load_state_dict(state)
     return student_model
 
+def cast_parameters(model, dtype):
+    """The parameters in dtype, the buffers left as they are, as from_pretrained(dtype=) does: RoPE's inv_freq
+    cast to bf16 loses 3 digits (cos off by 0.5 at position 4,000), model.to(dtype) would cast it too."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
 def output_rows(model):
     return model.get_output_embeddings().weight.shape[0]
 
@@ -501,11 +525,22 @@ def keep_freed_memory():
     except (OSError, AttributeError):
         pass  # not glibc: nothing to do
 
-def plain_head(model):
-    """True when logits are just final hidden states @ head weight (what the chunked path computes)."""
-    head, cfg = model.get_output_embeddings(), model.config
-    return getattr(head, 'bias', None) is None and not getattr(cfg, 'final_logit_softcapping', None) and \
-        getattr(cfg, 'logit_scale', 1.0) in (None, 1.0)
+@torch.no_grad()
+def plain_head(model, probe):
+    """True when the model's logits are its final hidden states times its head's weight, what the chunked path
+    computes. Checked on a probe batch, in the model's own dtype and device: a logit scale or multiplier, or
+    hidden states scaled before the head, all differ; a head bias and soft-capping (small at small logits) are
+    read from the model."""
+    head = model.get_output_embeddings()
+    if getattr(head, 'bias', None) is not None or getattr(model.config, 'final_logit_softcapping', None):
+        return False
+    training = model.training
+    model.eval()
+    z = model(input_ids=probe).logits.float()
+    z_chunked = head(model.base_model(input_ids=probe).last_hidden_state).float()
+    model.train(training)
+    tol = 4 * torch.finfo(head.weight.dtype).eps
+    return torch.allclose(z, z_chunked, rtol=tol, atol=tol * z.abs().max().item())
 
 class Trainable(nn.Module):
     """Everything that trains (the student and any hidden-state projections) in one module, so that DDP,
@@ -725,7 +760,8 @@ if __name__ == '__main__':
     if ddp:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
-        dist.init_process_group(backend='nccl' if 'cuda' in device else 'gloo')
+        import datetime  # generous: the other ranks wait while rank 0 downloads and converts a large teacher
+        dist.init_process_group(backend='nccl' if 'cuda' in device else 'gloo', timeout=datetime.timedelta(hours=2))
         rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
         if 'cuda' in device:
             device = f'cuda:{local_rank}'
@@ -753,7 +789,8 @@ if __name__ == '__main__':
         fail(f"{data_dir} pairs two tokenizers: logit distillation compares distributions token by token and needs one "
              "shared tokenizer; use distill='hidden' (or kd_weight=0)")
     train_data, val_data = load_split(data_dir, 'train'), load_split(data_dir, 'val')
-    n_train_docs, n_val_docs = len(train_data['idx']) - 1, min(eval_docs, len(val_data['idx']) - 1)
+    train_windows, val_windows = block_windows(train_data, block_size), block_windows(val_data, block_size)[:eval_docs]
+    n_train_docs, n_val_docs = len(train_windows), len(val_windows)  # (a document longer than block_size gives several)
     if max_iters is None:
         max_iters = math.ceil(epochs * n_train_docs / (batch_size * gradient_accumulation_steps))
     warmup_iters = int(warmup_frac * max_iters)
@@ -785,6 +822,9 @@ if __name__ == '__main__':
     teacher_fingerprint = meta['teacher_vocab_fingerprint'] if cross_tokenizer else meta['vocab_fingerprint']
     for name, tok, expected in (('student', student_tok, meta['vocab_fingerprint']),
                                 ('teacher', teacher_tok if teacher_model is not None else None, teacher_fingerprint)):
+        if tok is None and (name == 'student' or teacher_model is not None) and master_process:
+            print(f"warning: the {name} ships no tokenizer: whether it reads {data_dir}'s tokens as they were meant could "
+                  f"not be checked (only its output rows are); add the tokenizer files to its folder")
         if tok is not None and prepare_data.vocab_fingerprint(tok) != expected:
             fail(f"the {name}'s tokenizer differs from the one {data_dir} was prepared with for it; logit distillation needs "
                  "one shared tokenizer, hidden-state distillation across tokenizers needs prepare_data.py --teacher_tokenizer")
@@ -793,11 +833,14 @@ if __name__ == '__main__':
         if m is not None and output_rows(m) < rows:
             fail(f'the {name} has {output_rows(m)} output rows but the tokenizer of {data_dir} has {rows} tokens')
     if teacher_model is not None:
-        teacher_model.to(device=device, dtype=torch.float32 if dtype == 'float16' else ptdtype).eval().requires_grad_(False)
+        cast_parameters(teacher_model.to(device).eval().requires_grad_(False), torch.float32 if dtype == 'float16' else ptdtype)
 
-    if loss_chunk and not all(plain_head(m) for m in (student_model, teacher_model) if m is not None):
+    probe = torch.arange(1, 17)[None]  # 16 tokens every vocabulary has
+    heads = [m for m in (student_model, teacher_model if w_kd else None) if m is not None]  # those the loss applies
+    if loss_chunk and not all(plain_head(m, probe.to(m.device)) for m in heads):
         if master_process:
-            print('note: an output head with a bias, logit scale or soft-capping: using the plain loss path (loss_chunk=0)')
+            print("note: a model's logits are not its final hidden states times its head (a bias, a logit scale or "
+                  'multiplier, soft-capping): using the plain loss path (loss_chunk=0)')
         loss_chunk = 0
     if loss_chunk and device_type == 'cpu':
         keep_freed_memory()  # the chunk loop reallocates the same few (chunk, V) blocks; the plain path would fragment
@@ -838,7 +881,10 @@ if __name__ == '__main__':
             if m is not None:
                 m.base_model.compile()
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+        # an MoE student whose experts are separate modules (remote code): an expert that gets no token in a step has no
+        # gradient, and DDP must look for such parameters (transformers' own MoE models batch their experts in one)
+        per_expert = any(re.search(r'\.experts\.\d+\.', name) for name, _ in student_model.named_parameters())
+        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, find_unused_parameters=per_expert)
 
     def all_reduce(*values):
         t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -861,18 +907,19 @@ if __name__ == '__main__':
         final = (out.last_hidden_state if loss_chunk else out.logits) if w_kd > 0 else None
         return final, teacher_head, [out.hidden_states[lt] for _, lt in layer_pairs] if w_hidden > 0 else None
 
-    def batch(split, doc_ids):
-        return make_batch(split, doc_ids, block_size, meta['pad_id'], device, meta.get('teacher_eos_id', 0))
+    def batch(split, windows):
+        return make_batch(split, windows, block_size, meta['pad_id'], device, meta.get('teacher_eos_id', 0))
 
     @torch.no_grad()
-    def evaluate():
+    def evaluate():  # (through raw_model: DDP's forward would wait for ranks that have no documents to evaluate)
         model.eval()
-        docs = list(range(n_val_docs))[rank::world_size]
+        docs = val_windows[rank::world_size]
         ce = kd = hid = n = n_hidden = 0.0
         for k in range(0, len(docs), batch_size):
             X, Y, M, H = batch(val_data, docs[k:k + batch_size])
             with ctx:
-                _, c, d, h = model(X, Y, M, run_teacher(X, H), H)
+                _, c, d, h = raw_model(X, Y, M, run_teacher(X, H), H)
+
             ce, kd, n = ce + c.item(), kd + d.item(), n + M.sum().item()
             hid, n_hidden = hid + h.item(), n_hidden + len(H[1])
         model.train()
@@ -906,8 +953,8 @@ if __name__ == '__main__':
             print('layer map (student <- teacher, 0 = embedding output, l = block l): '
                   + ', '.join(f'{a}<-{b}' for a, b in layer_pairs)
                   + f'; projections {student_model.config.hidden_size} -> {teacher_model.config.hidden_size} ({proj_init})')
-        print(f'{n_train_docs:,} training documents, {max_iters} iterations of {batch_size} x {gradient_accumulation_steps} '
-              f'documents ({world_size} rank(s)), block {block_size}')
+        print(f"{len(train_data['idx']) - 1:,} training documents in {n_train_docs:,} windows of <= {block_size} targets; "
+              f'{max_iters} iterations of {batch_size} x {gradient_accumulation_steps} windows ({world_size} rank(s))')
         if n_val_docs == 0:
             print(f'note: no validation documents ({data_dir} has none, or eval_docs=0): no evaluation; checkpoints '
                   f'every {eval_interval} iterations all the same')
@@ -941,7 +988,7 @@ if __name__ == '__main__':
         for group in optimizer.param_groups:
             group['lr'] = lr
         t0 = time.time()
-        micro_batches = [batch(train_data, ids) for ids in
+        micro_batches = [batch(train_data, train_windows[ids]) for ids in
                          step_doc_ids(iter_num, batch_size, gradient_accumulation_steps, rank, world_size, n_train_docs, seed)]
         # N: supervised targets of the whole step, over every micro-batch and rank (and the hidden-loss positions)
         supervised_tokens, hidden_positions, step_tokens = all_reduce(

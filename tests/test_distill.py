@@ -33,7 +33,7 @@ def run(work, out, *overrides, nproc=1, check=True):
     cmd = [sys.executable, *args] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
                                                       f'--nproc_per_node={nproc}', *args]
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=300)  # a hang fails
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -67,9 +67,13 @@ def test_microbatch_split_invariance(work, kind):
     assert train_log(work / f'c{kind}')[0]['loss'] != pytest.approx(train_log(work / f'a{kind}')[0]['loss'], rel=1e-6)
 
 def test_ddp_two_ranks_equal_one_process(work):
-    run(work, work / 'one', '--batch_size=1', '--gradient_accumulation_steps=4', '--max_iters=2')
-    run(work, work / 'two', '--batch_size=1', '--gradient_accumulation_steps=4', '--max_iters=2', nproc=2)
+    """... also when a rank has no validation document to evaluate (eval_docs=1: once a deadlock)."""
+    run(work, work / 'one', '--batch_size=1', '--gradient_accumulation_steps=4', '--max_iters=2', '--eval_docs=1')
+    run(work, work / 'two', '--batch_size=1', '--gradient_accumulation_steps=4', '--max_iters=2', '--eval_docs=1', nproc=2)
     assert_same_run(work / 'one', work / 'two')
+    val = lambda out: [r for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if 'val_ce' in r]
+    assert len(val(work / 'one')) == len(val(work / 'two')) == 2
+    assert all(a == pytest.approx(b, rel=1e-6) for a, b in zip(val(work / 'one'), val(work / 'two')))
 
 def test_sft_ddp_two_ranks_equal_one_process(work):
     run(work, work / 'sft1', '--distill=none', '--batch_size=2', '--gradient_accumulation_steps=2', '--max_iters=2')

@@ -10,8 +10,9 @@ def test_encode_pair_conventions(bytes_tok, smol_tok):
     # trailing spaces of the context move to the continuation
     ctx, cont = ev.encode_pair(bytes_tok, 'Answer: ', 'yes')
     assert bytes(ctx) == b'Answer:' and bytes(cont) == b' yes'
-    # an empty context becomes the end-of-text token
+    # an empty context becomes the BOS token, or end-of-text where there is none (lm-eval >= 0.4)
     assert ev.encode_pair(bytes_tok, '', 'hi') == ([256], list(b'hi'))
+    assert ev.encode_pair(smol_tok, '', 'hi')[0] == [smol_tok.bos_token_id] != [smol_tok.eos_token_id]
     # tokenized together: the continuation is what follows the context's own tokens
     ctx, cont = ev.encode_pair(smol_tok, 'Question: 2+2=?\nAnswer:', ' four')
     whole = smol_tok('Question: 2+2=?\nAnswer: four', add_special_tokens=False)['input_ids']
