@@ -657,6 +657,12 @@ def find_checkpoint(folder):
     for path in (folder, folder + '.tmp', folder + '.old'):
         if os.path.isdir(path):
             it, problem = checkpoint_iter(path)
+            legacy = [os.path.join(path, f) for f in ('model.safetensors', 'state.pt', 'manifest.json')]
+            if it is None and path == folder and all(map(os.path.isfile, legacy[:2])) and not os.path.exists(legacy[2]):
+                try:  # saved before manifests existed, when only a finished save was renamed into place
+                    it = torch.load(legacy[1], weights_only=False)['iter_num']
+                except Exception:
+                    pass
             if it is None:
                 problems.append(problem)
             else:

@@ -135,6 +135,15 @@ def test_truncated_checkpoint_falls_back_or_says_which_file(tmp_path, monkeypatc
     shutil.rmtree(ckpt + '.old')
     with pytest.raises(distill.ConfigError, match=r"no complete checkpoint in .*model\.safetensors has 100 bytes"):
         distill.find_checkpoint(ckpt)
+    # a checkpoint saved before manifests existed (only finished saves were renamed into place) still resumes
+    save_with_crash(ckpt, net(3.0), 3, 0, monkeypatch)
+    shutil.copytree(ckpt, ckpt + '.tmp')
+    for path in (ckpt, ckpt + '.tmp'):
+        os.remove(os.path.join(path, 'manifest.json'))
+    assert distill.find_checkpoint(ckpt)[:2] == (ckpt, 3)
+    shutil.rmtree(ckpt)
+    with pytest.raises(distill.ConfigError, match=r"ckpt\.tmp has no manifest"):  # a leftover never counts
+        distill.find_checkpoint(ckpt)
 
 HOOK = """
 import json, os, shutil, signal, sys
