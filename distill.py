@@ -770,8 +770,7 @@ if __name__ == '__main__':
         dist.init_process_group(backend='nccl' if 'cuda' in device else 'gloo', timeout=datetime.timedelta(hours=2))
         rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
         if 'cuda' in device:
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(local_rank)
     else:
         rank, local_rank, world_size = 0, 0, 1
     master_process = rank == 0
@@ -779,6 +778,7 @@ if __name__ == '__main__':
         fail(f'gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the world size {world_size}')
     torch.manual_seed(seed + rank)
     device_type = 'cuda' if 'cuda' in device else 'cpu'
+    torch_device = f'cuda:{local_rank}' if ddp and device_type == 'cuda' else device  # (config values stay as given)
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
@@ -797,9 +797,9 @@ if __name__ == '__main__':
     train_data, val_data = load_split(data_dir, 'train'), load_split(data_dir, 'val')
     train_windows, val_windows = block_windows(train_data, block_size), block_windows(val_data, block_size)[:eval_docs]
     n_train_docs, n_val_docs = len(train_windows), len(val_windows)  # (a document longer than block_size gives several)
-    if max_iters is None:
-        max_iters = math.ceil(epochs * n_train_docs / (batch_size * gradient_accumulation_steps))
-    warmup_iters = int(warmup_frac * max_iters)
+    steps_per_epoch = n_train_docs / (batch_size * gradient_accumulation_steps)
+    iterations = max_iters if max_iters is not None else math.ceil(epochs * steps_per_epoch)
+    warmup_iters = int(warmup_frac * iterations)
 
     # models; a .gguf is converted once, by rank 0, while the others wait
     if ddp and not master_process:
@@ -839,19 +839,18 @@ if __name__ == '__main__':
         if m is not None and output_rows(m) < rows:
             fail(f'the {name} has {output_rows(m)} output rows but the tokenizer of {data_dir} has {rows} tokens')
     if teacher_model is not None:
-        cast_parameters(teacher_model.to(device).eval().requires_grad_(False), torch.float32 if dtype == 'float16' else ptdtype)
+        cast_parameters(teacher_model.to(torch_device).eval().requires_grad_(False), torch.float32 if dtype == 'float16' else ptdtype)
 
     probe = torch.arange(1, 17)[None]  # 16 tokens every vocabulary has
     heads = [m for m in (student_model, teacher_model if w_kd else None) if m is not None]  # those the loss applies
-    if loss_chunk and not all(plain_head(m, probe.to(m.device)) for m in heads):
-        if master_process:
-            print("note: a model's logits are not its final hidden states times its head (a bias, a logit scale or "
-                  'multiplier, soft-capping): using the plain loss path (loss_chunk=0)')
-        loss_chunk = 0
-    if loss_chunk and device_type == 'cpu':
+    chunk = loss_chunk if not loss_chunk or all(plain_head(m, probe.to(m.device)) for m in heads) else 0
+    if chunk != loss_chunk and master_process:
+        print("note: a model's logits are not its final hidden states times its head (a bias, a logit scale or "
+              'multiplier, soft-capping): using the plain loss path (loss_chunk=0)')
+    if chunk and device_type == 'cpu':
         keep_freed_memory()  # the chunk loop reallocates the same few (chunk, V) blocks; the plain path would fragment
     loss_settings = {'vocab': vocab, 'weights': (w_ce, w_kd * temperature ** 2), 'kind': kd_kind,
-                     'temperature': temperature, 'beta': beta, 'chunk': loss_chunk, 'compile': compile}
+                     'temperature': temperature, 'beta': beta, 'chunk': chunk, 'compile': compile}
     layer_pairs = []
     try:
         if w_hidden > 0:
@@ -860,7 +859,7 @@ if __name__ == '__main__':
                           proj_init, hidden_loss, hidden_rms_norm)
     except ConfigError as e:
         fail(e)
-    model = model.to(device).train()  # from_pretrained returns models in eval mode
+    model = model.to(torch_device).train()  # from_pretrained returns models in eval mode
     raw_model = model
     optimizer = configure_optimizer(model, learning_rate, weight_decay, (beta1, beta2))
     iter_num, last_saved, ckpt_dir = 0, None, os.path.join(out_dir, 'ckpt')
@@ -893,15 +892,15 @@ if __name__ == '__main__':
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, find_unused_parameters=per_expert)
 
     def all_reduce(*values):
-        t = torch.tensor(values, dtype=torch.float64, device=device)
+        t = torch.tensor(values, dtype=torch.float64, device=torch_device)
         if ddp:
             dist.all_reduce(t)
         return t.tolist()
 
     # the teacher's forward: its logits on the plain path, else its final hidden states (the chunked loss
     # applies its head a chunk at a time; hidden-state distillation needs no head at all)
-    teacher_head = teacher_model.get_output_embeddings().weight if teacher_model is not None and w_kd > 0 and loss_chunk else None
-    teacher_net = None if teacher_model is None else teacher_model if w_kd > 0 and not loss_chunk else teacher_model.base_model
+    teacher_head = teacher_model.get_output_embeddings().weight if teacher_model is not None and w_kd > 0 and chunk else None
+    teacher_net = None if teacher_model is None else teacher_model if w_kd > 0 and not chunk else teacher_model.base_model
 
     def run_teacher(X, H):
         """What the loss needs of the teacher: (its logits or final hidden states when w_kd > 0, its head weight
@@ -910,11 +909,11 @@ if __name__ == '__main__':
             return None
         with torch.no_grad(), ctx:
             out = teacher_net(input_ids=X if H[0] is None else H[0], output_hidden_states=w_hidden > 0)
-        final = (out.last_hidden_state if loss_chunk else out.logits) if w_kd > 0 else None
+        final = (out.last_hidden_state if chunk else out.logits) if w_kd > 0 else None
         return final, teacher_head, [out.hidden_states[lt] for _, lt in layer_pairs] if w_hidden > 0 else None
 
     def batch(split, windows):
-        return make_batch(split, windows, block_size, meta['pad_id'], device, meta.get('teacher_eos_id', 0))
+        return make_batch(split, windows, block_size, meta['pad_id'], torch_device, meta.get('teacher_eos_id', 0))
 
     @torch.no_grad()
     def evaluate():  # (through raw_model: DDP's forward would wait for ranks that have no documents to evaluate)
@@ -946,8 +945,10 @@ if __name__ == '__main__':
             states = [rng_state()]
         if master_process:
             save_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer, scaler, iter_num,
-                            iter_num * batch_size * gradient_accumulation_steps, states, config)
+                            iter_num * batch_size * gradient_accumulation_steps, states, run_config)
 
+    flops_peak = peak_flops or (989e12 if device_type == 'cuda' else measure_matmul_flops(torch_device))
+    run_config = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'peak_flops': flops_peak}  # what this run used
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
         n_params = sum(p.numel() for p in raw_model.model.parameters())
@@ -960,17 +961,15 @@ if __name__ == '__main__':
                   + ', '.join(f'{a}<-{b}' for a, b in layer_pairs)
                   + f'; projections {student_model.config.hidden_size} -> {teacher_model.config.hidden_size} ({proj_init})')
         print(f"{len(train_data['idx']) - 1:,} training documents in {n_train_docs:,} windows of <= {block_size} targets; "
-              f'{max_iters} iterations of {batch_size} x {gradient_accumulation_steps} windows ({world_size} rank(s))')
+              f'{iterations} iterations of {batch_size} x {gradient_accumulation_steps} windows ({world_size} rank(s))')
         if n_val_docs == 0:
             print(f'note: no validation documents ({data_dir} has none, or eval_docs=0): no evaluation; checkpoints '
                   f'every {eval_interval} iterations all the same')
         if wandb_log:
             import wandb
-            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+            wandb.init(project=wandb_project, name=wandb_run_name, config=run_config)
         log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a' if init_from == 'resume' else 'w')  # a new run, a new log
-    if peak_flops == 0:
-        peak_flops = 989e12 if device_type == 'cuda' else measure_matmul_flops(device)
-    last_iter = max_iters if stop_iter is None else min(stop_iter, max_iters)
+    last_iter = iterations if stop_iter is None else min(stop_iter, iterations)
 
     while True:  # (the checkpoint a run resumed from was evaluated and written already)
         if (iter_num % eval_interval == 0 or iter_num == last_iter) and iter_num != last_saved:
@@ -990,7 +989,7 @@ if __name__ == '__main__':
                 last_saved = iter_num
         if iter_num >= last_iter:
             break
-        lr = get_lr(iter_num, max_iters, warmup_iters, learning_rate, min_lr)
+        lr = get_lr(iter_num, iterations, warmup_iters, learning_rate, min_lr)
         for group in optimizer.param_groups:
             group['lr'] = lr
         t0 = time.time()
@@ -1031,7 +1030,7 @@ if __name__ == '__main__':
             seq = step_tokens / (batch_size * gradient_accumulation_steps)
             flops = flops_per_token(raw_model.model, seq, True) + (flops_per_token(teacher_model, seq, False) if teacher_model is not None else 0)
             tok_s = step_tokens / dt
-            mfu = flops * tok_s / (peak_flops * world_size)
+            mfu = flops * tok_s / (flops_peak * world_size)
             print(f'iter {iter_num}: loss {loss_value:.4f}, ce {ce_mean:.4f}, kd {kd_mean:.4f}, hidden {hidden_mean:.4f}, '
                   f'lr {lr:.2e}, grad norm {grad_norm:.3f}, {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%')
             record = {'iter': iter_num, 'loss': loss_value, 'ce': ce_mean, 'kd': kd_mean, 'hidden': hidden_mean, 'lr': lr,

@@ -114,17 +114,21 @@ def loglikelihoods(model, tok, requests, batch_size, device, max_length, progres
             progress(k + len(rows), len(order), t0)
     return results
 
-def multiple_choice(model, tok, docs, batch_size, device, max_length, progress=None):
-    requests = [r for d in docs for r in d['requests']]
-    lls = loglikelihoods(model, tok, requests, batch_size, device, max_length, progress)
-    acc = acc_norm = 0
-    k = 0
+def accuracy(docs, lls):
+    """lm-evaluation-harness's rule: acc = the gold choice has the largest summed log-likelihood, acc_norm = the
+    largest per character of the choice. lls: (log-likelihood, greedy) per request, the documents' in order."""
+    acc = acc_norm = k = 0
     for d in docs:
         scores = [ll for ll, _ in lls[k:k + len(d['requests'])]]
         k += len(d['requests'])
         acc += max(range(len(scores)), key=lambda j: scores[j]) == d['gold']
         acc_norm += max(range(len(scores)), key=lambda j: scores[j] / len(d['choices'][j])) == d['gold']
-    return {'acc': acc / len(docs), 'acc_norm': acc_norm / len(docs), 'documents': len(docs)}
+    return acc / len(docs), acc_norm / len(docs)
+
+def multiple_choice(model, tok, docs, batch_size, device, max_length, progress=None):
+    lls = loglikelihoods(model, tok, [r for d in docs for r in d['requests']], batch_size, device, max_length, progress)
+    acc, acc_norm = accuracy(docs, lls)
+    return {'acc': acc, 'acc_norm': acc_norm, 'documents': len(docs)}
 
 # -----------------------------------------------------------------------------
 # held-out loss and agreement with a teacher, over supervised tokens (prepare_data.py's mask)
@@ -137,15 +141,12 @@ def heldout(model, data_dir, batch_size, block_size, device, teacher=None, limit
     ce = kl = agree = n = 0.0
     for k in range(0, len(windows), batch_size):
         X, Y, M, _ = distill.make_batch(split, windows[k:k + batch_size], block_size, meta['pad_id'], device)
-        keep = M.bool()
-        logits = model(input_ids=X).logits[keep].float()
-        ce += F.cross_entropy(logits, Y[keep], reduction='sum').item()
-        n += keep.sum().item()
-        if teacher is not None:
-            t_logits = teacher(input_ids=X).logits[keep].float()
-            V = meta['vocab_size']  # rows past the tokenizer's vocabulary are padding
-            kl += distill.kd_divergence(logits[:, :V], t_logits[:, :V], 'fkl', 1.0).sum().item()
-            agree += (logits[:, :V].argmax(-1) == t_logits[:, :V].argmax(-1)).sum().item()
+        logits, keep, V = model(input_ids=X).logits, M.bool(), meta['vocab_size']
+        t_logits = teacher(input_ids=X).logits if teacher is not None else None
+        c, k = distill.loss_sums(logits, Y, M, t_logits, V, 'fkl', 1.0)  # training's own CE and divergence, T = 1
+        ce, kl, n = ce + c.item(), kl + k.item(), n + keep.sum().item()
+        if teacher is not None:  # rows past the tokenizer's vocabulary are padding
+            agree += (logits[keep][:, :V].argmax(-1) == t_logits[keep][:, :V].argmax(-1)).sum().item()
     out = {'val_loss': ce / n, 'val_ppl': math.exp(ce / n), 'val_tokens': int(n)}
     if teacher is not None:
         out.update({'kl_to_teacher': kl / n, 'top1_agreement': agree / n})

@@ -350,11 +350,17 @@ def with_bos(bos, ids, ends):
 def compact(ids, mask):
     return np.asarray(ids, dtype=np.uint32), np.asarray(mask, dtype=np.uint8)  # ~10x smaller than lists
 
-TOK, TEACHER_TOK, ARGS = None, None, {}  # set before the worker pool forks: workers inherit the tokenizers
+TOK, TEACHER_TOK, ARGS = None, None, {}  # what process() reads: set by init_worker in every process that runs it
 
-def tokenize_all(records, num_proc):
+def init_worker(tok, teacher_tok, settings):
+    global TOK, TEACHER_TOK, ARGS
+    TOK, TEACHER_TOK, ARGS = tok, teacher_tok, settings
+
+def tokenize_all(records, num_proc, state):
+    """process() over every record, in a pool of num_proc workers (each set up by init_worker(*state))."""
     results, t0, last = [], time.time(), time.time()
-    pool = Pool(num_proc) if num_proc > 1 else None
+    init_worker(*state)
+    pool = Pool(num_proc, initializer=init_worker, initargs=state) if num_proc > 1 else None
     it = pool.imap(process, records, chunksize=256) if pool else map(process, records)
     for k, r in enumerate(it, 1):
         results.append(r)
@@ -515,7 +521,6 @@ def write_split(folder, split, docs, dtype, teacher_dtype):
     return counts
 
 def main(argv=None):
-    global TOK, TEACHER_TOK, ARGS
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('inputs', nargs='*', help='.json / .jsonl files')
     p.add_argument('--dataset', help='a Hugging Face dataset id (needs the optional `datasets` library)')
@@ -548,18 +553,18 @@ def main(argv=None):
             raise DataError('--tokenizer is required (a hub id, a folder, a .gguf file, tiktoken:<encoding> or bytes)')
         records = demo_records() if demo else read_hub_dataset(args.dataset) if args.dataset else read_records(args.inputs)
         name = args.name or ('demo' if demo else os.path.splitext(os.path.basename((args.inputs or [args.dataset])[0]))[0].replace('/', '_'))
-        TOK = load_tokenizer(tokenizer_spec)
-        TEACHER_TOK = load_tokenizer(args.teacher_tokenizer) if args.teacher_tokenizer else None
-        if TEACHER_TOK is not None and vocab_fingerprint(TEACHER_TOK) == vocab_fingerprint(TOK):
+        tok = load_tokenizer(tokenizer_spec)
+        teacher_tok = load_tokenizer(args.teacher_tokenizer) if args.teacher_tokenizer else None
+        if teacher_tok is not None and vocab_fingerprint(teacher_tok) == vocab_fingerprint(tok):
             print('the teacher tokenizer is the student tokenizer: no alignment needed', file=sys.stderr)
-            TEACHER_TOK = None
-        ARGS = {'format': args.format, 'max_length': args.max_length, 'train_on_prompt': args.train_on_prompt,
-                'bos': bos_prefix(TOK), 'teacher_bos': bos_prefix(TEACHER_TOK) if TEACHER_TOK is not None else []}
+            teacher_tok = None
+        settings = {'format': args.format, 'max_length': args.max_length, 'train_on_prompt': args.train_on_prompt,
+                'bos': bos_prefix(tok), 'teacher_bos': bos_prefix(teacher_tok) if teacher_tok is not None else []}
         order = list(range(len(records)))
         random.Random(args.seed).shuffle(order)
         records = [records[i] for i in order[:args.max_examples]]
         t0 = time.time()
-        results = tokenize_all(records, args.num_proc if len(records) > 1000 else 1)
+        results = tokenize_all(records, args.num_proc if len(records) > 1000 else 1, (tok, teacher_tok, settings))
         dt = time.time() - t0
         skipped, truncated, used = {}, 0, []
         for docs, reason, trunc in results:
@@ -576,9 +581,9 @@ def main(argv=None):
         if args.val_fraction > 0 and n_val < 1:
             raise DataError(f'only {len(used)} usable record(s): too few for a validation split; add data or pass --val_fraction=0')
         splits = {'val': [d for r in used[:n_val] for d in r], 'train': [d for r in used[n_val:] for d in r]}
-        vsize = vocab_size(TOK)
+        vsize = vocab_size(tok)
         dtype = np.uint16 if vsize <= 2 ** 16 else np.uint32
-        teacher_dtype = None if TEACHER_TOK is None else np.uint16 if vocab_size(TEACHER_TOK) <= 2 ** 16 else np.uint32
+        teacher_dtype = None if teacher_tok is None else np.uint16 if vocab_size(teacher_tok) <= 2 ** 16 else np.uint32
         out = os.path.join(args.out_root, name)
         tmp = out + f'.tmp{os.getpid()}'
         remove_stale(out)
@@ -586,18 +591,18 @@ def main(argv=None):
         try:
             counts = {s: write_split(tmp, s, docs, dtype, teacher_dtype) for s, docs in splits.items()}
             meta = {
-                'tokenizer': tokenizer_spec, 'vocab_fingerprint': vocab_fingerprint(TOK), 'vocab_size': vsize,
-                'eos_id': eos_id(TOK), 'bos_id': (ARGS['bos'] or [None])[0],  # bos_id: put before every document
-                'pad_id': eos_id(TOK) if is_tiktoken(TOK) or TOK.pad_token_id is None else TOK.pad_token_id,
+                'tokenizer': tokenizer_spec, 'vocab_fingerprint': vocab_fingerprint(tok), 'vocab_size': vsize,
+                'eos_id': eos_id(tok), 'bos_id': (settings['bos'] or [None])[0],  # bos_id: put before every document
+                'pad_id': eos_id(tok) if is_tiktoken(tok) or tok.pad_token_id is None else tok.pad_token_id,
                 'dtype': np.dtype(dtype).name,
-                'chat_template': 'tokenizer' if not is_tiktoken(TOK) and TOK.chat_template else 'fallback',
+                'chat_template': 'tokenizer' if not is_tiktoken(tok) and tok.chat_template else 'fallback',
                 'documents': 'document d of split s is tokens s.bin[idx[d]:idx[d+1]] with s_idx.bin int64 offsets; '
                              'documents are never packed together',
                 'mask': 'mask[i]==1 iff token i is a supervised target (predicted from tokens[:i]); the first token of a document is never one',
-                **({} if TEACHER_TOK is None else {
-                    'teacher_tokenizer': args.teacher_tokenizer, 'teacher_vocab_fingerprint': vocab_fingerprint(TEACHER_TOK),
-                    'teacher_vocab_size': vocab_size(TEACHER_TOK), 'teacher_dtype': np.dtype(teacher_dtype).name,
-                    'teacher_eos_id': eos_id(TEACHER_TOK), 'teacher_bos_id': (ARGS['teacher_bos'] or [None])[0],
+                **({} if teacher_tok is None else {
+                    'teacher_tokenizer': args.teacher_tokenizer, 'teacher_vocab_fingerprint': vocab_fingerprint(teacher_tok),
+                    'teacher_vocab_size': vocab_size(teacher_tok), 'teacher_dtype': np.dtype(teacher_dtype).name,
+                    'teacher_eos_id': eos_id(teacher_tok), 'teacher_bos_id': (settings['teacher_bos'] or [None])[0],
                     'alignment': 's_teacher.bin holds each document in the teacher tokenizer (same text, same bytes); '
                                  's_align.bin int32 (student position, teacher position) pairs where both tokens end '
                                  'at the same byte; s_align_idx.bin their offsets per document'}),

@@ -20,14 +20,7 @@ folder = distill.model_path(args.model or prepare_data.demo_tokenizer())
 docs = ev.load_documents(ev.task_path(args.task))[:args.limit]
 requests = [r for d in docs for r in d['requests']]
 
-def scores(lls):
-    acc = acc_norm = k = 0
-    for d in docs:
-        s = [ll for ll, _ in lls[k:k + len(d['requests'])]]
-        k += len(d['requests'])
-        acc += max(range(len(s)), key=lambda j: s[j]) == d['gold']
-        acc_norm += max(range(len(s)), key=lambda j: s[j] / len(d['choices'][j])) == d['gold']
-    return acc / len(docs), acc_norm / len(docs)
+scores = lambda lls: ev.accuracy(docs, lls)  # eval.py's rule, applied to both harnesses' log-likelihoods
 
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
@@ -35,7 +28,7 @@ lm = HFLM(pretrained=folder, device='cpu', dtype=torch.float32, batch_size=args.
 t0 = time.time()
 theirs = lm.loglikelihood([Instance('loglikelihood', {}, r, i) for i, r in enumerate(requests)], disable_tqdm=True)
 t_theirs = time.time() - t0
-model, tok = ev.load(folder, None, 'cpu')
+model, tok = ev.load(folder, 'cpu'), ev.load_tokenizer(folder, None)
 t0 = time.time()
 ours = ev.loglikelihoods(model, tok, requests, args.batch_size, 'cpu', model.config.max_position_embeddings)
 t_ours = time.time() - t0

@@ -207,3 +207,21 @@ def test_bos_follows_each_tokenizers_convention(tmp_path):
     teacher = np.fromfile(tmp_path / 'x' / 'train_teacher.bin', dtype=np.uint16).tolist()
     student = np.fromfile(tmp_path / 'x' / 'train.bin', dtype=np.uint16).tolist()
     assert meta['bos_id'] is None and meta['teacher_bos_id'] == 0 and teacher[0] == 0 and student[0] == ord('t')
+
+def test_a_scaled_head_trains_on_the_plain_path_and_the_checkpoint_says_so(tmp_path):
+    """Granite end to end: the run notes the fallback, and the checkpoint records what ran (loss_chunk=0, the
+    computed max_iters), not what was asked."""
+    import prepare_data as P
+    from conftest import write_jsonl
+    assert P.main([write_jsonl(tmp_path / 'in.jsonl', [{'text': f'record {i} ' * 5} for i in range(20)]), '--tokenizer=bytes',
+                   f'--out_root={tmp_path / "data"}', '--name=g', '--val_fraction=0.1']) == 0
+    granite().save_pretrained(tmp_path / 'granite')
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'distill.py'), f'--data_root={tmp_path / "data"}', '--dataset=g',
+                           f'--student={tmp_path / "granite"}', '--distill=none', f'--out_dir={tmp_path / "out"}', '--device=cpu',
+                           '--batch_size=2', '--gradient_accumulation_steps=1', '--block_size=32', '--epochs=0.2',
+                           '--eval_interval=1', '--peak_flops=1e12'], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "note: a model's logits are not its final hidden states times its head" in proc.stdout
+    config = torch.load(tmp_path / 'out' / 'ckpt' / 'state.pt', weights_only=False)['config']
+    assert config['loss_chunk'] == 0 and config['epochs'] == 0.2 and config['max_iters'] > 0  # computed from epochs
+    assert f"{config['max_iters']} iterations of 2 x 1 windows" in proc.stdout
