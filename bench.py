@@ -15,7 +15,8 @@ that step: a shared machine's speed drifts by more than the differences measured
 import argparse, json, os, resource, statistics, subprocess, sys, time
 import torch
 import distill, prepare_data
-from distill import ChunkedHeadLoss, Trainable, flops_per_token, load_model, loss_sums, measure_matmul_flops, student_from_teacher_layers
+from distill import ChunkedHeadLoss, Trainable, loss_sums
+from support import flops_per_token, keep_freed_memory, load_model, measure_matmul_flops, student_from_teacher_layers
 
 p = argparse.ArgumentParser()
 p.add_argument('--part', default='all', choices=['all', 'loss', 'step'])
@@ -34,9 +35,11 @@ def rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
 
 def loss_case(path, V, d, n, chunk, repeats=2):
-    """One loss case in this process: prints seconds per forward + backward and peak memory above the inputs."""
-    if path == 'chunked':
-        distill.keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0
+    """One loss case in this process: prints seconds per forward + backward and peak memory above the inputs.
+    path 'autograd': the chunked path with forward KL written as jsd at beta 0 (the same divergence), so that its
+    gradient comes from autograd instead of forward KL's closed form."""
+    if path != 'plain':
+        keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0
     torch.manual_seed(0)
     h = (torch.randn(n, d) * 0.5).requires_grad_()
     W = (torch.randn(V, d) * d ** -0.5).requires_grad_()
@@ -47,14 +50,15 @@ def loss_case(path, V, d, n, chunk, repeats=2):
     for _ in range(repeats):
         t0 = time.perf_counter()
         if path == 'plain':
-            ce, kd = loss_sums((h @ W.T)[None], Y[None], torch.ones(1, n), (t_h @ t_W.T)[None], V, 'fkl', 2.0)
-            loss = 0.5 * ce + 2.0 * kd
+            ce, kd = loss_sums(h @ W.T, Y, t_h @ t_W.T, V, 'fkl', 2.0)
         else:
-            loss, ce, kd = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, V, 0.5, 2.0, 'fkl', 2.0, 0.5, chunk)
-        (loss / n).backward()
+            kind, beta = ('fkl', 0.5) if path == 'chunked' else ('jsd', 0.0)
+            ce, kd = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, (0.5 / n, 2.0 / n), V, kind, 2.0, beta, chunk)
+        loss = (0.5 * ce + 2.0 * kd) / n
+        loss.backward()
         times.append(time.perf_counter() - t0)
         h.grad = W.grad = None
-    print(json.dumps({'seconds': min(times), 'peak_gb': rss_gb() - base, 'loss': loss.item() / n}))
+    print(json.dumps({'seconds': min(times), 'peak_gb': rss_gb() - base, 'loss': loss.item()}))
 
 if args.case:
     path, V, d, n = args.case.split(',')
@@ -64,21 +68,22 @@ if args.case:
 print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, fp32')
 if args.part in ('all', 'loss'):
     print(f'\nloss alone (CE + forward KL, T=2), {args.positions} positions, chunk {args.chunk}: forward + backward')
-    print(f'{"V":>8s} {"hidden":>6s} {"plain s":>8s} {"plain GB":>9s} {"chunked s":>10s} {"chunked GB":>11s} {"time ratio":>11s} {"memory ratio":>13s}')
+    print(f'{"V":>8s} {"hidden":>6s} {"plain s":>8s} {"plain GB":>9s} {"chunked s":>10s} {"chunked GB":>11s} {"time ratio":>11s} '
+          f'{"memory ratio":>13s} {"autograd s":>11s}')
     for V in args.vocabs:
         for d in (576, 1536):
             n = args.positions
             while 10 * n * V * 4 / 2 ** 30 > args.max_gb:  # the plain path peaks at ~10 (n, V) fp32 tensors (measured)
                 n //= 2
             res = {}
-            for path in ('plain', 'chunked'):
+            for path in ('plain', 'chunked', 'autograd'):
                 out = subprocess.run([sys.executable, __file__, f'--case={path},{V},{d},{n}', f'--chunk={args.chunk}'],
                                      capture_output=True, text=True)
                 res[path] = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
-            pl, ch = res['plain'], res['chunked']
-            assert pl and ch and abs(pl['loss'] - ch['loss']) <= 1e-4 * abs(pl['loss']), (pl, ch)
+            pl, ch, ag = res['plain'], res['chunked'], res['autograd']
+            assert pl and ch and ag and all(abs(pl['loss'] - r['loss']) <= 1e-4 * abs(pl['loss']) for r in (ch, ag)), res
             print(f'{V:8d} {d:6d} {pl["seconds"]:8.2f} {pl["peak_gb"]:9.2f} {ch["seconds"]:10.2f} {ch["peak_gb"]:11.2f} '
-                  f'{ch["seconds"] / pl["seconds"]:11.2f} {ch["peak_gb"] / pl["peak_gb"]:13.2f}'
+                  f'{ch["seconds"] / pl["seconds"]:11.2f} {ch["peak_gb"] / pl["peak_gb"]:13.2f} {ag["seconds"]:11.2f}'
                   + (f'   at {n} positions: the plain path at {args.positions} would need ~{10 * args.positions * V * 4 / 2 ** 30:.0f} GB'
                      if n != args.positions else ''))
             if n != args.positions:  # the chunked path at the full size: its memory over plain's at n bounds the ratio
@@ -93,21 +98,23 @@ if args.part in ('all', 'loss'):
     except ImportError:
         print('liger-kernel: not installed (its fused kernels are Triton, CUDA only): not measured on this CPU')
 
-def loss_alone(student, model, X, Y, M, t_out, chunk):
-    """Seconds per forward + backward of the step's loss alone, from the student's final hidden states."""
+def loss_alone(model, batch, t_out, kind='fkl', beta=0.5):
+    """Seconds per forward + backward of the step's loss alone (CE + divergence), from the student's final hidden
+    states, heads included."""
+    X, Y, M, _ = batch
     with torch.no_grad():
-        h = student.base_model(input_ids=X).last_hidden_state
-    keep, W, cfg, times = M.bool(), student.get_output_embeddings().weight, model.loss, []
+        h = model.model.base_model(input_ids=X).last_hidden_state
+    keep, W, n, times = M.bool(), model.model.get_output_embeddings().weight, M.sum().item(), []
+    coef = (model.w_ce / n, model.w_kd * model.temperature ** 2 / n)
     for _ in range(args.steps + 1):
         hs = h.detach().requires_grad_()
         t0 = time.perf_counter()
-        if chunk:
-            weighted, _, _ = ChunkedHeadLoss.apply(hs[keep], W, Y[keep], t_out[0][keep], t_out[1], cfg['vocab'], *cfg['weights'],
-                                                   cfg['kind'], cfg['temperature'], cfg['beta'], chunk, model.chunk_fn)
+        if model.chunk:
+            ce, kd = ChunkedHeadLoss.apply(hs[keep], W, Y[keep], t_out.final[keep], t_out.head, coef, model.vocab, kind,
+                                           model.temperature, beta, model.chunk, model.chunk_fn)
         else:
-            ce, kd = loss_sums(hs @ W.T, Y, M, t_out[0], cfg['vocab'], cfg['kind'], cfg['temperature'], cfg['beta'])
-            weighted = cfg['weights'][0] * ce + cfg['weights'][1] * kd
-        (weighted / M.sum()).backward()
+            ce, kd = loss_sums(model.model.lm_head(hs)[keep], Y[keep], t_out.final[keep], model.vocab, kind, model.temperature, beta)
+        (coef[0] * ce + coef[1] * kd).backward()
         times.append(time.perf_counter() - t0)
         W.grad = None
     return sum(times[1:]) / args.steps
@@ -119,19 +126,15 @@ if args.part in ('all', 'step'):
     split = distill.load_split(args.dataset, 'train')
     idx = split['idx']
     long_docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
-    X, Y, M, _ = distill.make_batch(split, [(d, 0) for d in long_docs], args.block_size, meta['pad_id'], 'cpu')
     print(f'\nKD step: {args.batch_size} x {args.block_size} tokens; each step next to the fp32 matmul peak (2048 x 2048) measured just before it')
     for label, chunk, compiled in (('plain', 0, False), (f'chunked (loss_chunk={args.chunk})', args.chunk, False),
                                    (f'chunked (loss_chunk={args.chunk}), compile=True', args.chunk, True)):
         student = student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
-        loss_settings = {'vocab': meta['vocab_size'], 'weights': (0.5, 0.5 * 4), 'kind': 'fkl', 'temperature': 2.0,
-                         'beta': 0.5, 'chunk': chunk, 'compile': compiled}
-        model = Trainable(student, loss_settings)
+        model = Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=chunk, compile=compiled)  # the defaults
         flops = flops_per_token(student, args.block_size, True) + flops_per_token(teacher, args.block_size, False)
         if chunk:
-            distill.keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0 (process-wide from here on)
+            keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0 (process-wide from here on)
         optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))  # lr 0: every row sees the same weights
-        teacher_net = teacher.base_model if chunk else teacher
         if compiled:  # as distill.py --compile=True: both transformer stacks (the teacher's: for this last row) and the loss
             student.base_model.compile()
             teacher.base_model.compile()
@@ -141,15 +144,14 @@ if args.part in ('all', 'step'):
             # the machine's speed drifts: its peak right before each timed step (warm-up steps need none)
             peak = measure_matmul_flops('cpu', n=2048, seconds=1.0) if step > compiled else None
             t = [time.perf_counter()]
-            X, Y, M, _ = distill.make_batch(split, [(d, 0) for d in long_docs], args.block_size, meta['pad_id'], 'cpu')
+            batch = distill.make_batch(split, [(d, 0) for d in long_docs], args.block_size, meta['pad_id'], 'cpu')
+            X, M = batch.X, batch.M
             t.append(time.perf_counter())
-            with torch.no_grad():
-                out = teacher_net(input_ids=X)
-                t_out = (out.last_hidden_state, teacher.get_output_embeddings().weight, None) if chunk else (out.logits, None, None)
+            t_out = model.teacher_forward(teacher, batch)
             t.append(time.perf_counter())
-            weighted, ce, kd, _ = model(X, Y, M, t_out)
+            out = model(batch, t_out, M.sum().item())
             t.append(time.perf_counter())
-            (weighted / M.sum()).backward()
+            out.loss.backward()
             t.append(time.perf_counter())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -166,10 +168,11 @@ if args.part in ('all', 'step'):
         print(f'{label}: {step_s * 1000:.0f} ms, {tok_s:.1f} tokens/s, {flops * tok_s / 1e9:.1f} GFLOP/s; MFU '
               f'{statistics.median(mfus):.1%} (median over the steps of each one\'s FLOP/s over the peak measured just '
               f'before it; steps {mfus[0]:.1%}-{mfus[-1]:.1%}; median peak {peak / 1e9:.1f} GFLOP/s) '
-              f'(loss {(ce / M.sum()).item():.4f} ce, {(kd / M.sum()).item():.4f} kd)'
+              f'(loss {(out.ce / M.sum()).item():.4f} ce, {(out.kd / M.sum()).item():.4f} kd)'
               + (f'; compiling took {t_compile:.0f} s' if compiled else ''))
         for k, v in parts.items():
             print(f'  {k:24s} {v * 1000:8.0f} ms  {v / step_s:6.1%}')
         print(f'  of which the loss alone (its forward + backward from the final hidden states, heads included): '
-              f'{loss_alone(student, model, X, Y, M, t_out, chunk) * 1000:.0f} ms')
+              f'{loss_alone(model, batch, t_out) * 1000:.0f} ms' + (f'; with forward KL by autograd (jsd at beta 0) instead of its '
+              f'closed form: {loss_alone(model, batch, t_out, "jsd", 0.0) * 1000:.0f} ms' if chunk else ''))
 

@@ -7,28 +7,34 @@ Knowledge distillation of language models, in one file.
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 distill.py configs/hermes.py
     python distill.py --help                                           # every key, its default and comment
 
-Loss families:
-- logits ('logits'): the student matches the teacher's whole next-token distribution at temperature T,
-  loss = (1 - alpha) * CE + alpha * T^2 * D(p_teacher || q_student), D one of KD_KINDS.
-- hidden ('hidden'): student hidden states, through trained projections, pulled towards the teacher's at
-  mapped layers (MSE or cosine), loss = (1 - alpha) * CE + alpha * H; works across architectures and, with
-  prepare_data.py --teacher_tokenizer, across tokenizers (at positions where both tokenizations align).
-- none ('none'): the SFT baseline, the same routine with the teacher never loaded.
-Any mix: ce_weight, kd_weight, hidden_weight. loss_chunk > 0 computes CE and D from the final hidden states
-a chunk of positions at a time, so neither model's full logits ever exist (ChunkedHeadLoss).
+The loss (Trainable.forward, the one place it is assembled):
+    loss = w_ce * CE + w_kd * T^2 * D(p_teacher || q_student) + w_hidden * H
+- CE: cross-entropy on the data's supervised targets (the hard labels).
+- D: a divergence (KD_KINDS) between the teacher's and the student's next-token distributions at temperature T.
+- H: the distance between student hidden states, through trained projections, and the teacher's at mapped layers
+  (make_layer_pairs); works across architectures and, with prepare_data.py --teacher_tokenizer, across tokenizers.
+distill='logits' sets (w_ce, w_kd, w_hidden) = (1 - alpha, alpha, 0), 'hidden' (1 - alpha, 0, alpha), 'none' (1, 0, 0):
+the SFT baseline, the same routine with no teacher; ce_weight, kd_weight, hidden_weight override them. With
+loss_chunk > 0, CE and D come from the final hidden states a chunk of positions at a time (ChunkedHeadLoss), so
+neither model's full logits ever exist.
 
 Data comes from prepare_data.py: mask[i] == 1 iff token i is a supervised target. A document d is read as
-X = d[:-1] and scored on Y = d[1:] where M = mask[1:] (see prepare_data.py). Every loss is a sum over
-supervised targets divided by N, the supervised targets of the whole optimizer step (all micro-batches,
-all ranks), so the result does not depend on how a step is split.
+X = d[:-1] and scored on Y = d[1:] where M = mask[1:]. CE and D are sums over supervised targets divided by N, the
+supervised targets of the whole optimizer step (all micro-batches, all ranks); H likewise over its aligned
+positions; so the result does not depend on how a step is split. Plumbing lives in configurator.py and support.py.
 """
-import ast, builtins, difflib, json, math, os, re, shutil, sys, time, traceback
+import json, math, os, re, sys, time
 from contextlib import nullcontext
+from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import prepare_data
+from configurator import ConfigError, check_config, parse_config, print_help
+from support import (cast_parameters, check_vocabularies, find_checkpoint, flops_per_token, keep_freed_memory, load_checkpoint, load_model,
+                     measure_matmul_flops, model_tokenizer, output_rows, plain_head, rng_state, save_checkpoint,
+                     set_rng_state, student_from_teacher_layers, trim_log)
 
 # -----------------------------------------------------------------------------
 # defaults (a config file and --key=value override them; `python distill.py --help` lists them)
@@ -89,66 +95,7 @@ OPTIONAL_TYPES = {'teacher': str, 'student': str, 'student_layers': list, 'stop_
                   'ce_weight': float, 'kd_weight': float, 'hidden_weight': float, 'wandb_run_name': str}
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, type(None)))]
 # -----------------------------------------------------------------------------
-
-class ConfigError(Exception):
-    pass
-
-def default_comments():
-    """key -> inline comment of its default, read from this file (what --help prints)."""
-    src = open(__file__).read().split('# defaults', 1)[1].split('config_keys =')[0]
-    return {m[1]: m[2] for m in re.finditer(r'^(\w+) = .*?  # (.*)$', src, re.M)}
-
-def parse_config(argv, defaults):
-    """nanoGPT-style: a config file (Python, only assignments to known keys), then --key=value overrides."""
-    config = dict(defaults)
-
-    def setkey(key, value, where):
-        if key not in defaults:
-            close = difflib.get_close_matches(key, defaults, n=1)
-            raise ConfigError(f"unknown config key '{key}' ({where})" + (f"; did you mean '{close[0]}'?" if close else ''))
-        old = defaults[key]
-        kind = OPTIONAL_TYPES.get(key, type(old))  # a None default still has a type
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if kind is list and isinstance(value, tuple):
-            value = list(value)
-        if key == 'layer_map' and isinstance(value, (list, tuple)):
-            pass  # a name or explicit pairs
-        elif value is not None and (not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)):
-            example = f'like its default {old!r}' if old is not None else 'or None (its default)'
-            raise ConfigError(f"{key} must be {kind.__name__} {example}, got {value!r} ({where})")
-        config[key] = value
-
-    for arg in argv:
-        if arg.startswith('--'):
-            if '=' not in arg:
-                raise ConfigError(f"malformed override '{arg}': write --key=value")
-            key, val = arg[2:].split('=', 1)
-            try:
-                val = ast.literal_eval(val)
-            except (SyntaxError, ValueError):
-                pass  # a plain string
-            setkey(key, val, 'command line')
-        else:
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file '{arg}' not found")
-            scope = {}
-            try:
-                exec(builtins.compile(open(arg).read(), arg, 'exec'), {'__file__': arg}, scope)  # (compile is a config key)
-            except SyntaxError as e:
-                raise ConfigError(f'{arg}:{e.lineno}: syntax error: {e.msg}')
-            except Exception as e:  # a NameError, a failed import, ...: the config file's own line
-                line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == arg][-1:] or ['?']
-                raise ConfigError(f'{arg}:{line[0]}: {type(e).__name__}: {e}')
-            for key, val in scope.items():
-                if not key.startswith('_') and not callable(val) and not isinstance(val, type(os)):
-                    setkey(key, val, arg)
-    return config
-
-# -----------------------------------------------------------------------------
 # losses (all in fp32)
-
-KD_KINDS = ('fkl', 'rkl', 'jsd', 'skl', 'srkl', 'tvd')
 
 def _kl(log_a, log_b):
     """KL(a || b) over the last dim, from log-probabilities."""
@@ -162,134 +109,106 @@ def _log_mix(log_a, log_b, w):
         return log_a
     return torch.logaddexp(log_a + math.log(w), log_b + math.log(1 - w))
 
-def kd_divergence(student_logits, teacher_logits, kind='fkl', temperature=1.0, beta=0.5):
-    """Per-position divergence between p = softmax(teacher / T) and q = softmax(student / T) (shape [...]).
+def _jsd(log_p, log_q, beta):
+    """beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q. The formula vanishes at both ends, so, as
+    the limits of JSD/beta and JSD/(1 - beta), beta = 0 is forward KL and beta = 1 reverse KL."""
+    if beta in (0, 1):
+        return _kl(log_p, log_q) if beta == 0 else _kl(log_q, log_p)
+    log_m = _log_mix(log_p, log_q, beta)
+    return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
 
-    jsd: beta * KL(p || M) + (1 - beta) * KL(q || M), M = beta * p + (1 - beta) * q. The formula vanishes at
-    both ends, so, as the limits of JSD/beta and JSD/(1 - beta), beta = 0 is forward KL and beta = 1 reverse KL.
-    skl: KL(p || beta p + (1 - beta) q); srkl: KL(q || beta q + (1 - beta) p) (DistiLLM's skew, beta = 0.1 there).
-    """
-    if kind not in KD_KINDS:
+# D(p || q) per position from log p (teacher) and log q (student) at temperature T, and beta. A new divergence is one
+# more entry: kd_divergence, both loss paths (autograd) and the kd_kind setting take it from here.
+DIVERGENCES = {
+    'fkl': lambda log_p, log_q, beta: _kl(log_p, log_q),  # forward KL(p || q): mode-covering, the classic KD loss
+    'rkl': lambda log_p, log_q, beta: _kl(log_q, log_p),  # reverse KL(q || p): mode-seeking
+    'jsd': _jsd,  # generalised Jensen-Shannon
+    'skl': lambda log_p, log_q, beta: _kl(log_p, _log_mix(log_p, log_q, beta)),  # skew KL(p || beta p + (1 - beta) q)
+    'srkl': lambda log_p, log_q, beta: _kl(log_q, _log_mix(log_q, log_p, beta)),  # skew reverse (DistiLLM: beta 0.1)
+    'tvd': lambda log_p, log_q, beta: 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1),  # total variation distance
+}
+KD_KINDS = tuple(DIVERGENCES)
+
+def kd_divergence(student_logits, teacher_logits, kind='fkl', temperature=1.0, beta=0.5):
+    """Per-position divergence (DIVERGENCES[kind]) between p = softmax(teacher / T) and q = softmax(student / T)."""
+    if kind not in DIVERGENCES:
         raise ValueError(f"kd_kind must be one of {KD_KINDS}, got '{kind}'")
     fp = torch.float64 if student_logits.dtype == torch.float64 else torch.float32  # never below fp32
     tiny = torch.finfo(fp).min  # -inf logits (masked tokens) must not turn 0 * inf into NaN
     log_p = F.log_softmax(teacher_logits.to(fp) / temperature, dim=-1).clamp(min=tiny)
     log_q = F.log_softmax(student_logits.to(fp) / temperature, dim=-1).clamp(min=tiny)
-    if kind == 'fkl' or (kind == 'jsd' and beta == 0):
-        return _kl(log_p, log_q)
-    if kind == 'rkl' or (kind == 'jsd' and beta == 1):
-        return _kl(log_q, log_p)
-    if kind == 'jsd':
-        log_m = _log_mix(log_p, log_q, beta)
-        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
-    if kind == 'skl':
-        return _kl(log_p, _log_mix(log_p, log_q, beta))
-    if kind == 'srkl':
-        return _kl(log_q, _log_mix(log_q, log_p, beta))
-    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)  # tvd
+    return DIVERGENCES[kind](log_p, log_q, beta)
 
-def kd_loss(student_logits, teacher_logits, mask, kind='fkl', temperature=1.0, beta=0.5):
-    """Mean over masked positions of kd_divergence (logits [..., V], mask [...])."""
-    keep = mask.bool()  # only supervised positions are computed: whatever sits elsewhere cannot leak in
-    return kd_divergence(student_logits[keep], teacher_logits[keep], kind, temperature, beta).sum() / keep.sum().clamp(min=1)
+def loss_sums(z, y, zt, vocab, kind='fkl', temperature=1.0, beta=0.5):
+    """Sums over the rows (supervised positions) of logits z (n, V) of the CE against targets y and of the divergence
+    from the teacher's logits zt (None: CE alone), over the real vocabulary: rows past it are embedding padding and
+    differ between models, so they are never compared. The plain path calls it on all rows, the chunked one per chunk."""
+    ce = F.cross_entropy(z.float(), y, reduction='sum')
+    if zt is None:
+        return ce, torch.zeros_like(ce)
+    return ce, kd_divergence(z[:, :vocab], zt[:, :vocab], kind, temperature, beta).sum()
 
-def total_loss(ce, kd, hidden, weights, temperature):
-    """w_ce CE + w_kd T^2 D + w_hidden H. T^2 keeps the gradient scale of D comparable across temperatures
-    (Hinton et al. 2015): the gradient of D itself shrinks like 1/T^2."""
-    w_ce, w_kd, w_hidden = weights
-    return w_ce * ce + w_kd * temperature ** 2 * kd + w_hidden * hidden
-
-def loss_sums(logits, Y, M, teacher_logits, vocab, kind='fkl', temperature=1.0, beta=0.5):
-    """Sums over supervised targets of the CE and of the divergence (over the shared real vocabulary): the
-    plain path, which holds the full logits of both models."""
-    keep = M.bool()
-    logits = logits[keep]  # (supervised positions, V): prompt and padding rows are never computed
-    ce_sum = F.cross_entropy(logits.float(), Y[keep], reduction='sum')
-    if teacher_logits is None:
-        return ce_sum, torch.zeros_like(ce_sum)
-    # rows past the tokenizer's vocabulary are embedding padding and differ between models: never compared
-    kd = kd_divergence(logits[:, :vocab], teacher_logits[keep][:, :vocab], kind, temperature, beta)
-    return ce_sum, kd.sum()
-
-def kd_divergence_grad(student_logits, teacher_logits, kind='fkl', temperature=1.0, beta=0.5):
-    """kd_divergence (fp32 logits [n, V]) and its gradient w.r.t. the student logits in closed form, with
-    fewer passes over (n, V) than autograd makes. With q = softmax(z / T) and r_i = q_i dD/dq_i, the softmax
-    gives dD/dz = (r - q sum(r)) / T; for forward KL r = -p, so dD/dz = (q - p) / T."""
-    T = temperature
-    log_q, log_p = F.log_softmax(student_logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1)
-    q, p = log_q.exp(), log_p.exp()
-    if kind == 'fkl' or (kind == 'jsd' and beta == 0):
-        return torch.sub(log_p, log_q).mul_(p).sum(-1), q.sub_(p).div_(T)
-    if kind == 'rkl' or (kind == 'jsd' and beta == 1):
-        d = (q * (log_q - log_p)).sum(-1)
-        return d, (log_q - log_p - d[:, None]).mul_(q).div_(T)
-    if kind == 'jsd':  # dD/dq = (1 - beta) log(q / m)
-        log_m = _log_mix(log_p, log_q, beta)
-        d = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
-        r = (1 - beta) * q * (log_q - log_m)
-    elif kind == 'skl':  # m = beta p + (1 - beta) q: dD/dq = -(1 - beta) p / m
-        log_m = _log_mix(log_p, log_q, beta)
-        d = (p * (log_p - log_m)).sum(-1)
-        r = -(1 - beta) * torch.exp(log_p + log_q - log_m)
-    elif kind == 'srkl':  # m = beta q + (1 - beta) p: dD/dq = log(q / m) + 1 - beta q / m
-        log_m = _log_mix(log_q, log_p, beta)
-        d = (q * (log_q - log_m)).sum(-1)
-        r = q * (log_q - log_m + 1) - beta * torch.exp(2 * log_q - log_m)
-    elif kind == 'tvd':
-        d = 0.5 * (p - q).abs().sum(-1)
-        r = 0.5 * q * torch.sign(q - p)
-    else:
-        raise ValueError(f"kd_kind must be one of {KD_KINDS}, got '{kind}'")
-    return d, (r - q * r.sum(-1, keepdim=True)) / T
-
-def chunk_loss_grad(z, zt, y, vocab, w_ce, w_kd, kind, temperature, beta):
-    """One chunk of the chunked loss: the CE sum, the divergence sum and d(w_ce CE + w_kd D)/dz, in closed form:
-    softmax - onehot for CE, kd_divergence_grad for D. z, zt: fp32 student and teacher logits (zt None: CE only)."""
+def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta):
+    """One chunk of ChunkedHeadLoss: loss_sums of fp32 logits z and, unless coef is None, the gradient of
+    coef[0] CE + coef[1] D w.r.t. z, by autograd. Forward KL, the default, has a closed form that makes fewer
+    passes over (n, V): d CE/dz = softmax(z) - onehot(y), d KL(p || q)/dz = (q - p) / T."""
+    if coef is None:
+        return *loss_sums(z, y, zt, vocab, kind, temperature, beta), None
+    if kind != 'fkl' or zt is None:
+        with torch.enable_grad():
+            z = z.requires_grad_()
+            ce, kd = loss_sums(z, y, zt, vocab, kind, temperature, beta)
+            dz, = torch.autograd.grad(coef[0] * ce + coef[1] * kd, z)
+        return ce.detach(), kd.detach(), dz
     dz = F.log_softmax(z, dim=-1)
     ce = -dz.gather(1, y[:, None]).sum()
-    dz = dz.exp_().mul_(w_ce)
-    dz[torch.arange(len(y), device=y.device), y] -= w_ce
-    kd = torch.zeros_like(ce)
-    if zt is not None:
-        d, g = kd_divergence_grad(z[:, :vocab], zt[:, :vocab], kind, temperature, beta)
-        kd = d.sum()
-        dz[:, :vocab].add_(g, alpha=w_kd)
+    dz = dz.exp_().mul_(coef[0])
+    dz[torch.arange(len(y), device=y.device), y] -= coef[0]
+    log_p, log_q = F.log_softmax(zt[:, :vocab] / temperature, dim=-1), F.log_softmax(z[:, :vocab] / temperature, dim=-1)
+    p = log_p.exp()
+    kd = torch.sub(log_p, log_q).mul_(p).sum()
+    dz[:, :vocab].add_(log_q.exp_().sub_(p), alpha=coef[1] / temperature)
     return ce, kd, dz
 
 class ChunkedHeadLoss(torch.autograd.Function):
-    """w_ce * CE_sum + w_kd * D_sum straight from the final hidden states and the output heads, a chunk of
-    positions at a time, so that no (positions, V) tensor of either model ever exists. Each chunk's logits,
-    loss and gradient (chunk_loss_grad) are computed in forward, and only the gradients w.r.t. the hidden
-    states and the head (small: positions x d and V x d) are kept; backward scales them. The same matmuls as
-    the plain path, none repeated. Inputs: h (n, d_s) student states at supervised positions, W (V_s, d_s) its
-    head, Y (n,) targets, t_h (n, d_t) / t_W (V_t, d_t) the teacher's, or None for CE alone; optionally the
-    chunk function (a compiled chunk_loss_grad)."""
+    """loss_sums(h @ W.T, Y, t_h @ t_W.T) without a (positions, V) tensor of either model: a chunk of positions at a
+    time. Backward would need every chunk's logits again, so each chunk's gradient is taken in forward (chunk_loss)
+    for the combination coef[0] CE + coef[1] D that the caller forms from the two outputs, and only the gradients
+    w.r.t. h and W (positions x d, V x d) are kept; backward checks that combination and scales them (1/N, the world
+    size, the fp16 loss scale). The plain path's matmuls, none repeated. h (n, d_s): the student's final hidden states
+    at supervised positions, W (V_s, d_s) its head; t_h (n, d_t), t_W (V_t, d_t) the teacher's, or None (CE alone)."""
     @staticmethod
-    def forward(ctx, h, W, Y, t_h, t_W, vocab, w_ce, w_kd, kind, temperature, beta, chunk, chunk_fn=chunk_loss_grad):
+    def forward(ctx, h, W, Y, t_h, t_W, coef, vocab, kind, temperature, beta, chunk, chunk_fn=chunk_loss):
+        need_grad = coef is not None  # None: values only (evaluation)
         Wc = W.to(h.dtype)  # the heads in the compute dtype once, not once per chunk (autocast)
         t_Wc = None if t_h is None else t_W.to(t_h.dtype)
-        dh, dW = torch.empty_like(h), torch.zeros_like(W, dtype=torch.float32)
+        dh, dW = (torch.empty_like(h), torch.zeros_like(W, dtype=torch.float32)) if need_grad else (None, None)
         ce_sum, kd_sum = torch.zeros((), device=h.device), torch.zeros((), device=h.device)
         for a in range(0, len(h), chunk):
             hc = h[a:a + chunk]
             zt = None if t_h is None else (t_h[a:a + chunk] @ t_Wc.T).float()
-            ce, kd, dz = chunk_fn((hc @ Wc.T).float(), zt, Y[a:a + chunk], vocab, w_ce, w_kd, kind, temperature, beta)
+            ce, kd, dz = chunk_fn((hc @ Wc.T).float(), Y[a:a + chunk], zt, vocab, coef, kind, temperature, beta)
             ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
-            dz = dz.to(hc.dtype)
-            dh[a:a + chunk] = dz @ Wc
-            if dz.dtype == dW.dtype:
-                dW.addmm_(dz.T, hc)  # accumulated in place: no second (V, d) buffer
-            else:
-                dW += dz.T @ hc
+            if need_grad:
+                dz = dz.to(hc.dtype)
+                dh[a:a + chunk] = dz @ Wc
+                if dz.dtype == dW.dtype:
+                    dW.addmm_(dz.T, hc)  # accumulated in place: no second (V, d) buffer
+                else:
+                    dW += dz.T @ hc
         ctx.save_for_backward(dh, dW)
-        ctx.head_dtype = W.dtype
-        ctx.mark_non_differentiable(ce_sum, kd_sum)
-        return w_ce * ce_sum + w_kd * kd_sum, ce_sum, kd_sum
+        ctx.coef, ctx.head_dtype = coef, W.dtype
+        return ce_sum, kd_sum
 
     @staticmethod
-    def backward(ctx, grad, *_):
+    def backward(ctx, g_ce, g_kd):
         dh, dW = ctx.saved_tensors  # scaled in place (a second backward through this graph raises, as it should)
-        return dh.mul_(grad), dW.mul_(grad).to(ctx.head_dtype), *[None] * 11
+        c_ce, c_kd = ctx.coef
+        scale = g_ce / c_ce if c_ce else g_kd / c_kd
+        if not torch.allclose(torch.stack([g_ce, g_kd]).float(), scale * torch.tensor([c_ce, c_kd], device=scale.device), rtol=1e-4, atol=0):
+            raise RuntimeError(f'ChunkedHeadLoss computed the gradient of {c_ce:g} CE + {c_kd:g} D, but the loss weighs its outputs '
+                               'otherwise: pass the weights the loss uses as coef')
+        return dh.mul_(scale), dW.mul_(scale).to(ctx.head_dtype), *[None] * 10
 
 def hidden_distance(student_h, teacher_h, kind='mse', rms_norm=False):
     """Per-position distance between projected student and teacher hidden states ([..., d_t]), in fp32."""
@@ -362,11 +281,23 @@ def block_windows(split, block_size):
     supervised = np.add.reduceat(np.asarray(split['mask']), idx[doc] + start + 1, dtype=np.int64)
     return np.stack([doc, start], 1)[supervised > 0]
 
+class Align(NamedTuple):
+    """Where the hidden-state loss is taken: student position s of row b pairs with teacher position t, at supervised
+    positions only. XT is the teacher's own input across tokenizers, else None (it reads X)."""
+    XT: torch.Tensor
+    b: torch.Tensor
+    s: torch.Tensor
+    t: torch.Tensor
+
+class Batch(NamedTuple):
+    X: torch.Tensor  # (rows, L) input tokens, right-padded
+    Y: torch.Tensor  # (rows, L) targets
+    M: torch.Tensor  # (rows, L) 1 where Y is a supervised target
+    align: Align
+
 def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
-    """Right-padded X, Y, M for some (document, start) windows (block_windows), and H: where the hidden-state
-    loss is taken. No attention mask is needed: causal attention never lets a real token see the padding after
-    it, and M is 0 on padding. H = (XT, b, s, t): student position s of row b pairs with teacher position t, at
-    the supervised positions only; XT is the teacher's own input across tokenizers, else None (it reads X)."""
+    """A Batch of some (document, start) windows (block_windows). No attention mask is needed: causal attention
+    never lets a real token see the padding after it, and M is 0 on padding."""
     idx = split['idx']
     spans = [(idx[d] + s, min(idx[d] + s + block_size + 1, idx[d + 1])) for d, s in windows]
     docs = [(np.asarray(split['tokens'][a:b], dtype=np.int64), np.asarray(split['mask'][a:b], dtype=np.int64)) for a, b in spans]
@@ -392,11 +323,11 @@ def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
         for i, r in enumerate(rows):
             XT[i, :len(r)] = torch.from_numpy(r)
         b, s, t = torch.from_numpy(np.concatenate(pairs)).T
-        H = (XT.to(device), b.to(device), s.to(device), t.to(device))
+        align = Align(XT.to(device), b.to(device), s.to(device), t.to(device))
     else:
         b, s = M.nonzero(as_tuple=True)
-        H = (None, b.to(device), s.to(device), s.to(device))
-    return X.to(device), Y.to(device), M.to(device), H
+        align = Align(None, b.to(device), s.to(device), s.to(device))
+    return Batch(X.to(device), Y.to(device), M.to(device), align)
 
 def step_doc_ids(iter_num, batch_size, grad_accum, rank, world, n_docs, seed):
     """This rank's micro-batches of step iter_num: the step takes batch_size * grad_accum documents of the
@@ -405,153 +336,31 @@ def step_doc_ids(iter_num, batch_size, grad_accum, rank, world, n_docs, seed):
     return [step[j * batch_size:(j + 1) * batch_size] for j in range(rank, grad_accum, world)]
 
 # -----------------------------------------------------------------------------
-# models
+# the student with its loss
 
-def model_path(spec):
-    """A .gguf file is converted once to an HF folder (model and tokenizer) and cached: loading a GGUF
-    dequantises every tensor, ~35 s for a 135M model."""
-    if not spec.endswith('.gguf'):
-        return spec
-    if not os.path.isfile(spec):
-        raise ConfigError(f"model file '{spec}' does not exist")
-    from transformers import AutoModelForCausalLM
-    folder = prepare_data.cache_dir(spec)
-    prepare_data.load_tokenizer(spec)  # caches the tokenizer in the same folder
-    if not os.path.exists(os.path.join(folder, 'model.safetensors')):
-        gguf = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(spec)), gguf_file=os.path.basename(spec), dtype=torch.float32)
-        config = gguf.config
-        if hasattr(config, 'quantization_config'):
-            del config.quantization_config  # the weights are dequantised now: a plain fp32 checkpoint
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # save_pretrained refuses GGUF-loaded models
-        model.load_state_dict(gguf.state_dict())
-        tmp = folder + f'.model{os.getpid()}'
-        model.save_pretrained(tmp)
-        for f in os.listdir(tmp):
-            os.replace(os.path.join(tmp, f), os.path.join(folder, f))
-        os.rmdir(tmp)
-    return folder
+class TeacherOut(NamedTuple):
+    """What the loss reads of the frozen teacher (None where a term is off)."""
+    final: torch.Tensor = None  # its logits on the plain path, its final hidden states on the chunked one
+    head: torch.Tensor = None  # its output head's weight (chunked path: applied a chunk at a time)
+    hidden: list = None  # its hidden states at the mapped layers
 
-def load_model(spec, trust_remote_code=False):
-    from transformers import AutoModelForCausalLM
-    path = model_path(spec)
-    if not os.path.exists(path) and (spec.startswith(('.', '/')) or spec.count('/') != 1):
-        raise ConfigError(f"model '{spec}' is neither a local folder, a .gguf file nor a hub id (org/name)")
-    if os.path.isfile(path) or (os.path.isdir(path) and not os.path.exists(os.path.join(path, 'config.json'))):
-        raise ConfigError(f"'{spec}' is not a model: pass an HF model folder (with config.json), a .gguf file or a hub id")
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    except Exception as e:  # a truncated weights file, an unknown architecture, no network for a hub id, ...
-        raise ConfigError(f"cannot load model '{spec}': {(str(e).strip().splitlines() or [type(e).__name__])[0]}")
-
-def model_tokenizer(spec):
-    """The tokenizer that ships with a model, or None (e.g. a bare folder of weights)."""
-    path = model_path(spec)
-    files = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'tokenizer.model')
-    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in files):
-        return None  # transformers would build an empty tokenizer from config.json alone
-    try:
-        return prepare_data.load_tokenizer(path)
-    except Exception:
-        return None
-
-def student_from_teacher_layers(teacher_model, layers):
-    """A smaller model of the teacher's architecture: its embedding, the chosen blocks (in order) and its
-    head (DistilBERT / Minitron depth pruning)."""
-    import copy
-    from transformers import AutoModelForCausalLM
-    n = teacher_model.config.num_hidden_layers
-    if not layers or any(not isinstance(l, int) or not 0 <= l < n for l in layers):
-        raise ConfigError(f'student_layers must be a non-empty list of teacher blocks in [0, {n}), got {layers}')
-    config = copy.deepcopy(teacher_model.config)
-    config.num_hidden_layers = len(layers)
-    if getattr(config, 'layer_types', None):
-        config.layer_types = [config.layer_types[l] for l in layers]
-    student_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    block = re.compile(r'\.(layers|h|blocks)\.(\d+)\.')
-    keep = {l: i for i, l in enumerate(layers)}
-    state = {}
-    for k, v in teacher_model.state_dict().items():
-        m = block.search(k)
-        if m is None:
-            state[k] = v.clone()
-        elif int(m[2]) in keep:
-            state[k[:m.start()] + f'.{m[1]}.{keep[int(m[2])]}.' + k[m.end():]] = v.clone()
-    student_model.load_state_dict(state)
-    return student_model
-
-def cast_parameters(model, dtype):
-    """The parameters in dtype, the buffers left as they are, as from_pretrained(dtype=) does: RoPE's inv_freq
-    cast to bf16 loses 3 digits (cos off by 0.5 at position 4,000), model.to(dtype) would cast it too."""
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-    return model
-
-def output_rows(model):
-    return model.get_output_embeddings().weight.shape[0]
-
-def flops_per_token(model, seq_len, training):
-    """6N (training) or 2N (forward) per token, N = non-embedding params + the output head, plus attention."""
-    n = sum(p.numel() for p in model.parameters())
-    if not model.config.tie_word_embeddings:
-        n -= model.get_input_embeddings().weight.numel()
-    attn = 2 * model.config.num_hidden_layers * model.config.hidden_size * seq_len
-    return (6 * n + 6 * attn) if training else (2 * n + 2 * attn)
-
-def measure_matmul_flops(device, dtype=torch.float32, n=1024, seconds=1.0):
-    """This device's sustained matmul rate (FLOP/s): the MFU denominator on a CPU."""
-    a = torch.rand(n, n, generator=torch.Generator().manual_seed(0)).to(device, dtype)  # own generator: the
-    b = a.T.contiguous()                                                                  # run's RNG stays untouched
-    a @ b
-    count, t0 = 0, time.time()
-    while time.time() - t0 < seconds:
-        a @ b
-        count += 1
-    if 'cuda' in str(device):
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * count / (time.time() - t0)
-
-# -----------------------------------------------------------------------------
-# training state
-
-def keep_freed_memory():
-    """On a CPU, PyTorch has no caching allocator: glibc returns every freed block above 32 MB to the OS, and
-    each fresh (chunk, V) tensor of the chunked loss is paged in again (measured: ~14% of a KD step here, at
-    ~0.5 GB more peak memory when kept). Keep freed memory in the process for reuse, as CUDA's allocator does."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL('libc.so.6')
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks come from the heap, not from fresh mmaps
-        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: and the heap is never trimmed back
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
-
-@torch.no_grad()
-def plain_head(model, probe):
-    """True when the model's logits are its final hidden states times its head's weight, what the chunked path
-    computes. Checked on a probe batch, in the model's own dtype and device: a logit scale or multiplier, or
-    hidden states scaled before the head, all differ; a head bias and soft-capping (small at small logits) are
-    read from the model."""
-    head = model.get_output_embeddings()
-    if getattr(head, 'bias', None) is not None or getattr(model.config, 'final_logit_softcapping', None):
-        return False
-    training = model.training
-    model.eval()
-    z = model(input_ids=probe).logits.float()
-    z_chunked = head(model.base_model(input_ids=probe).last_hidden_state).float()
-    model.train(training)
-    tol = 4 * torch.finfo(head.weight.dtype).eps
-    return torch.allclose(z, z_chunked, rtol=tol, atol=tol * z.abs().max().item())
+class Losses(NamedTuple):
+    loss: torch.Tensor  # this micro-batch's share of the step's loss, to differentiate
+    ce: torch.Tensor  # the sums over its supervised targets (detached)
+    kd: torch.Tensor
+    hidden: torch.Tensor  # the sum over its aligned positions, averaged over the layer pairs (detached)
 
 class Trainable(nn.Module):
-    """Everything that trains (the student and any hidden-state projections) in one module, so that DDP,
-    the optimizer and checkpoints see the same parameters. Only .model is exported. forward returns the
-    loss sums over supervised targets; loss settings: vocab, weights (w_ce, w_kd * T^2), kind, temperature,
-    beta, chunk (0: the plain path with full logits) and compile (compile the chunked loss's arithmetic)."""
-    def __init__(self, model, loss, layer_pairs=(), teacher_width=0, proj_init='xavier', hidden_loss='mse', rms_norm=False):
+    """The student and its loss. Everything that trains (the student and the hidden-state projections) sits in this
+    one module, so that DDP, the optimizer and checkpoints see the same parameters; only .model is exported.
+    chunk > 0: CE and D by ChunkedHeadLoss, this many positions at a time; 0: from the full logits."""
+    def __init__(self, model, vocab, weights=(1.0, 0.0, 0.0), kind='fkl', temperature=1.0, beta=0.5, chunk=0,
+                 layer_pairs=(), teacher_width=0, hidden_loss='mse', rms_norm=False, proj_init='xavier', compile=False):
         super().__init__()
-        self.model, self.loss = model, loss
-        self.chunk_fn = torch.compile(chunk_loss_grad, dynamic=True) if loss.get('compile') else chunk_loss_grad
+        self.model, self.vocab, (self.w_ce, self.w_kd, self.w_hidden) = model, vocab, weights
+        self.kind, self.temperature, self.beta, self.chunk = kind, temperature, beta, chunk
         self.layer_pairs, self.hidden_loss, self.rms_norm = list(layer_pairs), hidden_loss, rms_norm
+        self.chunk_fn = torch.compile(chunk_loss, dynamic=True) if compile else chunk_loss
         self.proj = nn.ModuleList(nn.Linear(model.config.hidden_size, teacher_width, bias=False) for _ in self.layer_pairs)
         for p in self.proj:
             if proj_init == 'identity':
@@ -561,32 +370,44 @@ class Trainable(nn.Module):
             else:
                 raise ConfigError(f"proj_init must be 'xavier' or 'identity', got '{proj_init}'")
 
-    def forward(self, X, Y, M, teacher=None, H=None):
-        """(w_ce CE_sum + w_kd D_sum, CE_sum, D_sum, hidden-loss sum over the positions of H averaged over the
-        layer pairs). teacher: (its logits, or its final hidden states for the chunked path; its output head
-        weight; its hidden states at the mapped layers), any of them None."""
-        t_final, t_head, t_hidden = teacher or (None, None, None)
-        cfg, keep = self.loss, M.bool()
-        w_ce, w_kd = cfg['weights']
-        if cfg['chunk']:
-            out = self.model.base_model(input_ids=X, output_hidden_states=t_hidden is not None)
-            weighted, ce, kd = ChunkedHeadLoss.apply(
-                out.last_hidden_state[keep], self.model.get_output_embeddings().weight, Y[keep],
-                None if t_final is None else t_final[keep], t_head, cfg['vocab'], w_ce, w_kd, cfg['kind'],
-                cfg['temperature'], cfg['beta'], cfg['chunk'], self.chunk_fn)
+    @torch.no_grad()
+    def teacher_forward(self, teacher, batch):
+        """The teacher's forward, only as far as the loss needs it: no head on the chunked path (it is applied a chunk
+        at a time) nor for hidden states alone. Across tokenizers it reads its own tokens."""
+        if teacher is None:
+            return TeacherOut()
+        net = teacher if self.w_kd and not self.chunk else teacher.base_model
+        X = batch.X if batch.align.XT is None else batch.align.XT
+        out = net(input_ids=X, output_hidden_states=self.w_hidden > 0)
+        return TeacherOut(final=None if not self.w_kd else out.last_hidden_state if self.chunk else out.logits,
+                          head=teacher.get_output_embeddings().weight if self.w_kd and self.chunk else None,
+                          hidden=[out.hidden_states[t] for _, t in self.layer_pairs] if self.w_hidden else None)
+
+    def forward(self, batch, teacher, n_targets=1, n_hidden=1):
+        """The loss: (w_ce CE + w_kd T^2 D) / n_targets + w_hidden H / n_hidden, with the step's counts of supervised
+        targets and aligned positions, so that the micro-batches' losses add up to the step's. T^2 keeps the gradient
+        of D comparable across temperatures (Hinton et al. 2015): D's own gradient shrinks like 1/T^2."""
+        X, Y, M, align = batch
+        keep = M.bool()
+        c_ce, c_kd, c_hidden = self.w_ce / n_targets, self.w_kd * self.temperature ** 2 / n_targets, self.w_hidden / n_hidden
+        settings = (self.vocab, self.kind, self.temperature, self.beta)
+        if self.chunk:
+            out = self.model.base_model(input_ids=X, output_hidden_states=teacher.hidden is not None)
+            ce, kd = ChunkedHeadLoss.apply(out.last_hidden_state[keep], self.model.get_output_embeddings().weight, Y[keep],
+                                           None if teacher.final is None else teacher.final[keep], teacher.head,
+                                           (c_ce, c_kd) if torch.is_grad_enabled() else None, *settings, self.chunk, self.chunk_fn)
         else:
-            out = self.model(input_ids=X, output_hidden_states=t_hidden is not None)
-            ce, kd = loss_sums(out.logits, Y, M, t_final, cfg['vocab'], cfg['kind'], cfg['temperature'], cfg['beta'])
-            weighted = w_ce * ce + w_kd * kd
-        if t_hidden is None:
-            return weighted, ce.detach(), kd.detach(), torch.zeros_like(ce)
-        _, b, s, t = H
-        total = 0.0
-        with torch.autocast(X.device.type, enabled=False):  # projections and distances in fp32
-            for (ls, _), proj, ht in zip(self.layer_pairs, self.proj, t_hidden):
-                hs = proj(out.hidden_states[ls][b, s].float())
-                total = total + hidden_distance(hs, ht[b, t], self.hidden_loss, self.rms_norm).sum()
-        return weighted, ce.detach(), kd.detach(), total / len(self.layer_pairs)
+            out = self.model(input_ids=X, output_hidden_states=teacher.hidden is not None)
+            ce, kd = loss_sums(out.logits[keep], Y[keep], None if teacher.final is None else teacher.final[keep], *settings)
+        hidden = torch.zeros_like(ce)
+        if teacher.hidden is not None:
+            with torch.autocast(X.device.type, enabled=False):  # projections and distances in fp32
+                for (ls, _), proj, ht in zip(self.layer_pairs, self.proj, teacher.hidden):
+                    hs = proj(out.hidden_states[ls][align.b, align.s].float())
+                    hidden = hidden + hidden_distance(hs, ht[align.b, align.t], self.hidden_loss, self.rms_norm).sum()
+            hidden = hidden / len(self.layer_pairs)
+        loss = c_ce * ce + c_kd * kd + c_hidden * hidden
+        return Losses(loss, ce.detach(), kd.detach(), hidden.detach())
 
 def get_lr(it, max_iters, warmup_iters, lr, min_lr):
     if it < warmup_iters:
@@ -600,116 +421,6 @@ def configure_optimizer(module, lr, weight_decay, betas):
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)  # one kernel per step (CPU too: ~4x faster here)
 
-def checkpoint_iter(folder):
-    """(iteration, None) for a complete checkpoint, else (None, what is wrong). Complete: its manifest, written
-    last, is there and every file it lists has the size it records."""
-    try:
-        with open(os.path.join(folder, 'manifest.json')) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return None, f'{folder} has no manifest (a save that did not finish)'
-    problem = prepare_data.verify_files(folder, manifest['files'])
-    return (None, problem) if problem else (manifest['iter_num'], None)
-
-def swap_in(tmp, folder):
-    """folder <- tmp (a complete checkpoint): the old one moves aside and is deleted only once the new one is in place."""
-    old = folder + '.old'
-    if os.path.exists(folder):
-        if os.path.exists(old):
-            shutil.rmtree(old)  # left by a kill; tmp, complete and newer, is findable meanwhile
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if os.path.exists(old):
-        shutil.rmtree(old)
-
-def save_checkpoint(folder, raw_model, optimizer, scaler, iter_num, data_position, rng_states, config):
-    """Weights as safetensors, the rest as a torch file, written into folder.tmp; a manifest of their sizes, written
-    last, marks it complete; then it is swapped in. A kill at any instant leaves at least one complete checkpoint
-    among folder, folder.tmp and folder.old, and find_checkpoint picks the newest; the next save tidies up."""
-    from safetensors.torch import save_model
-    tmp = folder + '.tmp'
-    done = checkpoint_iter(tmp)[0]
-    if done is not None and done > (checkpoint_iter(folder)[0] or 0):
-        swap_in(tmp, folder)  # a kill came between a complete save and its swap: finish that swap first
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    save_model(raw_model, os.path.join(tmp, 'model.safetensors'))
-    torch.save({'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'iter_num': iter_num,
-                'data_position': data_position, 'rng_states': rng_states, 'config': config},
-               os.path.join(tmp, 'state.pt'))
-    files = {}
-    for name in sorted(os.listdir(tmp)):
-        with open(os.path.join(tmp, name), 'rb') as f:
-            os.fsync(f.fileno())  # on disk before the manifest says so (a power cut, not only a kill)
-        files[name] = os.path.getsize(os.path.join(tmp, name))
-    with open(os.path.join(tmp, 'manifest.part'), 'w') as f:
-        json.dump({'iter_num': iter_num, 'files': files}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(os.path.join(tmp, 'manifest.part'), os.path.join(tmp, 'manifest.json'))
-    swap_in(tmp, folder)
-
-def find_checkpoint(folder):
-    """The newest complete checkpoint among folder and what an interrupted save left (folder.tmp, folder.old):
-    (its path, its iteration, what was wrong with the others)."""
-    found, problems = [], []
-    for path in (folder, folder + '.tmp', folder + '.old'):
-        if os.path.isdir(path):
-            it, problem = checkpoint_iter(path)
-            legacy = [os.path.join(path, f) for f in ('model.safetensors', 'state.pt', 'manifest.json')]
-            if it is None and path == folder and all(map(os.path.isfile, legacy[:2])) and not os.path.exists(legacy[2]):
-                try:  # saved before manifests existed, when only a finished save was renamed into place
-                    it = torch.load(legacy[1], weights_only=False)['iter_num']
-                except Exception:
-                    pass
-            if it is None:
-                problems.append(problem)
-            else:
-                found.append((it, path))
-    if not found:
-        raise ConfigError(f"init_from='resume' but there is no complete checkpoint in {folder}" +
-                          (f' ({problems[0]})' if problems else '') + "; start again with init_from='scratch'")
-    it, path = max(found, key=lambda f: f[0])  # the first of equals: folder itself
-    return path, it, problems
-
-def load_checkpoint(folder, raw_model, optimizer, scaler):
-    from safetensors.torch import load_model as load_weights
-    try:
-        load_weights(raw_model, os.path.join(folder, 'model.safetensors'))
-    except Exception as e:  # another model than the one saved (changed student, layer_map, ...)
-        raise ConfigError(f"cannot load {os.path.join(folder, 'model.safetensors')} into this run's model: "
-                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}")
-    state = torch.load(os.path.join(folder, 'state.pt'), weights_only=False)
-    optimizer.load_state_dict(state['optimizer'])
-    scaler.load_state_dict(state['scaler'])
-    return state
-
-def trim_log(path, iter_num):
-    """After a resume from iteration iter_num, the log holds what came before it: lines of the lost iterations
-    (and a line a kill cut short) go."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    for line in open(path):
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(r, dict) and (r.get('iter', iter_num) < iter_num or (r.get('iter') == iter_num and 'val_ce' in r)):
-            keep.append(line)
-    with open(path + '.tmp', 'w') as f:
-        f.writelines(keep)
-    os.replace(path + '.tmp', path)
-
-def rng_state():
-    return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-def set_rng_state(state):
-    torch.set_rng_state(state['cpu'])
-    if state['cuda'] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'])
-
 def fail(message):
     print(f'error: {message}', file=sys.stderr)
     sys.exit(2)
@@ -717,43 +428,18 @@ def fail(message):
 # -----------------------------------------------------------------------------
 
 if __name__ == '__main__':
+    defaults = {k: globals()[k] for k in config_keys}
     if '--help' in sys.argv[1:] or '-h' in sys.argv[1:]:
-        comments = default_comments()
-        print(__doc__)
-        for k in config_keys:
-            print(f'  --{k}={globals()[k]!r}'.ljust(44) + f'  {comments.get(k, "")}')
+        print_help(__doc__, __file__, defaults)
         sys.exit(0)
     try:
-        config = parse_config(sys.argv[1:], {k: globals()[k] for k in config_keys})
+        config = parse_config(sys.argv[1:], defaults, OPTIONAL_TYPES)
+        check_config(config, {'distill': ('logits', 'hidden', 'none'), 'kd_kind': KD_KINDS, 'hidden_loss': ('mse', 'cosine'),
+                              'proj_init': ('xavier', 'identity'), 'init_from': ('scratch', 'resume'), 'dtype': ('float32', 'bfloat16', 'float16'),
+                              'student_init': ('pretrained', 'config', 'teacher_layers')}, torch.cuda.is_available())
     except ConfigError as e:
         fail(e)
-    globals().update(config)
-    choices = {'distill': ('logits', 'hidden', 'none'), 'kd_kind': KD_KINDS, 'hidden_loss': ('mse', 'cosine'),
-               'proj_init': ('xavier', 'identity'), 'student_init': ('pretrained', 'config', 'teacher_layers'),
-               'init_from': ('scratch', 'resume'), 'dtype': ('float32', 'bfloat16', 'float16')}
-    for key, allowed in choices.items():
-        if config[key] not in allowed:
-            close = difflib.get_close_matches(str(config[key]), allowed, n=1)
-            fail(f"{key} must be one of {', '.join(allowed)}; got {config[key]!r}" + (f" (did you mean '{close[0]}'?)" if close else ''))
-    for key in ('block_size', 'batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'temperature',
-                'epochs', 'stop_iter'):
-        if config[key] is not None and config[key] <= 0:
-            fail(f'{key} must be > 0, got {config[key]}')
-    for key in ('alpha', 'beta', 'warmup_frac'):
-        if not 0 <= config[key] <= 1:
-            fail(f'{key} must be in [0, 1], got {config[key]}')
-    for key in ('loss_chunk', 'eval_docs', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'max_iters'):
-        if config[key] is not None and config[key] < 0:  # (max_iters=0 exports the student as it starts)
-            fail(f'{key} must be >= 0, got {config[key]}')
-    if not re.fullmatch(r'cpu|cuda(:\d+)?', device):
-        fail(f"device must be 'cpu', 'cuda' or 'cuda:N', got '{device}'")
-    if 'cuda' in device and not torch.cuda.is_available():
-        fail(f"device='{device}' but this torch sees no CUDA device: pass --device=cpu, or install a CUDA build of torch")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        fail(f"out_dir '{out_dir}' is a file: pass a folder (it holds ckpt/, student/ and log.jsonl)")
-    import transformers
-    transformers.utils.logging.disable_progress_bar()
-    # the loss: w_ce CE + w_kd T^2 D + w_hidden H; distill and alpha imply the weights, explicit ones override
+    globals().update(config)  # read-only from here: what the run derives gets its own name, and goes in run_config
     implied = {'none': (1.0, 0.0, 0.0), 'logits': (1 - alpha, alpha, 0.0), 'hidden': (1 - alpha, 0.0, alpha)}[distill]
     w_ce, w_kd, w_hidden = (implied[i] if w is None else float(w) for i, w in enumerate((ce_weight, kd_weight, hidden_weight)))
     use_teacher = w_kd > 0 or w_hidden > 0 or student_init == 'teacher_layers'
@@ -764,9 +450,10 @@ if __name__ == '__main__':
     # DDP: torchrun's environment decides; nccl on GPUs, gloo on CPUs
     ddp = int(os.environ.get('RANK', -1)) != -1
     if ddp:
+        import datetime
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
-        import datetime  # generous: the other ranks wait while rank 0 downloads and converts a large teacher
+        # generous timeout: the other ranks wait while rank 0 downloads and converts a large teacher
         dist.init_process_group(backend='nccl' if 'cuda' in device else 'gloo', timeout=datetime.timedelta(hours=2))
         rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
         if 'cuda' in device:
@@ -778,7 +465,7 @@ if __name__ == '__main__':
         fail(f'gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the world size {world_size}')
     torch.manual_seed(seed + rank)
     device_type = 'cuda' if 'cuda' in device else 'cpu'
-    torch_device = f'cuda:{local_rank}' if ddp and device_type == 'cuda' else device  # (config values stay as given)
+    torch_device = f'cuda:{local_rank}' if ddp and device_type == 'cuda' else device
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
@@ -789,16 +476,14 @@ if __name__ == '__main__':
         meta = prepare_data.check_dataset(data_dir)
     except prepare_data.DataError as e:
         fail(e)
-    vocab = meta['vocab_size']
-    cross_tokenizer = 'teacher_tokenizer' in meta
+    vocab, cross_tokenizer = meta['vocab_size'], 'teacher_tokenizer' in meta
     if cross_tokenizer and w_kd > 0:
         fail(f"{data_dir} pairs two tokenizers: logit distillation compares distributions token by token and needs one "
              "shared tokenizer; use distill='hidden' (or kd_weight=0)")
     train_data, val_data = load_split(data_dir, 'train'), load_split(data_dir, 'val')
     train_windows, val_windows = block_windows(train_data, block_size), block_windows(val_data, block_size)[:eval_docs]
     n_train_docs, n_val_docs = len(train_windows), len(val_windows)  # (a document longer than block_size gives several)
-    steps_per_epoch = n_train_docs / (batch_size * gradient_accumulation_steps)
-    iterations = max_iters if max_iters is not None else math.ceil(epochs * steps_per_epoch)
+    iterations = max_iters if max_iters is not None else math.ceil(epochs * n_train_docs / (batch_size * gradient_accumulation_steps))
     warmup_iters = int(warmup_frac * iterations)
 
     # models; a .gguf is converted once, by rank 0, while the others wait
@@ -807,16 +492,14 @@ if __name__ == '__main__':
     try:
         teacher_model = load_model(teacher, trust_remote_code) if use_teacher else None
         if student_init == 'teacher_layers':
-            student_model = student_from_teacher_layers(teacher_model, student_layers)
-            student_tok = model_tokenizer(teacher)
+            student_model, student_tok = student_from_teacher_layers(teacher_model, student_layers), model_tokenizer(teacher)
         else:
             if student is None:
                 fail('set student (an HF hub id, a local folder or a .gguf file)')
-            student_model = load_model(student, trust_remote_code)
+            student_model, student_tok = load_model(student, trust_remote_code), model_tokenizer(student)
             if student_init == 'config':
                 from transformers import AutoModelForCausalLM
                 student_model = AutoModelForCausalLM.from_config(student_model.config, dtype=torch.float32)
-            student_tok = model_tokenizer(student)
         teacher_tok = model_tokenizer(teacher) if use_teacher else None
     except ConfigError as e:
         fail(e)
@@ -824,57 +507,39 @@ if __name__ == '__main__':
         dist.barrier()
     if w_kd == 0 and w_hidden == 0:
         teacher_model = None  # 'teacher_layers' needed it only to build the student
-    # vocabularies: the data's tokenizer(s) (compared by fingerprint) and enough output rows for them
-    teacher_fingerprint = meta['teacher_vocab_fingerprint'] if cross_tokenizer else meta['vocab_fingerprint']
-    for name, tok, expected in (('student', student_tok, meta['vocab_fingerprint']),
-                                ('teacher', teacher_tok if teacher_model is not None else None, teacher_fingerprint)):
-        if tok is None and (name == 'student' or teacher_model is not None) and master_process:
-            print(f"warning: the {name} ships no tokenizer: whether it reads {data_dir}'s tokens as they were meant could "
-                  f"not be checked (only its output rows are); add the tokenizer files to its folder")
-        if tok is not None and prepare_data.vocab_fingerprint(tok) != expected:
-            fail(f"the {name}'s tokenizer differs from the one {data_dir} was prepared with for it; logit distillation needs "
-                 "one shared tokenizer, hidden-state distillation across tokenizers needs prepare_data.py --teacher_tokenizer")
-    for name, m, rows in (('student', student_model, vocab),
-                          ('teacher', teacher_model, meta.get('teacher_vocab_size', vocab))):
-        if m is not None and output_rows(m) < rows:
-            fail(f'the {name} has {output_rows(m)} output rows but the tokenizer of {data_dir} has {rows} tokens')
-    if teacher_model is not None:
+    try:  # the data's tokenizer(s) are the models' (compared by fingerprint), and the models have enough output rows
+        notes = check_vocabularies(meta, data_dir, student_model, student_tok, teacher_model, teacher_tok)
+    except ConfigError as e:
+        fail(e)
+    if master_process and notes:
+        print('\n'.join(notes))
+    if teacher_model is not None:  # frozen, in the compute dtype (fp32 under float16: its activations could overflow)
         cast_parameters(teacher_model.to(torch_device).eval().requires_grad_(False), torch.float32 if dtype == 'float16' else ptdtype)
 
-    probe = torch.arange(1, 17)[None]  # 16 tokens every vocabulary has
-    heads = [m for m in (student_model, teacher_model if w_kd else None) if m is not None]  # those the loss applies
-    chunk = loss_chunk if not loss_chunk or all(plain_head(m, probe.to(m.device)) for m in heads) else 0
+    # the chunked loss computes logits = final hidden states @ head: only where a probe batch shows that is what they are
+    heads = [m for m in (student_model, teacher_model if w_kd else None) if m is not None]
+    chunk = loss_chunk if not loss_chunk or all(plain_head(m, torch.arange(1, 17, device=m.device)[None]) for m in heads) else 0
     if chunk != loss_chunk and master_process:
         print("note: a model's logits are not its final hidden states times its head (a bias, a logit scale or "
               'multiplier, soft-capping): using the plain loss path (loss_chunk=0)')
     if chunk and device_type == 'cpu':
         keep_freed_memory()  # the chunk loop reallocates the same few (chunk, V) blocks; the plain path would fragment
-    loss_settings = {'vocab': vocab, 'weights': (w_ce, w_kd * temperature ** 2), 'kind': kd_kind,
-                     'temperature': temperature, 'beta': beta, 'chunk': chunk, 'compile': compile}
-    layer_pairs = []
     try:
-        if w_hidden > 0:
-            layer_pairs = make_layer_pairs(layer_map, student_model.config.num_hidden_layers, teacher_model.config.num_hidden_layers)
-        model = Trainable(student_model, loss_settings, layer_pairs, teacher_model.config.hidden_size if layer_pairs else 0,
-                          proj_init, hidden_loss, hidden_rms_norm)
+        layer_pairs = make_layer_pairs(layer_map, student_model.config.num_hidden_layers,
+                                       teacher_model.config.num_hidden_layers) if w_hidden > 0 else []
+        model = Trainable(student_model, vocab, (w_ce, w_kd, w_hidden), kd_kind, temperature, beta, chunk, layer_pairs,
+                          teacher_model.config.hidden_size if layer_pairs else 0, hidden_loss, hidden_rms_norm, proj_init, compile)
     except ConfigError as e:
         fail(e)
-    model = model.to(torch_device).train()  # from_pretrained returns models in eval mode
-    raw_model = model
+    raw_model = model = model.to(torch_device).train()  # from_pretrained returns models in eval mode
     optimizer = configure_optimizer(model, learning_rate, weight_decay, (beta1, beta2))
     iter_num, last_saved, ckpt_dir = 0, None, os.path.join(out_dir, 'ckpt')
     if init_from == 'resume':
         try:
             path, iter_num, problems = find_checkpoint(ckpt_dir)
-            state = load_checkpoint(path, raw_model, optimizer, scaler)
+            state = load_checkpoint(path, raw_model, optimizer, scaler, config, world_size)  # (refuses a changed data stream)
         except ConfigError as e:
             fail(e)
-        for key in ('batch_size', 'gradient_accumulation_steps', 'seed', 'dataset'):  # they decide the data stream
-            if state['config'][key] != config[key]:
-                fail(f"{key} was {state['config'][key]!r} when {path} was written, now {config[key]!r}: resume with "
-                     f"--{key}={state['config'][key]!r} (the data order depends on it), or start a new out_dir")
-        if len(state['rng_states']) != world_size:
-            fail(f"the checkpoint was written by {len(state['rng_states'])} ranks; resume with the same number")
         set_rng_state(state['rng_states'][rank])
         last_saved = iter_num
         if master_process:
@@ -897,39 +562,22 @@ if __name__ == '__main__':
             dist.all_reduce(t)
         return t.tolist()
 
-    # the teacher's forward: its logits on the plain path, else its final hidden states (the chunked loss
-    # applies its head a chunk at a time; hidden-state distillation needs no head at all)
-    teacher_head = teacher_model.get_output_embeddings().weight if teacher_model is not None and w_kd > 0 and chunk else None
-    teacher_net = None if teacher_model is None else teacher_model if w_kd > 0 and not chunk else teacher_model.base_model
-
-    def run_teacher(X, H):
-        """What the loss needs of the teacher: (its logits or final hidden states when w_kd > 0, its head weight
-        on the chunked path, its hidden states at the mapped layers when w_hidden > 0)."""
-        if teacher_model is None:
-            return None
-        with torch.no_grad(), ctx:
-            out = teacher_net(input_ids=X if H[0] is None else H[0], output_hidden_states=w_hidden > 0)
-        final = (out.last_hidden_state if chunk else out.logits) if w_kd > 0 else None
-        return final, teacher_head, [out.hidden_states[lt] for _, lt in layer_pairs] if w_hidden > 0 else None
-
     def batch(split, windows):
         return make_batch(split, windows, block_size, meta['pad_id'], torch_device, meta.get('teacher_eos_id', 0))
 
     @torch.no_grad()
     def evaluate():  # (through raw_model: DDP's forward would wait for ranks that have no documents to evaluate)
         model.eval()
+        sums = [0.0] * 5  # ce, kd, hidden, supervised targets, aligned positions
         docs = val_windows[rank::world_size]
-        ce = kd = hid = n = n_hidden = 0.0
         for k in range(0, len(docs), batch_size):
-            X, Y, M, H = batch(val_data, docs[k:k + batch_size])
+            b = batch(val_data, docs[k:k + batch_size])
             with ctx:
-                _, c, d, h = raw_model(X, Y, M, run_teacher(X, H), H)
-
-            ce, kd, n = ce + c.item(), kd + d.item(), n + M.sum().item()
-            hid, n_hidden = hid + h.item(), n_hidden + len(H[1])
+                out = raw_model(b, raw_model.teacher_forward(teacher_model, b))
+            sums = [a + v for a, v in zip(sums, (out.ce.item(), out.kd.item(), out.hidden.item(), b.M.sum().item(), len(b.align.b)))]
         model.train()
-        ce, kd, hid, n, n_hidden = all_reduce(ce, kd, hid, n, n_hidden)
-        return ce / max(n, 1), kd / max(n, 1), hid / max(n_hidden, 1)
+        ce, kd, hidden, n, n_hidden = all_reduce(*sums)
+        return ce / max(n, 1), kd / max(n, 1), hidden / max(n_hidden, 1)
 
     def last_good():
         return f'the last checkpoint ({ckpt_dir}, iteration {last_saved}) is intact' if last_saved else 'no checkpoint was written'
@@ -944,21 +592,19 @@ if __name__ == '__main__':
         else:
             states = [rng_state()]
         if master_process:
-            save_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer, scaler, iter_num,
+            save_checkpoint(ckpt_dir, raw_model, optimizer, scaler, iter_num,
                             iter_num * batch_size * gradient_accumulation_steps, states, run_config)
 
     flops_peak = peak_flops or (989e12 if device_type == 'cuda' else measure_matmul_flops(torch_device))
     run_config = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'peak_flops': flops_peak}  # what this run used
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
-        n_params = sum(p.numel() for p in raw_model.model.parameters())
-        print(f'student: {n_params / 1e6:.2f}M parameters; teacher: '
+        print(f'student: {sum(p.numel() for p in student_model.parameters()) / 1e6:.2f}M parameters; teacher: '
               + (f'{sum(p.numel() for p in teacher_model.parameters()) / 1e6:.2f}M parameters' if teacher_model is not None else 'none'))
         print(f'loss = {w_ce:g} CE' + (f' + {w_kd:g} T^2 {kd_kind} (T={temperature:g})' if w_kd else '')
               + (f' + {w_hidden:g} hidden {hidden_loss}' if w_hidden else '') + (' [across tokenizers]' if cross_tokenizer else ''))
         if layer_pairs:
-            print('layer map (student <- teacher, 0 = embedding output, l = block l): '
-                  + ', '.join(f'{a}<-{b}' for a, b in layer_pairs)
+            print('layer map (student <- teacher, 0 = embedding output, l = block l): ' + ', '.join(f'{a}<-{b}' for a, b in layer_pairs)
                   + f'; projections {student_model.config.hidden_size} -> {teacher_model.config.hidden_size} ({proj_init})')
         print(f"{len(train_data['idx']) - 1:,} training documents in {n_train_docs:,} windows of <= {block_size} targets; "
               f'{iterations} iterations of {batch_size} x {gradient_accumulation_steps} windows ({world_size} rank(s))')
@@ -969,18 +615,22 @@ if __name__ == '__main__':
             import wandb
             wandb.init(project=wandb_project, name=wandb_run_name, config=run_config)
         log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a' if init_from == 'resume' else 'w')  # a new run, a new log
-    last_iter = iterations if stop_iter is None else min(stop_iter, iterations)
 
+    def log(record, text):
+        if master_process:
+            print(text)
+            log_file.write(json.dumps(record) + '\n')
+            log_file.flush()
+            if wandb_log:
+                wandb.log(record)
+
+    last_iter = iterations if stop_iter is None else min(stop_iter, iterations)
     while True:  # (the checkpoint a run resumed from was evaluated and written already)
         if (iter_num % eval_interval == 0 or iter_num == last_iter) and iter_num != last_saved:
             if n_val_docs:
                 val_ce, val_kd, val_hidden = evaluate()
-                if master_process:
-                    print(f'iter {iter_num}: val ce {val_ce:.4f}, val kd {val_kd:.4f}, val hidden {val_hidden:.4f}')
-                    log_file.write(json.dumps({'iter': iter_num, 'val_ce': val_ce, 'val_kd': val_kd, 'val_hidden': val_hidden}) + '\n')
-                    log_file.flush()
-                    if wandb_log:
-                        wandb.log({'iter': iter_num, 'val/ce': val_ce, 'val/kd': val_kd, 'val/hidden': val_hidden})
+                log({'iter': iter_num, 'val_ce': val_ce, 'val_kd': val_kd, 'val_hidden': val_hidden},
+                    f'iter {iter_num}: val ce {val_ce:.4f}, val kd {val_kd:.4f}, val hidden {val_hidden:.4f}')
                 if not all(map(math.isfinite, (val_ce, val_kd, val_hidden))):
                     fail(f'non-finite validation loss at iteration {iter_num} (ce {val_ce}, kd {val_kd}, hidden {val_hidden}): '
                          f'not checkpointed; {last_good()}; lower learning_rate or check the data')
@@ -995,23 +645,19 @@ if __name__ == '__main__':
         t0 = time.time()
         micro_batches = [batch(train_data, train_windows[ids]) for ids in
                          step_doc_ids(iter_num, batch_size, gradient_accumulation_steps, rank, world_size, n_train_docs, seed)]
-        # N: supervised targets of the whole step, over every micro-batch and rank (and the hidden-loss positions)
-        supervised_tokens, hidden_positions, step_tokens = all_reduce(
-            sum(M.sum().item() for _, _, M, _ in micro_batches), sum(len(H[1]) for *_, H in micro_batches),
-            sum(X.numel() for X, *_ in micro_batches))
-        ce_total = kd_total = hidden_total = 0.0
-        for micro_step, (X, Y, M, H) in enumerate(micro_batches):
+        # the step's counts over every micro-batch and rank: supervised targets, aligned positions, tokens
+        n_targets, n_hidden, step_tokens = all_reduce(sum(b.M.sum().item() for b in micro_batches),
+                                                      sum(len(b.align.b) for b in micro_batches), sum(b.X.numel() for b in micro_batches))
+        sums = torch.zeros(4, dtype=torch.float64, device=torch_device)  # loss, ce, kd, hidden
+        for micro_step, b in enumerate(micro_batches):
             if ddp:
                 model.require_backward_grad_sync = micro_step == len(micro_batches) - 1
             with ctx:
-                weighted, ce_sum, kd_sum, h_sum = model(X, Y, M, run_teacher(X, H), H)
-            loss = weighted / max(supervised_tokens, 1) + w_hidden * h_sum / max(hidden_positions, 1)
-            scaler.scale(loss * world_size).backward()  # DDP averages gradients over ranks; the sum is wanted
-            ce_total, kd_total, hidden_total = ce_total + ce_sum, kd_total + kd_sum, hidden_total + h_sum.detach()
-        ce_total, kd_total, hidden_total = all_reduce(float(ce_total), float(kd_total), float(hidden_total))
-        ce_mean, kd_mean = ce_total / max(supervised_tokens, 1), kd_total / max(supervised_tokens, 1)
-        hidden_mean = hidden_total / max(hidden_positions, 1)
-        loss_value = total_loss(ce_mean, kd_mean, hidden_mean, (w_ce, w_kd, w_hidden), temperature)
+                out = model(b, raw_model.teacher_forward(teacher_model, b), max(n_targets, 1), max(n_hidden, 1))
+            scaler.scale(out.loss * world_size).backward()  # DDP averages gradients over ranks; the sum is wanted
+            sums += torch.stack([out.loss.detach(), out.ce, out.kd, out.hidden]).double()
+        loss_value, ce_mean, kd_mean, hidden_mean = all_reduce(*sums.tolist())
+        ce_mean, kd_mean, hidden_mean = ce_mean / max(n_targets, 1), kd_mean / max(n_targets, 1), hidden_mean / max(n_hidden, 1)
         if not math.isfinite(loss_value):
             fail(f'non-finite loss at iteration {iter_num} (ce {ce_mean}, kd {kd_mean}, hidden {hidden_mean}): {last_good()}; '
                  'lower learning_rate, check the data, or use bfloat16 instead of float16')
@@ -1026,24 +672,20 @@ if __name__ == '__main__':
         if device_type == 'cuda':
             torch.cuda.synchronize()
         dt = time.time() - t0
-        if master_process and iter_num % log_interval == 0:
+        if iter_num % log_interval == 0:
             seq = step_tokens / (batch_size * gradient_accumulation_steps)
-            flops = flops_per_token(raw_model.model, seq, True) + (flops_per_token(teacher_model, seq, False) if teacher_model is not None else 0)
+            flops = flops_per_token(student_model, seq, True) + (flops_per_token(teacher_model, seq, False) if teacher_model is not None else 0)
             tok_s = step_tokens / dt
             mfu = flops * tok_s / (flops_peak * world_size)
-            print(f'iter {iter_num}: loss {loss_value:.4f}, ce {ce_mean:.4f}, kd {kd_mean:.4f}, hidden {hidden_mean:.4f}, '
-                  f'lr {lr:.2e}, grad norm {grad_norm:.3f}, {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%')
-            record = {'iter': iter_num, 'loss': loss_value, 'ce': ce_mean, 'kd': kd_mean, 'hidden': hidden_mean, 'lr': lr,
-                      'grad_norm': grad_norm, 'ms': dt * 1000, 'tokens_per_s': tok_s, 'mfu': mfu}
-            log_file.write(json.dumps(record) + '\n')
-            log_file.flush()
-            if wandb_log:
-                wandb.log(record)
+            log({'iter': iter_num, 'loss': loss_value, 'ce': ce_mean, 'kd': kd_mean, 'hidden': hidden_mean, 'lr': lr,
+                 'grad_norm': grad_norm, 'ms': dt * 1000, 'tokens_per_s': tok_s, 'mfu': mfu},
+                f'iter {iter_num}: loss {loss_value:.4f}, ce {ce_mean:.4f}, kd {kd_mean:.4f}, hidden {hidden_mean:.4f}, '
+                f'lr {lr:.2e}, grad norm {grad_norm:.3f}, {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%')
         iter_num += 1
 
     if master_process and export:
         folder = os.path.join(out_dir, 'student')
-        raw_model.model.save_pretrained(folder)  # the student alone: projections are training machinery
+        student_model.save_pretrained(folder)  # the student alone: projections are training machinery
         export_tok = student_tok or model_tokenizer(meta['tokenizer'])
         if export_tok is not None and hasattr(export_tok, 'save_pretrained'):
             export_tok.save_pretrained(folder)

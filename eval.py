@@ -14,7 +14,7 @@ added, and an empty context becomes the BOS token (end-of-text where the tokeniz
 import argparse, gzip, importlib.util, json, math, os, sys, time
 import torch
 import torch.nn.functional as F
-import distill, prepare_data
+import distill, prepare_data, support
 
 class EvalError(Exception):
     pass
@@ -143,8 +143,8 @@ def heldout(model, data_dir, batch_size, block_size, device, teacher=None, limit
         X, Y, M, _ = distill.make_batch(split, windows[k:k + batch_size], block_size, meta['pad_id'], device)
         logits, keep, V = model(input_ids=X).logits, M.bool(), meta['vocab_size']
         t_logits = teacher(input_ids=X).logits if teacher is not None else None
-        c, k = distill.loss_sums(logits, Y, M, t_logits, V, 'fkl', 1.0)  # training's own CE and divergence, T = 1
-        ce, kl, n = ce + c.item(), kl + k.item(), n + keep.sum().item()
+        c, d = distill.loss_sums(logits[keep], Y[keep], None if t_logits is None else t_logits[keep], V)  # training's, T = 1
+        ce, kl, n = ce + c.item(), kl + d.item(), n + keep.sum().item()
         if teacher is not None:  # rows past the tokenizer's vocabulary are padding
             agree += (logits[keep][:, :V].argmax(-1) == t_logits[keep][:, :V].argmax(-1)).sum().item()
     out = {'val_loss': ce / n, 'val_ppl': math.exp(ce / n), 'val_tokens': int(n)}
@@ -174,12 +174,12 @@ def resolve(spec):
 
 def load(spec, device):
     try:
-        return distill.load_model(resolve(spec)).to(device).eval()
-    except distill.ConfigError as e:
+        return support.load_model(resolve(spec)).to(device).eval()
+    except support.ConfigError as e:
         raise EvalError(str(e))
 
 def load_tokenizer(spec, tokenizer):
-    tok = prepare_data.load_tokenizer(tokenizer) if tokenizer else distill.model_tokenizer(resolve(spec))
+    tok = prepare_data.load_tokenizer(tokenizer) if tokenizer else support.model_tokenizer(resolve(spec))
     if tok is None:
         raise EvalError(f"model '{spec}' has no tokenizer: pass --tokenizer (a hub id, folder, .gguf, tiktoken:<name> or bytes)")
     return tok

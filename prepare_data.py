@@ -13,7 +13,7 @@ i.e. the loss on predicting token i from tokens[:i] counts. For a document d = t
 model reads X = d[:-1] and is scored on Y = d[1:] where mask[1:] == 1. The first token of a document is
 never a target (mask 0): nothing is predicted across a document boundary.
 """
-import argparse, glob, hashlib, importlib.util, json, os, random, shutil, sys, time
+import argparse, glob, hashlib, importlib.util, json, os, random, re, shutil, sys, time
 from multiprocessing import Pool
 import numpy as np
 
@@ -442,32 +442,48 @@ def demo_tokenizer():
 
 def remove_stale(out):
     """The temporary folders of earlier runs for out that were killed (their process is gone)."""
-    for path in glob.glob(glob.escape(out) + '.tmp*') + glob.glob(glob.escape(out) + '.old*'):
+    for path in glob.glob(glob.escape(out) + '.tmp*'):
         try:
-            os.kill(int(path.rsplit('.tmp', 1)[-1].rsplit('.old', 1)[-1]), 0)
+            os.kill(int(re.match(r'\.tmp(\d+)', path[len(out):])[1]), 0)
         except ProcessLookupError:
             shutil.rmtree(path, ignore_errors=True)
-        except (ValueError, PermissionError):
+        except (TypeError, ValueError, PermissionError):
             pass  # not one of ours, or another user's live process
 
-def swap_in(tmp, out):
-    """out <- tmp, so that out is at every instant either the old complete dataset or the new one: one atomic
-    exchange of the two folders (Linux renameat2), then the old one, now at tmp, is deleted. Elsewhere the old
-    one is renamed aside first, which leaves out missing for a moment (a kill then leaves it at out.old<pid>)."""
-    if not os.path.exists(out):
-        os.replace(tmp, out)
-        return
+def seal(tmp, marker, content):
+    """Mark the folder tmp complete: every file in it reaches the disk, then marker, a JSON file of content plus
+    'files' (each file's size), is written last. A reader takes the folder only when every file it lists has its size."""
+    files = {}
+    for name in sorted(os.listdir(tmp)):
+        with open(os.path.join(tmp, name), 'rb') as f:
+            os.fsync(f.fileno())  # on disk before the marker says so (a power cut, not only a kill)
+        files[name] = os.path.getsize(os.path.join(tmp, name))
+    with open(os.path.join(tmp, marker + '.part'), 'w') as f:
+        json.dump({**content, 'files': files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(tmp, marker + '.part'), os.path.join(tmp, marker))
+
+def exchange(a, b):
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the OS cannot."""
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
-        exchanged = libc.renameat2(-100, os.fsencode(tmp), -100, os.fsencode(out), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
+        return libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
     except (OSError, AttributeError):
-        exchanged = False
-    if not exchanged:
-        old = out + f'.old{os.getpid()}'
-        os.replace(out, old)
-        os.replace(tmp, out)
-        tmp = old
+        return False
+
+def swap_in(tmp, folder):
+    """folder <- tmp (a sealed folder), so that folder is at every instant the old complete one or the new one: the
+    two are exchanged atomically, then the old one, now at tmp, is deleted. Where the OS has no exchange the old
+    one is first renamed to tmp.old, which leaves folder missing for a moment (a kill then leaves both beside it)."""
+    if not os.path.exists(folder):
+        os.replace(tmp, folder)
+        return
+    if not exchange(tmp, folder):
+        os.replace(folder, tmp + '.old')
+        os.replace(tmp, folder)
+        tmp += '.old'
     shutil.rmtree(tmp)
 
 def verify_files(folder, files):
@@ -518,6 +534,40 @@ def write_split(folder, split, docs, dtype, teacher_dtype):
             i = pairs[:, 0][pairs[:, 0] + 1 < len(mask)]
             aligned += int(mask[i + 1].sum())
         counts['aligned_supervised_fraction'] = aligned / max(1, counts['supervised_tokens'])
+    return counts
+
+def write_dataset(out, splits, tok, teacher_tok, info):
+    """The splits and meta.json into a temporary folder, sealed, then swapped in for out: a kill at any instant
+    leaves the old dataset or the new one. Returns the splits' counts."""
+    vsize = vocab_size(tok)
+    dtype = np.uint16 if vsize <= 2 ** 16 else np.uint32
+    teacher_dtype = None if teacher_tok is None else np.uint16 if vocab_size(teacher_tok) <= 2 ** 16 else np.uint32
+    tmp = out + f'.tmp{os.getpid()}'
+    remove_stale(out)
+    os.makedirs(tmp)
+    try:
+        counts = {s: write_split(tmp, s, docs, dtype, teacher_dtype) for s, docs in splits.items()}
+        teacher_info = {} if teacher_tok is None else {
+            'teacher_tokenizer': info['teacher_tokenizer'], 'teacher_vocab_fingerprint': vocab_fingerprint(teacher_tok),
+            'teacher_vocab_size': vocab_size(teacher_tok), 'teacher_dtype': np.dtype(teacher_dtype).name,
+            'teacher_eos_id': eos_id(teacher_tok), 'teacher_bos_id': info['teacher_bos_id'],
+            'alignment': 's_teacher.bin holds each document in the teacher tokenizer (same text, same bytes); '
+                         's_align.bin int32 (student position, teacher position) pairs where both tokens end '
+                         'at the same byte; s_align_idx.bin their offsets per document'}
+        seal(tmp, 'meta.json', {  # meta.json, written last, lists every file: the dataset is complete when they all match
+            'tokenizer': info['tokenizer'], 'vocab_fingerprint': vocab_fingerprint(tok), 'vocab_size': vsize,
+            'eos_id': eos_id(tok), 'bos_id': info['bos_id'],  # bos_id: put before every document
+            'pad_id': eos_id(tok) if is_tiktoken(tok) or tok.pad_token_id is None else tok.pad_token_id,
+            'dtype': np.dtype(dtype).name, 'chat_template': 'tokenizer' if not is_tiktoken(tok) and tok.chat_template else 'fallback',
+            'documents': 'document d of split s is tokens s.bin[idx[d]:idx[d+1]] with s_idx.bin int64 offsets; '
+                         'documents are never packed together',
+            'mask': 'mask[i]==1 iff token i is a supervised target (predicted from tokens[:i]); the first token of a document is never one',
+            **teacher_info, **{k: info[k] for k in ('records_read', 'records_used', 'records_skipped', 'records_truncated')},
+            'splits': counts, 'command': info['command']})
+        swap_in(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
     return counts
 
 def main(argv=None):
@@ -581,42 +631,12 @@ def main(argv=None):
         if args.val_fraction > 0 and n_val < 1:
             raise DataError(f'only {len(used)} usable record(s): too few for a validation split; add data or pass --val_fraction=0')
         splits = {'val': [d for r in used[:n_val] for d in r], 'train': [d for r in used[n_val:] for d in r]}
-        vsize = vocab_size(tok)
-        dtype = np.uint16 if vsize <= 2 ** 16 else np.uint32
-        teacher_dtype = None if teacher_tok is None else np.uint16 if vocab_size(teacher_tok) <= 2 ** 16 else np.uint32
         out = os.path.join(args.out_root, name)
-        tmp = out + f'.tmp{os.getpid()}'
-        remove_stale(out)
-        os.makedirs(tmp)
-        try:
-            counts = {s: write_split(tmp, s, docs, dtype, teacher_dtype) for s, docs in splits.items()}
-            meta = {
-                'tokenizer': tokenizer_spec, 'vocab_fingerprint': vocab_fingerprint(tok), 'vocab_size': vsize,
-                'eos_id': eos_id(tok), 'bos_id': (settings['bos'] or [None])[0],  # bos_id: put before every document
-                'pad_id': eos_id(tok) if is_tiktoken(tok) or tok.pad_token_id is None else tok.pad_token_id,
-                'dtype': np.dtype(dtype).name,
-                'chat_template': 'tokenizer' if not is_tiktoken(tok) and tok.chat_template else 'fallback',
-                'documents': 'document d of split s is tokens s.bin[idx[d]:idx[d+1]] with s_idx.bin int64 offsets; '
-                             'documents are never packed together',
-                'mask': 'mask[i]==1 iff token i is a supervised target (predicted from tokens[:i]); the first token of a document is never one',
-                **({} if teacher_tok is None else {
-                    'teacher_tokenizer': args.teacher_tokenizer, 'teacher_vocab_fingerprint': vocab_fingerprint(teacher_tok),
-                    'teacher_vocab_size': vocab_size(teacher_tok), 'teacher_dtype': np.dtype(teacher_dtype).name,
-                    'teacher_eos_id': eos_id(teacher_tok), 'teacher_bos_id': (settings['teacher_bos'] or [None])[0],
-                    'alignment': 's_teacher.bin holds each document in the teacher tokenizer (same text, same bytes); '
-                                 's_align.bin int32 (student position, teacher position) pairs where both tokens end '
-                                 'at the same byte; s_align_idx.bin their offsets per document'}),
-                'records_read': len(records), 'records_used': len(used), 'records_skipped': skipped,
-                'records_truncated': truncated, 'splits': counts,
-                'command': ' '.join(['python', 'prepare_data.py'] + (sys.argv[1:] if argv is None else list(argv))),
-                'files': {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))},
-            }
-            with open(os.path.join(tmp, 'meta.json'), 'w') as f:  # written last: its list of files marks the folder complete
-                json.dump(meta, f, indent=2)
-            swap_in(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp)
+        counts = write_dataset(out, splits, tok, teacher_tok, {
+            'tokenizer': tokenizer_spec, 'teacher_tokenizer': args.teacher_tokenizer, 'bos_id': (settings['bos'] or [None])[0],
+            'teacher_bos_id': (settings['teacher_bos'] or [None])[0], 'records_read': len(records), 'records_used': len(used),
+            'records_skipped': skipped, 'records_truncated': truncated,
+            'command': ' '.join(['python', 'prepare_data.py'] + (sys.argv[1:] if argv is None else list(argv)))})
     except DataError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@ Prints both harnesses' acc and acc_norm, the largest per-request log-likelihood 
 import argparse, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
-import distill, eval as ev, prepare_data
+import eval as ev, prepare_data, support
 
 p = argparse.ArgumentParser()
 p.add_argument('--model', default=None, help='default: the packaged SmolLM2-135M-Instruct (converted HF folder)')
@@ -16,7 +16,7 @@ p.add_argument('--task', default='arc_easy')
 p.add_argument('--limit', type=int)
 p.add_argument('--batch_size', type=int, default=16)
 args = p.parse_args()
-folder = distill.model_path(args.model or prepare_data.demo_tokenizer())
+folder = support.model_path(args.model or prepare_data.demo_tokenizer())
 docs = ev.load_documents(ev.task_path(args.task))[:args.limit]
 requests = [r for d in docs for r in d['requests']]
 

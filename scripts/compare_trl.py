@@ -16,7 +16,7 @@ turned off. distill.py's step also computes the CE term; TRL's loss has none.
 import argparse, json, os, resource, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
-import distill, prepare_data
+import distill, prepare_data, support
 
 p = argparse.ArgumentParser()
 p.add_argument('--batch_size', type=int, default=4)  # distill.py's defaults
@@ -33,27 +33,25 @@ def rss_gb():
 def one_tool(tool):
     """Builds the models and the batch, runs steps + 1 steps (the first warms up), prints one JSON line."""
     if tool != 'trl':
-        distill.keep_freed_memory()  # distill.py's CPU allocator setting (see distill.keep_freed_memory)
+        support.keep_freed_memory()  # distill.py's CPU allocator setting (see support.keep_freed_memory)
     torch.manual_seed(0)
-    teacher = distill.load_model(prepare_data.demo_tokenizer()).eval().requires_grad_(False)
-    student = distill.student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
+    teacher = support.load_model(prepare_data.demo_tokenizer()).eval().requires_grad_(False)
+    student = support.student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
     meta = json.load(open(os.path.join(args.dataset, 'meta.json')))
     split = distill.load_split(args.dataset, 'train')
     idx = split['idx']
     docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
-    X, Y, M, _ = distill.make_batch(split, [(d, 0) for d in docs], args.block_size, meta['pad_id'], 'cpu')
-    if tool == 'distill':
-        model = distill.Trainable(student, {'vocab': meta['vocab_size'], 'weights': (0.5, 0.5 * 4), 'kind': 'fkl',
-                                            'temperature': 2.0, 'beta': 0.5, 'chunk': args.chunk})
+    batch = distill.make_batch(split, [(d, 0) for d in docs], args.block_size, meta['pad_id'], 'cpu')
+    X, Y, M, _ = batch
+    if tool == 'distill':  # distill.py's defaults: alpha 0.5, forward KL at T = 2
+        model = distill.Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=args.chunk)
         optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))
         def step():
-            with torch.no_grad():
-                t_out = (teacher.base_model(input_ids=X).last_hidden_state, teacher.get_output_embeddings().weight, None)
-            weighted, ce, kd, _ = model(X, Y, M, t_out)
-            (weighted / M.sum()).backward()
+            out = model(batch, model.teacher_forward(teacher, batch), M.sum().item())
+            out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return (kd / M.sum()).item()
+            return (out.kd / M.sum()).item()
     else:
         from datasets import Dataset
         from trl import DistillationConfig, DistillationTrainer
@@ -62,7 +60,7 @@ def one_tool(tool):
                                     learning_rate=0.0, report_to=[], max_completion_length=args.block_size)
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
                                       train_dataset=Dataset.from_dict({'prompt': ['hi'] * args.batch_size}),
-                                      processing_class=distill.model_tokenizer(prepare_data.demo_tokenizer()))
+                                      processing_class=support.model_tokenizer(prepare_data.demo_tokenizer()))
         trainer.create_optimizer_and_scheduler(num_training_steps=args.steps + 1)
         rows = torch.cat([X, Y[:, -1:]], 1)  # the whole document row: X plus its last target
         inputs = {'prompt_ids': rows[:, :1], 'prompt_mask': torch.ones_like(rows[:, :1]),

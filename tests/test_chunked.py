@@ -2,7 +2,8 @@
 padded vocabularies and chunk sizes that do not divide the number of positions; also in real DDP runs."""
 import pytest, torch
 from conftest import BYTES_VOCAB, tiny_model
-from distill import KD_KINDS, ChunkedHeadLoss, Trainable, kd_divergence, kd_divergence_grad, loss_sums
+from distill import KD_KINDS, ChunkedHeadLoss, TeacherOut, Trainable, chunk_loss, loss_sums
+from test_losses import tiny_batch
 from test_distill import assert_same_run, run, work  # noqa: F401 (the shared fixture)
 
 def close(a, b, rel=1e-5):
@@ -11,18 +12,17 @@ def close(a, b, rel=1e-5):
 @pytest.mark.parametrize('kind', KD_KINDS)
 @pytest.mark.parametrize('beta', [0.0, 0.3, 1.0])
 @pytest.mark.parametrize('temperature', [1.0, 2.5])
-def test_closed_form_gradient(kind, beta, temperature):
-    """The chunked path's closed-form divergence and gradient vs float64 autograd through kd_divergence."""
+def test_chunk_gradient(kind, beta, temperature):
+    """One chunk's sums and gradient (forward KL's closed form, autograd for the rest) vs float64 autograd through
+    loss_sums, padded vocabulary rows included."""
     torch.manual_seed(2)
-    z, zt = torch.randn(6, 40) * 3, torch.randn(6, 40) * 3
+    z, zt, y = torch.randn(6, 40) * 3, torch.randn(6, 44) * 3, torch.randint(0, 36, (6,))
     z64 = z.double().requires_grad_()
-    ref = kd_divergence(z64, zt.double(), kind, temperature, beta) + 0 * z64.sum(-1)  # skl at beta=1 is 0: no graph
-    ref.sum().backward()
-    d, g = kd_divergence_grad(z, zt, kind, temperature, beta)
-    assert torch.allclose(d.double(), ref, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(g.double(), z64.grad, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match='kd_kind'):
-        kd_divergence_grad(z, zt, 'kl', temperature, beta)
+    ce64, kd64 = loss_sums(z64, y, zt.double(), 36, kind, temperature, beta)
+    (0.3 * ce64 + 1.7 * kd64).backward()
+    ce, kd, dz = chunk_loss(z, y, zt, 36, (0.3, 1.7), kind, temperature, beta)
+    assert ce.item() == pytest.approx(ce64.item(), rel=1e-6) and kd.item() == pytest.approx(kd64.item(), rel=1e-5, abs=1e-6)
+    assert torch.allclose(dz.double(), z64.grad, rtol=1e-4, atol=1e-6)
 
 @pytest.mark.parametrize('kind', KD_KINDS)
 @pytest.mark.parametrize('chunk', [1, 5, 64])
@@ -34,48 +34,55 @@ def test_chunked_equals_plain(kind, chunk):
     t_h, t_W = torch.randn(n, d_t), torch.randn(60, d_t)
     Y = torch.randint(0, vocab, (n,))
     w_ce, w_kd = 0.3, 0.7 * 4.0
-    ce, kd = loss_sums((h @ W.T)[None], Y[None], torch.ones(1, n), (t_h @ t_W.T)[None], vocab, kind, 2.0, 0.3)
+    ce, kd = loss_sums(h @ W.T, Y, t_h @ t_W.T, vocab, kind, 2.0, 0.3)
     (w_ce * ce + w_kd * kd).backward()
     grads = h.grad.clone(), W.grad.clone()
     h.grad = W.grad = None
-    weighted, ce_c, kd_c = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, vocab, w_ce, w_kd, kind, 2.0, 0.3, chunk)
-    (weighted * 1.0).backward()
-    assert close(ce_c, ce) and close(kd_c, kd) and close(weighted, w_ce * ce + w_kd * kd)
+    ce_c, kd_c = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, (w_ce, w_kd), vocab, kind, 2.0, 0.3, chunk)
+    (w_ce * ce_c + w_kd * kd_c).backward()
+    assert close(ce_c, ce) and close(kd_c, kd)
     assert close(h.grad, grads[0]) and close(W.grad, grads[1])
     # the upstream gradient scales the replayed one (1/N, world size, the fp16 loss scale)
     h.grad = W.grad = None
-    weighted, _, _ = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, vocab, w_ce, w_kd, kind, 2.0, 0.3, chunk)
-    (weighted * 0.25).backward()
+    ce_c, kd_c = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, (w_ce, w_kd), vocab, kind, 2.0, 0.3, chunk)
+    (0.25 * (w_ce * ce_c + w_kd * kd_c)).backward()
     assert close(h.grad, 0.25 * grads[0]) and close(W.grad, 0.25 * grads[1])
+    # a loss that weighs the outputs otherwise than the gradient computed in forward is refused, never silently wrong
+    ce_c, kd_c = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, (w_ce, w_kd), vocab, kind, 2.0, 0.3, chunk)
+    with pytest.raises(RuntimeError, match='weighs its outputs otherwise'):
+        (w_ce * ce_c + 2 * w_kd * kd_c).backward()
 
 def test_chunked_ce_only():
     torch.manual_seed(1)
     h, W, Y = torch.randn(9, 4, requires_grad=True), torch.randn(20, 4, requires_grad=True), torch.randint(0, 20, (9,))
-    weighted, ce, kd = ChunkedHeadLoss.apply(h, W, Y, None, None, 20, 1.0, 0.0, 'fkl', 1.0, 0.5, 4)
+    ce, kd = ChunkedHeadLoss.apply(h, W, Y, None, None, (1.0, 0.0), 20, 'fkl', 1.0, 0.5, 4)
     ref = torch.nn.functional.cross_entropy(h @ W.T, Y, reduction='sum')
-    assert close(ce, ref) and kd == 0 and close(weighted, ref)
+    assert close(ce, ref) and kd == 0
+    ce.backward()
+    grads = h.grad, W.grad
+    h.grad = W.grad = None
+    ref.backward()
+    assert close(grads[0], h.grad) and close(grads[1], W.grad)
 
 @pytest.mark.parametrize('kind', ['fkl', 'jsd', 'tvd'])
 def test_trainable_chunked_equals_plain_with_masks(kind):
-    """The whole student forward: the same sums and parameter gradients, prompt and padding masked out."""
+    """The whole student forward: the same sums, loss and parameter gradients, prompt and padding masked out."""
     teacher = tiny_model(vocab=300, hidden=24, layers=2, seed=3).eval()
-    torch.manual_seed(4)
-    X, Y = torch.randint(0, BYTES_VOCAB, (3, 11)), torch.randint(0, BYTES_VOCAB, (3, 11))
-    M = (torch.rand(3, 11) > 0.4).long()
-    with torch.no_grad():
-        t_out = teacher.base_model(input_ids=X)
-        t_logits = teacher(input_ids=X).logits
+    batch = tiny_batch(rows=3, length=11, vocab=BYTES_VOCAB, seed=4)
     results = []
     for chunk in (0, 4):
         student = tiny_model(vocab=280, hidden=16, layers=2, heads=2, seed=5)  # untied head, padded rows
-        loss = {'vocab': BYTES_VOCAB, 'weights': (0.5, 2.0), 'kind': kind, 'temperature': 2.0, 'beta': 0.4, 'chunk': chunk}
-        model = Trainable(student, loss)
-        teacher_in = (t_out.last_hidden_state, teacher.get_output_embeddings().weight, None) if chunk else (t_logits, None, None)
-        weighted, ce, kd, _ = model(X, Y, M, teacher_in)
-        weighted.backward()
-        results.append((weighted.detach(), ce, kd, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
-    (w0, c0, k0, g0), (w1, c1, k1, g1) = results
-    assert close(w1, w0) and close(c1, c0) and close(k1, k0)
+        model = Trainable(student, BYTES_VOCAB, (0.5, 0.5, 0.0), kind, 2.0, 0.4, chunk)
+        t_out = model.teacher_forward(teacher, batch)
+        assert (t_out.head is not None) == bool(chunk) and t_out.final.shape[-1] == (24 if chunk else 300)
+        with torch.no_grad():  # evaluation: values only (no gradient work), the same ones
+            values = model(batch, t_out, n_targets=5.0)
+        out = model(batch, t_out, n_targets=5.0)
+        assert all(close(a, b) for a, b in zip(values, out))
+        out.loss.backward()
+        results.append((out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (o0, g0), (o1, g1) = results
+    assert all(close(a, b) for a, b in zip(o1, o0))
     assert g0.keys() == g1.keys() and all(close(g1[k], g0[k]) for k in g0)
 
 def test_chunked_ddp_and_split_invariance(work):
@@ -92,7 +99,8 @@ def test_chunked_second_backward_raises():
     graph must fail loudly, never return doubly scaled gradients."""
     torch.manual_seed(3)
     h, W, Y = torch.randn(7, 4, requires_grad=True), torch.randn(12, 4, requires_grad=True), torch.randint(0, 12, (7,))
-    weighted, _, _ = ChunkedHeadLoss.apply(h, W, Y, torch.randn(7, 3), torch.randn(12, 3), 12, 0.5, 2.0, 'fkl', 2.0, 0.5, 3)
-    (weighted * 0.5).backward(retain_graph=True)
+    ce, kd = ChunkedHeadLoss.apply(h, W, Y, torch.randn(7, 3), torch.randn(12, 3), (0.5, 2.0), 12, 'fkl', 2.0, 0.5, 3)
+    loss = 0.5 * ce + 2.0 * kd
+    (loss * 0.5).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match='inplace'):
-        weighted.backward()
+        loss.backward()

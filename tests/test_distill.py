@@ -4,7 +4,7 @@ import pytest, torch
 from safetensors.torch import load_file
 from conftest import BYTES_VOCAB, ROOT, save_tiny_model, tiny_model, write_jsonl
 import prepare_data
-from distill import student_from_teacher_layers
+from support import student_from_teacher_layers
 
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):
@@ -163,10 +163,10 @@ def test_non_finite_loss_stops_naming_the_iteration(work):
 def test_config_file_int_for_float_and_none(work, tmp_path):
     cfg = tmp_path / 'c.py'
     cfg.write_text('learning_rate = 1  # an int for a float\nmax_iters = None\nepochs = 1\nwandb_run_name = "x"\n')
-    from distill import parse_config, ConfigError
+    from configurator import parse_config, ConfigError
     import distill
     defaults = {k: getattr(distill, k) for k in distill.config_keys}
-    config = parse_config([str(cfg), '--stop_iter=3', '--student_layers=[0, 2]'], defaults)
+    config = parse_config([str(cfg), '--stop_iter=3', '--student_layers=[0, 2]'], defaults, distill.OPTIONAL_TYPES)
     assert config['learning_rate'] == 1.0 and isinstance(config['learning_rate'], float)
     assert config['max_iters'] is None and config['stop_iter'] == 3 and config['student_layers'] == [0, 2]
     cfg.write_text('temprature = 2\n')
@@ -214,12 +214,24 @@ def test_mixed_precision_paths(work, dtype):
 
 def test_every_config_parses_and_documents_itself():
     import glob, distill
-    from distill import parse_config
+    from configurator import parse_config
     defaults = {k: getattr(distill, k) for k in distill.config_keys}
     for path in glob.glob(os.path.join(ROOT, 'configs', '*.py')):
-        config = parse_config([path], defaults)
+        config = parse_config([path], defaults, distill.OPTIONAL_TYPES)
         header = open(path).read().split('\n\n')[0]
         assert 'distill.py' in header and 'Sized for' in header and 'Batch' in header, path
         lines = len(open(path).read().splitlines())
         assert config['distill'] in ('logits', 'hidden', 'none') and lines <= 40
         assert lines >= 10 or 'exec(' in open(path).read()  # a variant of another config
+
+def test_no_config_key_is_reassigned_after_parsing():
+    """What a run derives from its settings (iterations, the loss path it fell back to, the measured peak) gets its
+    own name, so the config the checkpoint records is what was asked and run_config what was used."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, 'distill.py')).read())
+    keys = {n.targets[0].id for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
+    main = [n for n in tree.body if isinstance(n, ast.If)][-1]
+    stored = {n.id for n in ast.walk(main) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    stored |= {a.arg for n in ast.walk(main) if isinstance(n, (ast.FunctionDef, ast.Lambda)) for a in n.args.args}
+    assert 'iterations' in stored and 'max_iters' in keys  # (the test can see both sides)
+    assert not stored & keys, stored & keys

@@ -5,7 +5,7 @@ import numpy as np
 import pytest, torch
 from conftest import BYTES_VOCAB, tiny_model, write_jsonl, save_tiny_model
 import prepare_data
-from distill import ConfigError, Trainable, hidden_distance, make_layer_pairs
+from distill import Align, Batch, ConfigError, TeacherOut, Trainable, hidden_distance, make_layer_pairs
 from test_distill import assert_same_run, run, train_log, weights, work  # noqa: F401 (the shared fixture)
 
 def test_layer_maps():
@@ -57,15 +57,15 @@ def test_hidden_distance_value_and_gradient(kind, rms):
 
 def test_projections_receive_gradients_and_are_not_the_student():
     student = tiny_model(arch='gpt2', hidden=16, layers=2, heads=2)
-    loss = {'vocab': BYTES_VOCAB, 'weights': (1.0, 0.0), 'kind': 'fkl', 'temperature': 1.0, 'beta': 0.5, 'chunk': 0}
-    model = Trainable(student, loss, [(1, 1), (2, 3)], teacher_width=32, proj_init='identity').eval()  # no dropout
+    model = Trainable(student, BYTES_VOCAB, (1.0, 0.0, 1.0), layer_pairs=[(1, 1), (2, 3)], teacher_width=32,
+                      proj_init='identity').eval()  # no dropout
     assert model.proj[0].weight.shape == (32, 16) and torch.equal(model.proj[0].weight, torch.eye(32, 16))
     X = torch.randint(0, BYTES_VOCAB, (2, 7))
     M = torch.ones(2, 7, dtype=torch.long)
     b, s = M.nonzero(as_tuple=True)
     teacher_hidden = [torch.randn(2, 7, 32), torch.randn(2, 7, 32)]
-    _, _, _, h = model(X, X, M, (None, None, teacher_hidden), (None, b, s, s))
-    h.backward()
+    h = model(Batch(X, X, M, Align(None, b, s, s)), TeacherOut(hidden=teacher_hidden)).hidden
+    model(Batch(X, X, M, Align(None, b, s, s)), TeacherOut(hidden=teacher_hidden)).loss.backward()
     assert all(p.weight.grad.abs().sum() > 0 for p in model.proj)
     assert set(k for k in model.state_dict() if k.startswith('proj.')) == {'proj.0.weight', 'proj.1.weight'}
     expected = sum(hidden_distance(model.proj[i](model.model(X, output_hidden_states=True).hidden_states[ls][b, s]),

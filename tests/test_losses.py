@@ -1,7 +1,13 @@
 """Every divergence against a brute-force float64 reference, value and gradient."""
 import math
 import pytest, torch
-from distill import KD_KINDS, kd_divergence, kd_loss, loss_sums, total_loss
+from conftest import tiny_model
+from distill import KD_KINDS, Align, Batch, TeacherOut, Trainable, kd_divergence, loss_sums
+
+def kd_loss(s, t, mask, kind='fkl', T=1.0, beta=0.5):
+    """Mean over masked positions of kd_divergence: only supervised positions are computed."""
+    keep = mask.bool()
+    return kd_divergence(s[keep], t[keep], kind, T, beta).sum() / keep.sum().clamp(min=1)
 
 def softmax64(z, T):
     z = [v / T for v in z]
@@ -93,18 +99,37 @@ def test_temperature_divides_logits(kind):
     s, t = torch.randn(3, 9) * 4, torch.randn(3, 9) * 4
     assert torch.allclose(kd_divergence(s, t, kind, 3.0), kd_divergence(s / 3, t / 3, kind, 1.0), atol=1e-6)
 
+def tiny_batch(rows=2, length=6, vocab=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X, Y = torch.randint(0, vocab, (rows, length), generator=g), torch.randint(0, vocab, (rows, length), generator=g)
+    M = (torch.rand(rows, length, generator=g) > 0.3).long()
+    b, s = M.nonzero(as_tuple=True)
+    return Batch(X, Y, M, Align(None, b, s, s))
+
 def test_t_squared_keeps_gradient_scale():
-    """Without T^2 the gradient of D shrinks like 1/T^2; with it, it stays put as T grows."""
-    torch.manual_seed(4)
-    t = torch.randn(8, 50)
+    """Without T^2 the gradient of D shrinks like 1/T^2; with it (Trainable's loss), it stays put as T grows."""
+    batch = tiny_batch()
+    teacher_logits = torch.randn(2, 6, 40, generator=torch.Generator().manual_seed(4))
     norms = {}
     for T in (8.0, 16.0):
-        s = torch.randn(8, 50, generator=torch.Generator().manual_seed(5)).requires_grad_()
-        total_loss(0.0, kd_loss(s, t, torch.ones(8), 'fkl', T), 0.0, (0.0, 1.0, 0.0), T).backward()
-        norms[T] = s.grad.norm().item()
+        model = Trainable(tiny_model(vocab=40, hidden=16, layers=1, seed=5), 40, (0.0, 1.0, 0.0), 'fkl', T)
+        model(batch, TeacherOut(final=teacher_logits)).loss.backward()
+        norms[T] = model.model.lm_head.weight.grad.norm().item()
     assert norms[16.0] / norms[8.0] == pytest.approx(1.0, rel=0.05)
-    assert total_loss(2.0, 3.0, 5.0, (0.75, 0.25, 0.5), 2.0) == pytest.approx(0.75 * 2.0 + 0.25 * 4 * 3.0 + 0.5 * 5.0)
-    assert total_loss(2.0, 3.0, 5.0, (1.0, 0.0, 0.0), 2.0) == 2.0
+
+@pytest.mark.parametrize('chunk', [0, 3])
+def test_the_loss_weighs_each_term_once(chunk):
+    """loss = (w_ce CE + w_kd T^2 D) / N + w_hidden H / N_hidden, from the sums it reports, on both loss paths."""
+    batch, T, (w_ce, w_kd, w_h) = tiny_batch(seed=1), 2.0, (0.75, 0.25, 0.5)
+    teacher = tiny_model(vocab=40, hidden=24, layers=2, seed=6).eval()
+    model = Trainable(tiny_model(vocab=40, hidden=16, layers=1, seed=5), 40, (w_ce, w_kd, w_h), 'jsd', T, 0.3, chunk,
+                      layer_pairs=[(1, 2)], teacher_width=24)
+    out = model(batch, model.teacher_forward(teacher, batch), n_targets=7.0, n_hidden=5.0)
+    assert out.ce > 0 and out.kd > 0 and out.hidden > 0
+    ce, kd, h = out.ce.item(), out.kd.item(), out.hidden.item()
+    assert out.loss.item() == pytest.approx(w_ce * ce / 7 + w_kd * T ** 2 * kd / 7 + w_h * h / 5, rel=1e-6)
+    ce_ref = torch.nn.functional.cross_entropy(model.model(batch.X).logits[batch.M.bool()], batch.Y[batch.M.bool()], reduction='sum')
+    assert out.ce.item() == pytest.approx(ce_ref.item(), rel=1e-5)
 
 @pytest.mark.parametrize('kind', KD_KINDS)
 def test_masked_positions_change_nothing(kind):
@@ -139,9 +164,10 @@ def test_padded_vocabulary_rows_are_ignored():
     real = 10
     s, t = torch.randn(2, 3, 12), torch.randn(2, 3, 16)  # both padded past the 10 real tokens, differently
     Y, M = torch.randint(0, real, (2, 3)), torch.ones(2, 3, dtype=torch.long)
-    ce, kd = loss_sums(s, Y, M, t, real, 'jsd', 2.0, 0.3)
+    rows = lambda z: z.flatten(0, 1)  # every position supervised
+    ce, kd = loss_sums(rows(s), rows(Y), rows(t), real, 'jsd', 2.0, 0.3)
     t2 = t.clone()
     t2[..., real:] = 100.0  # junk in the padding rows
-    assert loss_sums(s, Y, M, t2, real, 'jsd', 2.0, 0.3)[1].item() == pytest.approx(kd.item())
+    assert loss_sums(rows(s), rows(Y), rows(t2), real, 'jsd', 2.0, 0.3)[1].item() == pytest.approx(kd.item())
     assert kd.item() == pytest.approx(6 * kd_loss(s[..., :real], t[..., :real], M, 'jsd', 2.0, 0.3).item(), rel=1e-6)
     assert ce.item() == pytest.approx(torch.nn.functional.cross_entropy(s.flatten(0, 1), Y.flatten(), reduction='sum').item(), rel=1e-6)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest, torch
 import transformers as T
 from conftest import ROOT, tiny_model
-import distill
+import distill, support
 
 def granite(scaling=8.0):
     torch.manual_seed(0)
@@ -14,12 +14,12 @@ def granite(scaling=8.0):
 def test_plain_head_is_checked_on_a_probe():
     """Granite divides its logits by logits_scaling: the chunked path (h @ W.T) would train on 8x the logits."""
     probe = torch.arange(1, 17)[None]
-    assert not distill.plain_head(granite(8.0), probe)
-    assert distill.plain_head(granite(1.0), probe)
-    assert distill.plain_head(tiny_model(), probe) and distill.plain_head(tiny_model(arch='gpt2'), probe)
+    assert not support.plain_head(granite(8.0), probe)
+    assert support.plain_head(granite(1.0), probe)
+    assert support.plain_head(tiny_model(), probe) and support.plain_head(tiny_model(arch='gpt2'), probe)
     model = tiny_model()
     model.model.norm.register_forward_hook(lambda m, i, o: o)  # a hook that changes nothing: still plain
-    assert distill.plain_head(model, probe)
+    assert support.plain_head(model, probe)
     scaled, forward = tiny_model(), None  # a multiplier applied in the causal-LM forward (Falcon-H1's lm_head_multiplier)
     forward = scaled.forward
     def multiplied(**kw):
@@ -27,7 +27,7 @@ def test_plain_head_is_checked_on_a_probe():
         out.logits = out.logits * 0.9
         return out
     scaled.forward = multiplied
-    assert not distill.plain_head(scaled, probe)
+    assert not support.plain_head(scaled, probe)
 
 def test_rope_buffers_stay_fp32_in_a_bf16_teacher():
     """Far-position logits of a bf16 teacher stay close to fp32's only when inv_freq is not cast with the weights."""
@@ -42,7 +42,7 @@ def test_rope_buffers_stay_fp32_in_a_bf16_teacher():
     X = torch.randint(0, 280, (1, 2048))
     with torch.no_grad():
         z = ref(input_ids=X).logits[0, 1024:].float()
-        kept = distill.cast_parameters(T.LlamaForCausalLM(cfg).eval(), torch.bfloat16)
+        kept = support.cast_parameters(T.LlamaForCausalLM(cfg).eval(), torch.bfloat16)
         kept.load_state_dict(ref.state_dict())
         cast = T.LlamaForCausalLM(cfg).eval().to(torch.bfloat16)  # what distill.py did: inv_freq in bf16 too
         cast.load_state_dict(ref.state_dict())

@@ -5,7 +5,7 @@ import numpy as np
 import pytest, torch
 from safetensors.torch import load_file
 from conftest import ROOT, save_tiny_model, tiny_model, write_jsonl
-import distill, eval as ev
+import distill, eval as ev, support
 import prepare_data as P
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
@@ -59,11 +59,11 @@ def save_with_crash(folder, module, it, crash_at, monkeypatch):
     from safetensors import torch as st
     count, state = [0], {'manifest': False}
     real = {'makedirs': os.makedirs, 'replace': os.replace, 'rmtree': shutil.rmtree, 'fsync': os.fsync,
-            'save': torch.save, 'save_model': st.save_model}
+            'save': torch.save, 'save_model': st.save_model, 'exchange': P.exchange}
 
     def hook(name):
         def op(*a, **k):
-            if sys._getframe(1).f_code.co_name not in ('save_checkpoint', 'swap_in'):
+            if sys._getframe(1).f_code.co_name not in ('save_checkpoint', 'seal', 'swap_in'):
                 return real[name](*a, **k)
             count[0] += 1
             if count[0] == crash_at:
@@ -81,10 +81,10 @@ def save_with_crash(folder, module, it, crash_at, monkeypatch):
     opt, scaler = torch.optim.SGD(module.parameters()), torch.amp.GradScaler('cpu', enabled=False)
     with monkeypatch.context() as m:
         for target, name in ((os, 'makedirs'), (os, 'replace'), (shutil, 'rmtree'), (os, 'fsync'), (torch, 'save'),
-                             (st, 'save_model')):
+                             (st, 'save_model'), (P, 'exchange')):
             m.setattr(target, name, hook(name))
         try:
-            distill.save_checkpoint(folder, module, opt, scaler, it, it, [], {})
+            support.save_checkpoint(folder, module, opt, scaler, it, it, [], {})
         except Killed:
             return state['manifest'], False
     return state['manifest'], True
@@ -99,13 +99,17 @@ def net(value):
 def loaded_value(path):
     return load_file(os.path.join(path, 'model.safetensors'))['weight'][0, 0].item()
 
-def test_every_crash_point_of_two_saves_keeps_the_newest_complete_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize('exchange', [True, False])
+def test_every_crash_point_of_two_saves_keeps_the_newest_complete_checkpoint(tmp_path, monkeypatch, exchange):
     """Iteration 1 saved; a kill at any file operation of save 2, then at any of save 3 (from what the first kill
-    left): the newest complete checkpoint is found with its own weights, and a clean save 4 tidies everything."""
+    left): the newest complete checkpoint is found with its own weights, and a clean save 4 tidies everything. With
+    the atomic exchange of two folders, and without it (other systems: the old folder renamed aside first)."""
+    if not exchange:
+        monkeypatch.setattr(P, 'exchange', lambda a, b: False)
     n_ops = 0
     while save_with_crash(str(tmp_path / 'count'), net(0.0), 1, n_ops + 1, monkeypatch)[1] is False:
         n_ops += 1
-    assert n_ops >= 9  # makedirs, 2 files, 3 fsyncs, manifest, 2 renames and a removal
+    assert n_ops >= (9 if exchange else 10)  # makedirs, 2 files, 3 fsyncs, manifest, exchange (or 2 renames), a removal
     cases = 0
     for first in range(1, n_ops + 2):
         for second in range(1, n_ops + 4):
@@ -115,7 +119,7 @@ def test_every_crash_point_of_two_saves_keeps_the_newest_complete_checkpoint(tmp
             for it, crash in ((2, first), (3, second)):
                 manifest, done = save_with_crash(ckpt, net(float(it)), it, crash, monkeypatch)
                 newest = it if manifest or done else newest
-                path, found, _ = distill.find_checkpoint(ckpt)
+                path, found, _ = support.find_checkpoint(ckpt)
                 assert found == newest and loaded_value(path) == float(newest), (first, second, it)
             assert save_with_crash(ckpt, net(4.0), 4, 0, monkeypatch)[1]
             assert os.listdir(os.path.dirname(ckpt)) == ['ckpt'] and loaded_value(ckpt) == 4.0
@@ -127,23 +131,23 @@ def test_truncated_checkpoint_falls_back_or_says_which_file(tmp_path, monkeypatc
     save_with_crash(ckpt, net(1.0), 1, 0, monkeypatch)
     shutil.copytree(ckpt, str(tmp_path / 'first'))
     save_with_crash(ckpt, net(2.0), 2, 0, monkeypatch)
-    shutil.copytree(str(tmp_path / 'first'), ckpt + '.old')  # as a kill before the old one's removal leaves it
+    shutil.copytree(str(tmp_path / 'first'), ckpt + '.tmp.old')  # as a kill before the old one's removal leaves it
     with open(os.path.join(ckpt, 'model.safetensors'), 'r+b') as f:
         f.truncate(100)
-    path, it, problems = distill.find_checkpoint(ckpt)
-    assert (path, it) == (ckpt + '.old', 1) and 'model.safetensors has 100 bytes' in problems[0]
-    shutil.rmtree(ckpt + '.old')
+    path, it, problems = support.find_checkpoint(ckpt)
+    assert (path, it) == (ckpt + '.tmp.old', 1) and 'model.safetensors has 100 bytes' in problems[0]
+    shutil.rmtree(ckpt + '.tmp.old')
     with pytest.raises(distill.ConfigError, match=r"no complete checkpoint in .*model\.safetensors has 100 bytes"):
-        distill.find_checkpoint(ckpt)
+        support.find_checkpoint(ckpt)
     # a checkpoint saved before manifests existed (only finished saves were renamed into place) still resumes
     save_with_crash(ckpt, net(3.0), 3, 0, monkeypatch)
     shutil.copytree(ckpt, ckpt + '.tmp')
     for path in (ckpt, ckpt + '.tmp'):
         os.remove(os.path.join(path, 'manifest.json'))
-    assert distill.find_checkpoint(ckpt)[:2] == (ckpt, 3)
+    assert support.find_checkpoint(ckpt)[:2] == (ckpt, 3)
     shutil.rmtree(ckpt)
     with pytest.raises(distill.ConfigError, match=r"ckpt\.tmp has no manifest"):  # a leftover never counts
-        distill.find_checkpoint(ckpt)
+        support.find_checkpoint(ckpt)
 
 HOOK = """
 import json, os, shutil, signal, sys
@@ -161,9 +165,10 @@ def hook(fn, callers=None):  # SIGKILL this process at the n-th call of the hook
 KILL = HOOK + """
 import runpy, torch
 from safetensors import torch as st
-callers = ('save_checkpoint', 'swap_in')
-os.makedirs, os.replace, shutil.rmtree, os.fsync, torch.save, st.save_model = (hook(f, callers) for f in (
-    os.makedirs, os.replace, shutil.rmtree, os.fsync, torch.save, st.save_model))
+import prepare_data as P
+callers = ('save_checkpoint', 'seal', 'swap_in')
+os.makedirs, os.replace, shutil.rmtree, os.fsync, torch.save, st.save_model, P.exchange = (hook(f, callers) for f in (
+    os.makedirs, os.replace, shutil.rmtree, os.fsync, torch.save, st.save_model, P.exchange))
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 """
@@ -186,12 +191,12 @@ def in_pairs(commands):
 
 def test_sigkill_then_resume_is_bit_identical(work, straight):
     """Real SIGKILLs: at file operation 4 (inside the first save: nothing complete yet, so the run starts again)
-    and 16-18 (the second save: complete but not swapped in, between the two renames, before the old one's
-    removal), and at two random times; then resume. The final weights and the log's training lines equal
+    and 15-17 (the second save: before its manifest, complete but not swapped in, swapped in but the old one not
+    yet removed), and at two random times; then resume. The final weights and the log's training lines equal
     the uninterrupted run's, bit for bit, and no leftovers remain."""
     weights, records = straight
     rng = random.Random(0)
-    points = [(f'at{n}', ['-c', KILL], {'KILL_AT': str(n)}, None) for n in (4, 16, 17, 18)]
+    points = [(f'at{n}', ['-c', KILL], {'KILL_AT': str(n)}, None) for n in (4, 15, 16, 17)]
     points += [(f'time{k}', [], {}, rng.uniform(2.0, 5.0)) for k in range(2)]
     outs = [work / f'kill_{name}' for name, *_ in points]
     killed = in_pairs([([sys.executable, *pre, *args(work, out)], dict(ENV, **env), after)
@@ -262,7 +267,7 @@ def test_non_finite_weights_are_never_saved(work):
 PREP_KILL = HOOK + """
 import prepare_data as P
 os.makedirs, os.replace, shutil.rmtree, json.dump = map(hook, (os.makedirs, os.replace, shutil.rmtree, json.dump))
-P.write_ragged, P.swap_in = hook(P.write_ragged), hook(P.swap_in)
+P.write_ragged, P.swap_in, P.exchange = hook(P.write_ragged), hook(P.swap_in), hook(P.exchange)
 sys.exit(P.main(sys.argv[1:]))
 """
 

@@ -1,0 +1,90 @@
+"""
+distill.py's configuration plumbing: a config file (Python, assignments only), then --key=value overrides, each
+checked against the defaults at the top of distill.py; `--help` lists them with their comments. A mistake is one
+line (ConfigError): the config file's own line, or the closest valid key.
+"""
+import ast, builtins, difflib, os, re, traceback
+
+class ConfigError(Exception):
+    pass
+
+def default_comments(path):
+    """key -> the inline comment of its default in the file at path (what --help prints)."""
+    src = open(path).read().split('# defaults', 1)[1].split('config_keys =')[0]
+    return {m[1]: m[2] for m in re.finditer(r'^(\w+) = .*?  # (.*)$', src, re.M)}
+
+def print_help(doc, path, defaults):
+    print(doc)
+    comments = default_comments(path)
+    for k, v in defaults.items():
+        print(f'  --{k}={v!r}'.ljust(44) + f'  {comments.get(k, "")}')
+
+def parse_config(argv, defaults, types=None):
+    """nanoGPT-style: a config file, then --key=value overrides. types: the type of a key whose default is None."""
+    config, types = dict(defaults), types or {}
+
+    def setkey(key, value, where):
+        if key not in defaults:
+            close = difflib.get_close_matches(key, defaults, n=1)
+            raise ConfigError(f"unknown config key '{key}' ({where})" + (f"; did you mean '{close[0]}'?" if close else ''))
+        old = defaults[key]
+        kind = types.get(key, type(old))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is list and isinstance(value, tuple):
+            value = list(value)
+        if key == 'layer_map' and isinstance(value, (list, tuple)):
+            pass  # a name or explicit pairs
+        elif value is not None and (not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)):
+            example = f'like its default {old!r}' if old is not None else 'or None (its default)'
+            raise ConfigError(f"{key} must be {kind.__name__} {example}, got {value!r} ({where})")
+        config[key] = value
+
+    for arg in argv:
+        if arg.startswith('--'):
+            if '=' not in arg:
+                raise ConfigError(f"malformed override '{arg}': write --key=value")
+            key, val = arg[2:].split('=', 1)
+            try:
+                val = ast.literal_eval(val)
+            except (SyntaxError, ValueError):
+                pass  # a plain string
+            setkey(key, val, 'command line')
+        else:
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file '{arg}' not found")
+            scope = {}
+            try:
+                exec(builtins.compile(open(arg).read(), arg, 'exec'), {'__file__': arg}, scope)  # (compile is a config key)
+            except SyntaxError as e:
+                raise ConfigError(f'{arg}:{e.lineno}: syntax error: {e.msg}')
+            except Exception as e:  # a NameError, a failed import, ...: the config file's own line
+                line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == arg][-1:] or ['?']
+                raise ConfigError(f'{arg}:{line[0]}: {type(e).__name__}: {e}')
+            for key, val in scope.items():
+                if not key.startswith('_') and not callable(val) and not isinstance(val, type(os)):
+                    setkey(key, val, arg)
+    return config
+
+def check_config(c, choices, cuda_available):
+    """The values' ranges and names, checked before anything is loaded."""
+    for key, allowed in choices.items():
+        if c[key] not in allowed:
+            close = difflib.get_close_matches(str(c[key]), allowed, n=1)
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {c[key]!r}" + (f" (did you mean '{close[0]}'?)" if close else ''))
+    for key in ('block_size', 'batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'temperature',
+                'epochs', 'stop_iter'):
+        if c[key] is not None and c[key] <= 0:
+            raise ConfigError(f'{key} must be > 0, got {c[key]}')
+    for key in ('alpha', 'beta', 'warmup_frac'):
+        if not 0 <= c[key] <= 1:
+            raise ConfigError(f'{key} must be in [0, 1], got {c[key]}')
+    for key in ('loss_chunk', 'eval_docs', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'max_iters'):
+        if c[key] is not None and c[key] < 0:  # (max_iters=0 exports the student as it starts)
+            raise ConfigError(f'{key} must be >= 0, got {c[key]}')
+    if not re.fullmatch(r'cpu|cuda(:\d+)?', c['device']):
+        raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got '{c['device']}'")
+    if 'cuda' in c['device'] and not cuda_available:
+        raise ConfigError(f"device='{c['device']}' but this torch sees no CUDA device: pass --device=cpu, or install a CUDA build of torch")
+    if os.path.exists(c['out_dir']) and not os.path.isdir(c['out_dir']):
+        raise ConfigError(f"out_dir '{c['out_dir']}' is a file: pass a folder (it holds ckpt/, student/ and log.jsonl)")

@@ -1,0 +1,272 @@
+"""
+Plumbing that distill.py, eval.py and bench.py share and a reader of the training step need not study: loading
+models (HF folders, hub ids, .gguf files converted once), a student cut from the teacher's blocks, FLOP counts
+and the matmul rate for MFU, the CPU allocator setting, and crash-safe checkpoint files.
+"""
+import json, os, re, shutil, time
+import torch
+import prepare_data
+from configurator import ConfigError
+
+# -----------------------------------------------------------------------------
+# models
+
+def model_path(spec):
+    """A .gguf file is converted once to an HF folder (model and tokenizer) and cached: loading a GGUF
+    dequantises every tensor, ~35 s for a 135M model."""
+    if not spec.endswith('.gguf'):
+        return spec
+    if not os.path.isfile(spec):
+        raise ConfigError(f"model file '{spec}' does not exist")
+    from transformers import AutoModelForCausalLM
+    folder = prepare_data.cache_dir(spec)
+    prepare_data.load_tokenizer(spec)  # caches the tokenizer in the same folder
+    if not os.path.exists(os.path.join(folder, 'model.safetensors')):
+        gguf = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(spec)), gguf_file=os.path.basename(spec), dtype=torch.float32)
+        config = gguf.config
+        if hasattr(config, 'quantization_config'):
+            del config.quantization_config  # the weights are dequantised now: a plain fp32 checkpoint
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # save_pretrained refuses GGUF-loaded models
+        model.load_state_dict(gguf.state_dict())
+        tmp = folder + f'.model{os.getpid()}'
+        model.save_pretrained(tmp)
+        for f in os.listdir(tmp):
+            os.replace(os.path.join(tmp, f), os.path.join(folder, f))
+        os.rmdir(tmp)
+    return folder
+
+def load_model(spec, trust_remote_code=False):
+    import transformers
+    from transformers import AutoModelForCausalLM
+    transformers.utils.logging.disable_progress_bar()
+    path = model_path(spec)
+    if not os.path.exists(path) and (spec.startswith(('.', '/')) or spec.count('/') != 1):
+        raise ConfigError(f"model '{spec}' is neither a local folder, a .gguf file nor a hub id (org/name)")
+    if os.path.isfile(path) or (os.path.isdir(path) and not os.path.exists(os.path.join(path, 'config.json'))):
+        raise ConfigError(f"'{spec}' is not a model: pass an HF model folder (with config.json), a .gguf file or a hub id")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except Exception as e:  # a truncated weights file, an unknown architecture, no network for a hub id, ...
+        raise ConfigError(f"cannot load model '{spec}': {(str(e).strip().splitlines() or [type(e).__name__])[0]}")
+
+def model_tokenizer(spec):
+    """The tokenizer that ships with a model, or None (e.g. a bare folder of weights)."""
+    path = model_path(spec)
+    files = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'tokenizer.model')
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in files):
+        return None  # transformers would build an empty tokenizer from config.json alone
+    try:
+        return prepare_data.load_tokenizer(path)
+    except Exception:
+        return None
+
+def check_vocabularies(meta, data_dir, student_model, student_tok, teacher_model, teacher_tok):
+    """ConfigError unless each model's tokenizer is the one the dataset was prepared with for it (by fingerprint) and
+    its head has a row for every token; the warnings to print where a model ships no tokenizer to compare."""
+    cross = 'teacher_tokenizer' in meta
+    warnings = []
+    for name, model, tok, fingerprint, rows in (
+            ('student', student_model, student_tok, meta['vocab_fingerprint'], meta['vocab_size']),
+            ('teacher', teacher_model, teacher_tok, meta['teacher_vocab_fingerprint' if cross else 'vocab_fingerprint'],
+             meta['teacher_vocab_size' if cross else 'vocab_size'])):
+        if model is None:
+            continue
+        if tok is None:
+            warnings.append(f"warning: the {name} ships no tokenizer: whether it reads {data_dir}'s tokens as they were meant "
+                            f"could not be checked (only its output rows are); add the tokenizer files to its folder")
+        elif prepare_data.vocab_fingerprint(tok) != fingerprint:
+            raise ConfigError(f"the {name}'s tokenizer differs from the one {data_dir} was prepared with for it; logit distillation "
+                              "needs one shared tokenizer, hidden-state distillation across tokenizers needs prepare_data.py --teacher_tokenizer")
+        if output_rows(model) < rows:
+            raise ConfigError(f'the {name} has {output_rows(model)} output rows but the tokenizer of {data_dir} has {rows} tokens')
+    return warnings
+
+def student_from_teacher_layers(teacher_model, layers):
+    """A smaller model of the teacher's architecture: its embedding, the chosen blocks (in order) and its
+    head (DistilBERT / Minitron depth pruning)."""
+    import copy
+    from transformers import AutoModelForCausalLM
+    n = teacher_model.config.num_hidden_layers
+    if not layers or any(not isinstance(l, int) or not 0 <= l < n for l in layers):
+        raise ConfigError(f'student_layers must be a non-empty list of teacher blocks in [0, {n}), got {layers}')
+    config = copy.deepcopy(teacher_model.config)
+    config.num_hidden_layers = len(layers)
+    if getattr(config, 'layer_types', None):
+        config.layer_types = [config.layer_types[l] for l in layers]
+    student_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    block = re.compile(r'\.(layers|h|blocks)\.(\d+)\.')
+    keep = {l: i for i, l in enumerate(layers)}
+    state = {}
+    for k, v in teacher_model.state_dict().items():
+        m = block.search(k)
+        if m is None:
+            state[k] = v.clone()
+        elif int(m[2]) in keep:
+            state[k[:m.start()] + f'.{m[1]}.{keep[int(m[2])]}.' + k[m.end():]] = v.clone()
+    student_model.load_state_dict(state)
+    return student_model
+
+def cast_parameters(model, dtype):
+    """The parameters in dtype, the buffers left as they are, as from_pretrained(dtype=) does: RoPE's inv_freq
+    cast to bf16 loses 3 digits (cos off by 0.5 at position 4,000), model.to(dtype) would cast it too."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+def output_rows(model):
+    return model.get_output_embeddings().weight.shape[0]
+
+def flops_per_token(model, seq_len, training):
+    """6N (training) or 2N (forward) per token, N = non-embedding params + the output head, plus attention."""
+    n = sum(p.numel() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        n -= model.get_input_embeddings().weight.numel()
+    attn = 2 * model.config.num_hidden_layers * model.config.hidden_size * seq_len
+    return (6 * n + 6 * attn) if training else (2 * n + 2 * attn)
+
+def measure_matmul_flops(device, dtype=torch.float32, n=1024, seconds=1.0):
+    """This device's sustained matmul rate (FLOP/s): the MFU denominator on a CPU."""
+    a = torch.rand(n, n, generator=torch.Generator().manual_seed(0)).to(device, dtype)  # own generator: the
+    b = a.T.contiguous()                                                                  # run's RNG stays untouched
+    a @ b
+    count, t0 = 0, time.time()
+    while time.time() - t0 < seconds:
+        a @ b
+        count += 1
+    if 'cuda' in str(device):
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * count / (time.time() - t0)
+
+# -----------------------------------------------------------------------------
+# the machine
+
+def keep_freed_memory():
+    """On a CPU, PyTorch has no caching allocator: glibc returns every freed block above 32 MB to the OS, and
+    each fresh (chunk, V) tensor of the chunked loss is paged in again (measured: ~14% of a KD step here, at
+    ~0.5 GB more peak memory when kept). Keep freed memory in the process for reuse, as CUDA's allocator does."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks come from the heap, not from fresh mmaps
+        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: and the heap is never trimmed back
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+@torch.no_grad()
+def plain_head(model, probe):
+    """True when the model's logits are its final hidden states times its head's weight, what the chunked path
+    computes. Checked on a probe batch, in the model's own dtype and device: a logit scale or multiplier, or
+    hidden states scaled before the head, all differ; a head bias and soft-capping (small at small logits) are
+    read from the model."""
+    head = model.get_output_embeddings()
+    if getattr(head, 'bias', None) is not None or getattr(model.config, 'final_logit_softcapping', None):
+        return False
+    training = model.training
+    model.eval()
+    z = model(input_ids=probe).logits.float()
+    z_chunked = head(model.base_model(input_ids=probe).last_hidden_state).float()
+    model.train(training)
+    tol = 4 * torch.finfo(head.weight.dtype).eps
+    return torch.allclose(z, z_chunked, rtol=tol, atol=tol * z.abs().max().item())
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def checkpoint_iter(folder):
+    """(iteration, None) for a complete checkpoint, else (None, what is wrong). Complete: its manifest, written
+    last, is there and every file it lists has the size it records."""
+    try:
+        with open(os.path.join(folder, 'manifest.json')) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None, f'{folder} has no manifest (a save that did not finish)'
+    problem = prepare_data.verify_files(folder, manifest['files'])
+    return (None, problem) if problem else (manifest['iter_num'], None)
+
+def save_checkpoint(folder, raw_model, optimizer, scaler, iter_num, data_position, rng_states, config):
+    """Weights as safetensors, the rest as a torch file, written into folder.tmp, sealed and swapped in as the datasets
+    are (prepare_data.seal, swap_in). A kill at any instant leaves at least one complete checkpoint among folder,
+    folder.tmp and folder.tmp.old, and find_checkpoint picks the newest; the next save tidies up."""
+    from safetensors.torch import save_model
+    tmp = folder + '.tmp'
+    done = checkpoint_iter(tmp)[0]
+    if done is not None and done > (checkpoint_iter(folder)[0] or 0):
+        prepare_data.swap_in(tmp, folder)  # a kill came between a complete save and its swap: finish that swap first
+    for leftover in (tmp, tmp + '.old'):
+        if os.path.exists(leftover):
+            shutil.rmtree(leftover)
+    os.makedirs(tmp)
+    save_model(raw_model, os.path.join(tmp, 'model.safetensors'))
+    torch.save({'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'iter_num': iter_num,
+                'data_position': data_position, 'rng_states': rng_states, 'config': config},
+               os.path.join(tmp, 'state.pt'))
+    prepare_data.seal(tmp, 'manifest.json', {'iter_num': iter_num})
+    prepare_data.swap_in(tmp, folder)
+
+def find_checkpoint(folder):
+    """The newest complete checkpoint among folder and what an interrupted save left (folder.tmp, folder.tmp.old):
+    (its path, its iteration, what was wrong with the others)."""
+    found, problems = [], []
+    for path in (folder, folder + '.tmp', folder + '.tmp.old'):
+        if os.path.isdir(path):
+            it, problem = checkpoint_iter(path)
+            legacy = [os.path.join(path, f) for f in ('model.safetensors', 'state.pt', 'manifest.json')]
+            if it is None and path == folder and all(map(os.path.isfile, legacy[:2])) and not os.path.exists(legacy[2]):
+                try:  # saved before manifests existed, when only a finished save was renamed into place
+                    it = torch.load(legacy[1], weights_only=False)['iter_num']
+                except Exception:
+                    pass
+            if it is None:
+                problems.append(problem)
+            else:
+                found.append((it, path))
+    if not found:
+        raise ConfigError(f"init_from='resume' but there is no complete checkpoint in {folder}" +
+                          (f' ({problems[0]})' if problems else '') + "; start again with init_from='scratch'")
+    it, path = max(found, key=lambda f: f[0])  # the first of equals: folder itself
+    return path, it, problems
+
+def load_checkpoint(folder, raw_model, optimizer, scaler, config, world_size):
+    """Weights and optimizer state into this run's, if it reads the same data stream: the data order depends on
+    batch_size, gradient_accumulation_steps, seed and dataset, and each rank's RNG state on the number of ranks."""
+    from safetensors.torch import load_model as load_weights
+    state = torch.load(os.path.join(folder, 'state.pt'), weights_only=False)
+    for key in ('batch_size', 'gradient_accumulation_steps', 'seed', 'dataset'):
+        if state['config'][key] != config[key]:
+            raise ConfigError(f"{key} was {state['config'][key]!r} when {folder} was written, now {config[key]!r}: resume with "
+                              f"--{key}={state['config'][key]!r} (the data order depends on it), or start a new out_dir")
+    if len(state['rng_states']) != world_size:
+        raise ConfigError(f"the checkpoint was written by {len(state['rng_states'])} ranks; resume with the same number")
+    try:
+        load_weights(raw_model, os.path.join(folder, 'model.safetensors'))
+    except Exception as e:  # another model than the one saved (changed student, layer_map, ...)
+        raise ConfigError(f"cannot load {os.path.join(folder, 'model.safetensors')} into this run's model: "
+                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}")
+    optimizer.load_state_dict(state['optimizer'])
+    scaler.load_state_dict(state['scaler'])
+    return state
+
+def trim_log(path, iter_num):
+    """After a resume from iteration iter_num, the log holds what came before it: lines of the lost iterations
+    (and a line a kill cut short) go."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    for line in open(path):
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict) and (r.get('iter', iter_num) < iter_num or (r.get('iter') == iter_num and 'val_ce' in r)):
+            keep.append(line)
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(keep)
+    os.replace(path + '.tmp', path)
+
+def rng_state():
+    return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+def set_rng_state(state):
+    torch.set_rng_state(state['cpu'])
+    if state['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
