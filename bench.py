@@ -7,16 +7,18 @@ Speed and memory of distillation, plain (full logits) vs chunked (loss_chunk), a
 
 --part=loss: forward + backward of CE + forward KL at T=2 from final hidden states, for V = 49,152 and
 151,936, hidden 576 and 1,536, 8,192 positions; each case in a fresh process, peak memory = its peak RSS
-above the inputs. --part=step: one whole KD step (the packaged SmolLM2-135M teacher -> its 10-layer copy,
-fp32) through distill.py's own Trainable, plain and chunked, with the cost of each part of the step. MFU is
-the median over the steps of each step's FLOP/s over this machine's fp32 matmul peak measured just before
-that step: a shared machine's speed drifts by more than the differences measured here.
+above the inputs. --part=step: one whole KD step (the packaged SmolLM2-135M teacher -> its 10-layer copy)
+through distill.py's own Trainable, plain and chunked (and compiled, with --compile), in fp32 and in bf16
+autocast, with the cost of each part of the step. MFU is the median over the steps of each step's FLOP/s over
+this machine's matmul rate in that dtype, measured just before that step: a shared machine's speed drifts by
+more than the differences measured here. A dtype this CPU only emulates (10x slower than fp32 or worse) is
+measured but not stepped.
 """
-import argparse, json, os, resource, statistics, subprocess, sys, time
+import argparse, contextlib, json, os, resource, statistics, subprocess, sys, time
 import torch
 import distill, prepare_data
 from distill import ChunkedHeadLoss, Trainable, loss_sums
-from support import flops_per_token, keep_freed_memory, load_model, measure_matmul_flops, student_from_teacher_layers
+from support import cast_parameters, flops_per_token, keep_freed_memory, load_model, measure_matmul_flops, student_from_teacher_layers
 
 p = argparse.ArgumentParser()
 p.add_argument('--part', default='all', choices=['all', 'loss', 'step'])
@@ -27,8 +29,11 @@ p.add_argument('--vocabs', type=int, nargs='+', default=[49152, 151936])
 p.add_argument('--batch_size', type=int, default=4)  # distill.py's defaults
 p.add_argument('--block_size', type=int, default=512)
 p.add_argument('--steps', type=int, default=5)
+p.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'], help='--part=step: autocast dtypes, one row set each')
+p.add_argument('--compile', action='store_true', help='--part=step: also the chunked path with compile=True (minutes to compile)')
 p.add_argument('--dataset', default='data/demo')
 p.add_argument('--case', help=argparse.SUPPRESS)  # internal: one loss case in this process
+p.add_argument('--row', help=argparse.SUPPRESS)  # internal: one step row in this process
 args = p.parse_args()
 
 def rss_gb():
@@ -65,7 +70,11 @@ if args.case:
     loss_case(path, int(V), int(d), int(n), args.chunk)
     sys.exit(0)
 
-print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, fp32')
+if not args.row:
+    cpu = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
+    name = next((l.split(':', 1)[1].strip() for l in cpu.splitlines() if l.startswith('model name')), 'unknown CPU')
+    units = [f for f in ('amx_bf16', 'avx512_bf16') if f in cpu.split()]
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {name}, bf16 instructions: {", ".join(units) or "none"}')
 if args.part in ('all', 'loss'):
     print(f'\nloss alone (CE + forward KL, T=2), {args.positions} positions, chunk {args.chunk}: forward + backward')
     print(f'{"V":>8s} {"hidden":>6s} {"plain s":>8s} {"plain GB":>9s} {"chunked s":>10s} {"chunked GB":>11s} {"time ratio":>11s} '
@@ -121,58 +130,75 @@ def loss_alone(model, batch, t_out, kind='fkl', beta=0.5):
 
 if args.part in ('all', 'step'):
     torch.manual_seed(0)
-    teacher = load_model(prepare_data.demo_tokenizer()).eval().requires_grad_(False)
     meta = json.load(open(os.path.join(args.dataset, 'meta.json')))
     split = distill.load_split(args.dataset, 'train')
     idx = split['idx']
     long_docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
-    print(f'\nKD step: {args.batch_size} x {args.block_size} tokens; each step next to the fp32 matmul peak (2048 x 2048) measured just before it')
-    for label, chunk, compiled in (('plain', 0, False), (f'chunked (loss_chunk={args.chunk})', args.chunk, False),
-                                   (f'chunked (loss_chunk={args.chunk}), compile=True', args.chunk, True)):
-        student = student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
-        model = Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=chunk, compile=compiled)  # the defaults
-        flops = flops_per_token(student, args.block_size, True) + flops_per_token(teacher, args.block_size, False)
-        if chunk:
-            keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0 (process-wide from here on)
-        optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))  # lr 0: every row sees the same weights
-        if compiled:  # as distill.py --compile=True: both transformer stacks (the teacher's: for this last row) and the loss
-            student.base_model.compile()
-            teacher.base_model.compile()
-        parts = dict.fromkeys(('data', 'teacher forward', 'student forward + loss', 'backward', 'optimizer'), 0.0)
-        t_compile, ratios = 0.0, []
-        for step in range(args.steps + 1 + compiled):  # step 0 warms up (and compiles, and recompiles)
-            # the machine's speed drifts: its peak right before each timed step (warm-up steps need none)
-            peak = measure_matmul_flops('cpu', n=2048, seconds=1.0) if step > compiled else None
-            t = [time.perf_counter()]
-            batch = distill.make_batch(split, [(d, 0) for d in long_docs], args.block_size, meta['pad_id'], 'cpu')
-            X, M = batch.X, batch.M
-            t.append(time.perf_counter())
+    rows = [('plain', 0, False), (f'chunked (loss_chunk={args.chunk})', args.chunk, False)]
+    rows += [(f'chunked (loss_chunk={args.chunk}), compile=True', args.chunk, True)] if args.compile else []
+    if not args.row:  # each row in a fresh process: its own peak memory
+        print(f'\nKD step: {args.batch_size} x {args.block_size} tokens; each step next to the matmul rate (2048 x 2048) of its '
+              'dtype measured just before it; peak RSS of the row\'s process')
+        for dtype in args.dtypes:
+            rate, fp32 = measure_matmul_flops('cpu', getattr(torch, dtype)), measure_matmul_flops('cpu')
+            if rate < fp32 / 10:
+                print(f'{dtype}: not stepped: its matmul runs at {rate / 1e9:.1f} GFLOP/s here, fp32 at {fp32 / 1e9:.0f} (emulated)')
+                continue
+            for i in range(len(rows)):
+                out = subprocess.run([sys.executable, __file__, *sys.argv[1:], f'--row={dtype},{i}', '--part=step'], capture_output=True, text=True)
+                print(out.stdout.strip() if out.returncode == 0 else f'{dtype} {rows[i][0]} failed:\n{out.stderr[-3000:]}', flush=True)
+        sys.exit(0)
+    dtype, row = args.row.split(',')
+    dtype = getattr(torch, dtype)
+    ctx = torch.autocast('cpu', dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    label, chunk, compiled = rows[int(row)]
+    teacher = load_model(prepare_data.demo_tokenizer()).eval().requires_grad_(False)
+    student = student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
+    cast_parameters(teacher, dtype)  # frozen: in the compute dtype, as distill.py does (after the student's copy)
+    model = Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=chunk, compile=compiled)  # the defaults
+    flops = flops_per_token(student, args.block_size, True) + flops_per_token(teacher, args.block_size, False)
+    if chunk:
+        keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0 (process-wide from here on)
+    optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))  # lr 0: every row sees the same weights
+    if compiled:  # as distill.py --compile=True: both transformer stacks and the loss
+        student.base_model.compile()
+        teacher.base_model.compile()
+    parts = dict.fromkeys(('data', 'teacher forward', 'student forward + loss', 'backward', 'optimizer'), 0.0)
+    t_compile, ratios = 0.0, []
+    for step in range(args.steps + 1 + compiled):  # step 0 warms up (and compiles, and recompiles)
+        # the machine's speed drifts: its peak right before each timed step (warm-up steps need none)
+        peak = measure_matmul_flops('cpu', dtype) if step > compiled else None
+        t = [time.perf_counter()]
+        batch = distill.make_batch(split, [(d, 0) for d in long_docs], args.block_size, meta['pad_id'], 'cpu')
+        X, M = batch.X, batch.M
+        t.append(time.perf_counter())
+        with ctx:
             t_out = model.teacher_forward(teacher, batch)
             t.append(time.perf_counter())
             out = model(batch, t_out, M.sum().item())
-            t.append(time.perf_counter())
-            out.loss.backward()
-            t.append(time.perf_counter())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            t.append(time.perf_counter())
-            if step <= compiled:
-                t_compile += t[-1] - t[0]
-                continue
-            for k, a, b in zip(parts, t[:-1], t[1:]):
-                parts[k] += (b - a) / args.steps
-            ratios.append((flops * X.numel() / (t[-1] - t[0]), peak))
-        step_s = sum(parts.values())
-        tok_s = X.numel() / step_s
-        mfus, peak = sorted(r / p for r, p in ratios), statistics.median(p for _, p in ratios)
-        print(f'{label}: {step_s * 1000:.0f} ms, {tok_s:.1f} tokens/s, {flops * tok_s / 1e9:.1f} GFLOP/s; MFU '
-              f'{statistics.median(mfus):.1%} (median over the steps of each one\'s FLOP/s over the peak measured just '
-              f'before it; steps {mfus[0]:.1%}-{mfus[-1]:.1%}; median peak {peak / 1e9:.1f} GFLOP/s) '
-              f'(loss {(out.ce / M.sum()).item():.4f} ce, {(out.kd / M.sum()).item():.4f} kd)'
-              + (f'; compiling took {t_compile:.0f} s' if compiled else ''))
-        for k, v in parts.items():
-            print(f'  {k:24s} {v * 1000:8.0f} ms  {v / step_s:6.1%}')
+        t.append(time.perf_counter())
+        out.loss.backward()
+        t.append(time.perf_counter())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        if step <= compiled:
+            t_compile += t[-1] - t[0]
+            continue
+        for k, a, b in zip(parts, t[:-1], t[1:]):
+            parts[k] += (b - a) / args.steps
+        ratios.append((flops * X.numel() / (t[-1] - t[0]), peak))
+    step_s = sum(parts.values())
+    tok_s = X.numel() / step_s
+    mfus, peak = sorted(r / p for r, p in ratios), statistics.median(p for _, p in ratios)
+    print(f'{str(dtype)[6:]}, {label}: {step_s * 1000:.0f} ms, {tok_s:.1f} tokens/s, {flops * tok_s / 1e9:.1f} GFLOP/s; '
+          f'MFU {statistics.median(mfus):.1%} (median over the steps of each one\'s FLOP/s over the {str(dtype)[6:]} '
+          f'matmul rate measured just before it; steps {mfus[0]:.1%}-{mfus[-1]:.1%}; median rate {peak / 1e9:.1f} GFLOP/s) '
+          f'(loss {(out.ce / M.sum()).item():.4f} ce, {(out.kd / M.sum()).item():.4f} kd); peak RSS {rss_gb():.2f} GB'
+          + (f'; compiling took {t_compile:.0f} s' if compiled else ''))
+    for k, v in parts.items():
+        print(f'  {k:24s} {v * 1000:8.0f} ms  {v / step_s:6.1%}')
+    with ctx:
         print(f'  of which the loss alone (its forward + backward from the final hidden states, heads included): '
-              f'{loss_alone(model, batch, t_out) * 1000:.0f} ms' + (f'; with forward KL by autograd (jsd at beta 0) instead of its '
-              f'closed form: {loss_alone(model, batch, t_out, "jsd", 0.0) * 1000:.0f} ms' if chunk else ''))
-
+              f'{loss_alone(model, batch, t_out) * 1000:.0f} ms' + (f'; with forward KL by autograd (jsd at beta 0) '
+              f'instead of its closed form: {loss_alone(model, batch, t_out, "jsd", 0.0) * 1000:.0f} ms' if chunk else ''))

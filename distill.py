@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import prepare_data
 from configurator import ConfigError, check_config, parse_config, print_help
-from support import (cast_parameters, check_vocabularies, find_checkpoint, flops_per_token, keep_freed_memory, load_checkpoint, load_model,
+from support import (cast_parameters, check_vocabularies, choose_dtype, find_checkpoint, flops_per_token, keep_freed_memory, load_checkpoint, load_model,
                      measure_matmul_flops, model_tokenizer, output_rows, plain_head, rng_state, save_checkpoint,
                      set_rng_state, student_from_teacher_layers, trim_log)
 
@@ -87,10 +87,10 @@ beta2 = 0.999  # AdamW beta2
 grad_clip = 1.0  # clip the gradient norm at this value; 0: off
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # autocast: 'float32', 'bfloat16' or 'float16'
-compile = False  # torch.compile both transformer stacks and the chunked loss (17-63 s at start on this CPU; see README)
+dtype = 'auto'  # 'auto' (bf16 autocast where this device's bf16 matmul is clearly fastest), 'float32', 'bfloat16', 'float16'
+compile = False  # torch.compile both transformer stacks and the chunked loss (minutes at start on a CPU; docs/performance.md)
 seed = 1337  # data order and initialisation
-peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: 989e12 on CUDA (H100 bf16), else measured at start
+peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: the matmul rate of the run's dtype, measured at start
 OPTIONAL_TYPES = {'teacher': str, 'student': str, 'student_layers': list, 'stop_iter': int, 'max_iters': int,
                   'ce_weight': float, 'kd_weight': float, 'hidden_weight': float, 'wandb_run_name': str}
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, type(None)))]
@@ -435,7 +435,7 @@ if __name__ == '__main__':
     try:
         config = parse_config(sys.argv[1:], defaults, OPTIONAL_TYPES)
         check_config(config, {'distill': ('logits', 'hidden', 'none'), 'kd_kind': KD_KINDS, 'hidden_loss': ('mse', 'cosine'),
-                              'proj_init': ('xavier', 'identity'), 'init_from': ('scratch', 'resume'), 'dtype': ('float32', 'bfloat16', 'float16'),
+                              'proj_init': ('xavier', 'identity'), 'init_from': ('scratch', 'resume'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16'),
                               'student_init': ('pretrained', 'config', 'teacher_layers')}, torch.cuda.is_available())
     except ConfigError as e:
         fail(e)
@@ -466,9 +466,10 @@ if __name__ == '__main__':
     torch.manual_seed(seed + rank)
     device_type = 'cuda' if 'cuda' in device else 'cpu'
     torch_device = f'cuda:{local_rank}' if ddp and device_type == 'cuda' else device
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+    compute_dtype, why, dtype_rate = choose_dtype(dtype, torch_device)  # 'auto' resolved (the matmul rates measured)
+    ptdtype = getattr(torch, compute_dtype)
+    ctx = nullcontext() if compute_dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=compute_dtype == 'float16')
 
     # data
     data_dir = os.path.join(data_root, dataset)
@@ -514,7 +515,7 @@ if __name__ == '__main__':
     if master_process and notes:
         print('\n'.join(notes))
     if teacher_model is not None:  # frozen, in the compute dtype (fp32 under float16: its activations could overflow)
-        cast_parameters(teacher_model.to(torch_device).eval().requires_grad_(False), torch.float32 if dtype == 'float16' else ptdtype)
+        cast_parameters(teacher_model.to(torch_device).eval().requires_grad_(False), torch.float32 if compute_dtype == 'float16' else ptdtype)
 
     # the chunked loss computes logits = final hidden states @ head: only where a probe batch shows that is what they are
     heads = [m for m in (student_model, teacher_model if w_kd else None) if m is not None]
@@ -595,12 +596,14 @@ if __name__ == '__main__':
             save_checkpoint(ckpt_dir, raw_model, optimizer, scaler, iter_num,
                             iter_num * batch_size * gradient_accumulation_steps, states, run_config)
 
-    flops_peak = peak_flops or (989e12 if device_type == 'cuda' else measure_matmul_flops(torch_device))
-    run_config = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'peak_flops': flops_peak}  # what this run used
+    flops_peak = peak_flops or dtype_rate or measure_matmul_flops(torch_device, ptdtype)  # the MFU denominator: measured
+    run_config = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'peak_flops': flops_peak, 'dtype': compute_dtype}
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
         print(f'student: {sum(p.numel() for p in student_model.parameters()) / 1e6:.2f}M parameters; teacher: '
               + (f'{sum(p.numel() for p in teacher_model.parameters()) / 1e6:.2f}M parameters' if teacher_model is not None else 'none'))
+        print(f'dtype: {compute_dtype} ({why}); MFU against its matmul rate, {flops_peak / 1e9:,.0f} GFLOP/s' +
+              (' (peak_flops)' if peak_flops else ' measured at start'))
         print(f'loss = {w_ce:g} CE' + (f' + {w_kd:g} T^2 {kd_kind} (T={temperature:g})' if w_kd else '')
               + (f' + {w_hidden:g} hidden {hidden_loss}' if w_hidden else '') + (' [across tokenizers]' if cross_tokenizer else ''))
         if layer_pairs:

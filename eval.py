@@ -11,7 +11,7 @@ choice's length in characters. Context and continuation are tokenized together a
 context's own tokens end; trailing spaces of the context move to the continuation; no special tokens are
 added, and an empty context becomes the BOS token (end-of-text where the tokenizer has no BOS).
 """
-import argparse, gzip, importlib.util, json, math, os, sys, time
+import argparse, contextlib, gzip, importlib.util, json, math, os, sys, time
 import torch
 import torch.nn.functional as F
 import distill, prepare_data, support
@@ -184,6 +184,21 @@ def load_tokenizer(spec, tokenizer):
         raise EvalError(f"model '{spec}' has no tokenizer: pass --tokenizer (a hub id, folder, .gguf, tiktoken:<name> or bytes)")
     return tok
 
+def score(spec, tok, tasks, teacher, args, progress):
+    """One table row: held-out loss and agreement with the teacher, the tasks' accuracies, the generations."""
+    model, row, t0 = load(spec, args.device), {}, time.time()
+    if args.data:
+        row.update(heldout(model, args.data, args.batch_size, args.block_size, args.device, teacher, args.limit))
+    max_length = getattr(model.config, 'max_position_embeddings', 2048) or 2048
+    for task, docs in tasks.items():
+        t1 = time.time()
+        r = multiple_choice(model, tok, docs, args.batch_size, args.device, max_length, progress)
+        row.update({f'{task}/acc': r['acc'], f'{task}/acc_norm': r['acc_norm'], f'{task}/documents': r['documents'],
+                    f'{task}/seconds': time.time() - t1})
+    row['samples'] = {q: generate(model, tok, q, args.max_new_tokens, args.device) for q in args.prompts}
+    row['seconds'] = time.time() - t0
+    return row
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('models', nargs='+', help='hub ids, folders, .gguf files or distill.py out_dirs: one table row each')
@@ -199,6 +214,8 @@ def main(argv=None):
     p.add_argument('--batch_size', type=int, default=16, help='sequences per forward pass')
     p.add_argument('--block_size', type=int, default=1024, help='held-out documents are scored this many tokens at a time (every supervised token counts)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'],
+                   help="autocast dtype; 'auto': bf16 where this device's bf16 matmul is clearly the fastest (as distill.py)")
     p.add_argument('--output', default='eval_results.json')
     args = p.parse_args(argv)
     import transformers
@@ -234,22 +251,13 @@ def main(argv=None):
                     raise EvalError(f"the tokenizer of '{spec}' differs from the one {args.data} was prepared with "
                                     f"({meta['tokenizer']}): prepare the data with this model's tokenizer")
         teacher = load(args.teacher, args.device) if args.teacher else None
+        dtype, why, _ = support.choose_dtype(args.dtype, args.device)
+        print(f'dtype: {dtype} ({why})')
+        ctx = torch.autocast(torch.device(args.device).type, getattr(torch, dtype)) if dtype != 'float32' else contextlib.nullcontext()
         results = {}
         for spec in args.models:
-            model, tok = load(spec, args.device), toks[spec]
-            row, t0 = {}, time.time()
-            if args.data:
-                row.update(heldout(model, args.data, args.batch_size, args.block_size, args.device, teacher, args.limit))
-            max_length = getattr(model.config, 'max_position_embeddings', 2048) or 2048
-            for task, docs in tasks.items():
-                t1 = time.time()
-                r = multiple_choice(model, tok, docs, args.batch_size, args.device, max_length, progress)
-                row.update({f'{task}/acc': r['acc'], f'{task}/acc_norm': r['acc_norm'], f'{task}/documents': r['documents'],
-                            f'{task}/seconds': time.time() - t1})
-            row['samples'] = {q: generate(model, tok, q, args.max_new_tokens, args.device) for q in args.prompts}
-            row['seconds'] = time.time() - t0
-            results[spec] = row
-            del model
+            with ctx:
+                results[spec] = score(spec, toks[spec], tasks, teacher, args, progress)
     except (EvalError, prepare_data.DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
@@ -262,7 +270,7 @@ def main(argv=None):
         print(spec.ljust(width) + ''.join((cell(row[c]) if c in row else '-').rjust(max(12, len(c) + 2)) for c in columns))
         for q, a in row['samples'].items():
             print(f'  {q!r} -> {a!r}')
-    settings = {k: v for k, v in vars(args).items()}
+    settings = {**vars(args), 'dtype_used': dtype}
     settings['task_files'] = {t: task_path(t) for t in tasks}
     tmp = args.output + '.tmp'
     with open(tmp, 'w') as f:

@@ -124,21 +124,42 @@ def flops_per_token(model, seq_len, training):
     attn = 2 * model.config.num_hidden_layers * model.config.hidden_size * seq_len
     return (6 * n + 6 * attn) if training else (2 * n + 2 * attn)
 
-def measure_matmul_flops(device, dtype=torch.float32, n=1024, seconds=1.0):
-    """This device's sustained matmul rate (FLOP/s): the MFU denominator on a CPU."""
-    a = torch.rand(n, n, generator=torch.Generator().manual_seed(0)).to(device, dtype)  # own generator: the
-    b = a.T.contiguous()                                                                  # run's RNG stays untouched
-    a @ b
+def measure_matmul_flops(device, dtype=torch.float32, seconds=1.0):
+    """This device's sustained matmul rate (FLOP/s) in dtype: the MFU denominator. Square matmuls of 2048 on a CPU
+    (1024 reads low on a loaded machine) and 8192 on a GPU, smaller where one already takes 0.05 s (bf16 emulated)."""
+    sync = torch.cuda.synchronize if 'cuda' in str(device) else lambda: None
+    g, n = torch.Generator().manual_seed(0), 256  # its own generator: the run's RNG stays untouched
+    while True:
+        a = torch.rand(n, n, generator=g).to(device, dtype)
+        b = a.T.contiguous()
+        t0 = time.time()
+        a @ b  # (the first one also warms up)
+        sync()
+        if n >= (8192 if 'cuda' in str(device) else 2048) or time.time() - t0 > 0.05:
+            break
+        n *= 2
     count, t0 = 0, time.time()
     while time.time() - t0 < seconds:
         a @ b
+        sync()
         count += 1
-    if 'cuda' in str(device):
-        torch.cuda.synchronize()
     return 2 * n ** 3 * count / (time.time() - t0)
 
 # -----------------------------------------------------------------------------
 # the machine
+
+def choose_dtype(dtype, device):
+    """(the compute dtype, why, the measured matmul rate of that dtype or None). 'auto': on CUDA bf16 where supported,
+    else fp32; on a CPU bf16 autocast when its bf16 matmul is clearly (1.5x) faster than fp32, both measured here:
+    CPUs with bf16 units (AMX) run it 3-4x faster, those without emulate it, hundreds of times slower."""
+    if dtype != 'auto':
+        return dtype, 'as set', None
+    if 'cuda' in device:
+        bf16 = torch.cuda.is_bf16_supported()
+        return ('bfloat16', 'CUDA with bf16', None) if bf16 else ('float32', 'CUDA without bf16', None)
+    rates = {d: measure_matmul_flops(device, getattr(torch, d)) for d in ('float32', 'bfloat16')}
+    pick = 'bfloat16' if rates['bfloat16'] > 1.5 * rates['float32'] else 'float32'
+    return pick, (f"bf16 matmul {rates['bfloat16'] / 1e9:.0f} vs fp32 {rates['float32'] / 1e9:.0f} GFLOP/s on this CPU"), rates[pick]
 
 def keep_freed_memory():
     """On a CPU, PyTorch has no caching allocator: glibc returns every freed block above 32 MB to the OS, and

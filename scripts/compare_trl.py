@@ -5,15 +5,16 @@ models, data and batch: tokens/s and peak memory, each in its own fresh process.
     python prepare_data.py && python scripts/compare_trl.py
 
 Teacher: the packaged SmolLM2-135M-Instruct; student: its 10-layer copy (blocks 0, 3, ..., 27); 4 documents of
-the demo data at 512 tokens (distill.py's batch_size and block_size defaults), fp32 on the CPU, forward KL at
+the demo data at 512 tokens (distill.py's batch_size and block_size defaults), on the CPU in fp32 or, with
+--dtype=bfloat16, both in bf16 autocast (distill.py's teacher in bf16 weights, as it runs it); forward KL at
 T=2 on the supervised tokens, learning rate 0 (every step sees the same weights). TRL's trainer generates its
 completions on-policy; here it is handed the documents' own tokens as completions (prompt = the first token,
 completion mask = distill's loss mask), and its compute_loss, backward and optimizer step are timed: the work
-both tools share, generation left out. Its defaults that would slow it down (gradient checkpointing, bf16) are
-turned off. distill.py's step also computes the CE term; TRL's loss has none.
-'trl+allocator' is TRL with distill.py's CPU allocator setting (distill.keep_freed_memory), 'trl' as shipped.
+both tools share, generation left out. Its gradient checkpointing, which would slow it down, is turned off.
+distill.py's step also computes the CE term; TRL's loss has none.
+'trl+allocator' is TRL with distill.py's CPU allocator setting (support.keep_freed_memory), 'trl' as shipped.
 """
-import argparse, json, os, resource, subprocess, sys, tempfile, time
+import argparse, contextlib, json, os, resource, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import distill, prepare_data, support
@@ -24,6 +25,7 @@ p.add_argument('--block_size', type=int, default=512)
 p.add_argument('--steps', type=int, default=4)
 p.add_argument('--chunk', type=int, default=256, help="distill.py's loss_chunk")
 p.add_argument('--dataset', default='data/demo')
+p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='both tools in this autocast dtype')
 p.add_argument('--tool', help=argparse.SUPPRESS)  # internal: run one tool in this process
 args = p.parse_args()
 
@@ -43,11 +45,15 @@ def one_tool(tool):
     docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
     batch = distill.make_batch(split, [(d, 0) for d in docs], args.block_size, meta['pad_id'], 'cpu')
     X, Y, M, _ = batch
+    bf16 = args.dtype == 'bfloat16'
     if tool == 'distill':  # distill.py's defaults: alpha 0.5, forward KL at T = 2
         model = distill.Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=args.chunk)
         optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))
+        support.cast_parameters(teacher, getattr(torch, args.dtype))  # as distill.py: the frozen teacher in the compute dtype
+        ctx = torch.autocast('cpu', torch.bfloat16) if bf16 else contextlib.nullcontext()
         def step():
-            out = model(batch, model.teacher_forward(teacher, batch), M.sum().item())
+            with ctx:
+                out = model(batch, model.teacher_forward(teacher, batch), M.sum().item())
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -56,7 +62,7 @@ def one_tool(tool):
         from datasets import Dataset
         from trl import DistillationConfig, DistillationTrainer
         config = DistillationConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
-                                    gradient_checkpointing=False, bf16=False, use_cpu=True, beta=0.0, temperature=2.0,
+                                    gradient_checkpointing=False, bf16=bf16, use_cpu=True, beta=0.0, temperature=2.0,
                                     learning_rate=0.0, report_to=[], max_completion_length=args.block_size)
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
                                       train_dataset=Dataset.from_dict({'prompt': ['hi'] * args.batch_size}),
@@ -91,7 +97,7 @@ for tool in ('distill', 'trl', 'trl+allocator'):
     if out.returncode:
         sys.exit(f'{tool} failed:\n{out.stderr[-3000:]}')
     res[tool] = json.loads(out.stdout.strip().splitlines()[-1])
-print(f'KD step, {args.batch_size} x {args.block_size} tokens, fp32, {torch.get_num_threads()} threads')
+print(f'KD step, {args.batch_size} x {args.block_size} tokens, {args.dtype}, {torch.get_num_threads()} threads')
 for tool, r in res.items():
     print(f'{tool:14s} {r["ms"]:8.0f} ms  {r["tokens_per_s"]:7.1f} tokens/s  peak RSS {r["peak_gb"]:.2f} GB '
           f'(+{r["step_peak_gb"]:.2f} GB in the steps)  forward KL {r["kd"]:.4f}')

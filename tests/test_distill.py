@@ -235,3 +235,27 @@ def test_no_config_key_is_reassigned_after_parsing():
     stored |= {a.arg for n in ast.walk(main) if isinstance(n, (ast.FunctionDef, ast.Lambda)) for a in n.args.args}
     assert 'iterations' in stored and 'max_iters' in keys  # (the test can see both sides)
     assert not stored & keys, stored & keys
+
+def test_auto_dtype_rule(monkeypatch):
+    """'auto': bf16 autocast only where this CPU's bf16 matmul is clearly (1.5x) faster than fp32, as measured."""
+    import support
+    for rates, expected in (({'float32': 2e11, 'bfloat16': 8e11}, 'bfloat16'),   # AMX: 3-4x
+                            ({'float32': 2e11, 'bfloat16': 3e11}, 'float32'),    # not clearly faster
+                            ({'float32': 2e11, 'bfloat16': 3e8}, 'float32')):    # emulated: hundreds of times slower
+        monkeypatch.setattr(support, 'measure_matmul_flops', lambda device, dtype: rates[str(dtype)[6:]])
+        dtype, why, rate = support.choose_dtype('auto', 'cpu')
+        assert (dtype, rate) == (expected, rates[expected]) and 'GFLOP/s' in why
+    assert support.choose_dtype('float16', 'cpu') == ('float16', 'as set', None)
+
+def test_auto_dtype_run_says_what_it_chose(work):
+    """The default dtype on this machine, whichever kind it is: the start line names the choice and the measured rates
+    behind it, the choice follows the rule from those rates, and the run trains in it."""
+    import re
+    out = run(work, work / 'auto', '--dtype=auto', '--peak_flops=0', '--max_iters=3', '--learning_rate=3e-3').stdout
+    m = re.search(r'dtype: (\w+) \(bf16 matmul (\d+) vs fp32 (\d+) GFLOP/s on this CPU\); MFU against its matmul rate, ([\d,]+) GFLOP/s', out)
+    assert m, out[:2000]
+    bf16, fp32 = int(m[2]), int(m[3])
+    assert m[1] == ('bfloat16' if bf16 > 1.5 * fp32 else 'float32')
+    assert int(m[4].replace(',', '')) == pytest.approx(bf16 if m[1] == 'bfloat16' else fp32, rel=0.01, abs=1)
+    log = train_log(work / 'auto')
+    assert len(log) == 3 and all(math.isfinite(r['loss']) for r in log)

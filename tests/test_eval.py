@@ -129,7 +129,8 @@ def test_cli_table_json_and_errors(evalwork, tmp_path):
     assert set(rows) == {str(evalwork / 'model'), str(evalwork / 'other')}
     assert rows[str(evalwork / 'model')]['top1_agreement'] == 1.0 and rows[str(evalwork / 'other')]['top1_agreement'] < 1.0
     assert res['settings']['tasks'] == plain and f'{plain}/acc_norm' in rows[str(evalwork / 'other')]
-    assert 'top1_agreement' in proc.stdout.splitlines()[0] and len(rows[str(evalwork / 'model')]['samples']['Hi']) > 0
+    assert 'top1_agreement' in proc.stdout.splitlines()[1] and len(rows[str(evalwork / 'model')]['samples']['Hi']) > 0
+    assert f"dtype: {res['settings']['dtype_used']} (" in proc.stdout  # 'auto', resolved as distill.py does, and said
     # a model without a tokenizer, without --tokenizer: one clear line
     proc = subprocess.run(cmd[:3] + [f'--tasks={plain}', f'--output={tmp_path / "x.json"}'], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
