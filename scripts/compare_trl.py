@@ -6,7 +6,7 @@ models, data and batch: tokens/s and peak memory, each in its own fresh process.
 
 Teacher: the packaged SmolLM2-135M-Instruct; student: its 10-layer copy (blocks 0, 3, ..., 27); 4 documents of
 the demo data at 512 tokens (distill.py's batch_size and block_size defaults), on the CPU in fp32 or, with
---dtype=bfloat16, both in bf16 autocast (distill.py's teacher in bf16 weights, as it runs it); forward KL at
+--dtype=bfloat16, both steps in torch.autocast bf16 (distill.py's teacher in bf16 weights, as it runs it); forward KL at
 T=2 on the supervised tokens, learning rate 0 (every step sees the same weights). TRL's trainer generates its
 completions on-policy; here it is handed the documents' own tokens as completions (prompt = the first token,
 completion mask = distill's loss mask), and its compute_loss, backward and optimizer step are timed: the work
@@ -62,7 +62,7 @@ def one_tool(tool):
         from datasets import Dataset
         from trl import DistillationConfig, DistillationTrainer
         config = DistillationConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
-                                    gradient_checkpointing=False, bf16=bf16, use_cpu=True, beta=0.0, temperature=2.0,
+                                    gradient_checkpointing=False, bf16=False, use_cpu=True, beta=0.0, temperature=2.0,
                                     learning_rate=0.0, report_to=[], max_completion_length=args.block_size)
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
                                       train_dataset=Dataset.from_dict({'prompt': ['hi'] * args.batch_size}),
@@ -71,8 +71,10 @@ def one_tool(tool):
         rows = torch.cat([X, Y[:, -1:]], 1)  # the whole document row: X plus its last target
         inputs = {'prompt_ids': rows[:, :1], 'prompt_mask': torch.ones_like(rows[:, :1]),
                   'completion_ids': rows[:, 1:], 'completion_mask': M}
-        def step():
-            loss = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=M.sum())
+        ctx = torch.autocast('cpu', torch.bfloat16) if bf16 else contextlib.nullcontext()  # (its bf16 flag alone left
+        def step():                                                                      # the CPU step in fp32)
+            with ctx:
+                loss = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=M.sum())
             trainer.accelerator.backward(loss)
             trainer.optimizer.step()
             trainer.optimizer.zero_grad(set_to_none=True)
