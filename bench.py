@@ -110,7 +110,7 @@ if args.part in ('all', 'loss'):
 def loss_alone(model, batch, t_out, kind='fkl', beta=0.5):
     """Seconds per forward + backward of the step's loss alone (CE + divergence), from the student's final hidden
     states, heads included."""
-    X, Y, M, _ = batch
+    X, Y, M = batch.X, batch.Y, batch.M
     with torch.no_grad():
         h = model.model.base_model(input_ids=X).last_hidden_state
     keep, W, n, times = M.bool(), model.model.get_output_embeddings().weight, M.sum().item(), []

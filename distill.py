@@ -57,6 +57,7 @@ batch_size = 4  # documents per micro-batch (per rank)
 gradient_accumulation_steps = 8  # micro-batches per optimizer step, summed over ALL ranks
 # models
 teacher = None  # HF hub id, local folder or .gguf file
+teacher_cache = None  # instead of the teacher for logit KD: its top-k written once by cache_teacher.py (a folder, or its name in the dataset)
 student = None  # HF hub id, local folder or .gguf file (for 'teacher_layers': unused)
 student_init = 'pretrained'  # 'pretrained' (its weights), 'config' (random init) or 'teacher_layers'
 student_layers = None  # teacher blocks kept by student_init='teacher_layers', e.g. [0, 3, 6]
@@ -91,7 +92,7 @@ dtype = 'auto'  # 'auto' (bf16 autocast where this device's bf16 matmul is clear
 compile = False  # torch.compile both transformer stacks and the chunked loss (minutes at start on a CPU; docs/performance.md)
 seed = 1337  # data order and initialisation
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: the matmul rate of the run's dtype, measured at start
-OPTIONAL_TYPES = {'teacher': str, 'student': str, 'student_layers': list, 'stop_iter': int, 'max_iters': int,
+OPTIONAL_TYPES = {'teacher': str, 'teacher_cache': str, 'student': str, 'student_layers': list, 'stop_iter': int, 'max_iters': int,
                   'ce_weight': float, 'kd_weight': float, 'hidden_weight': float, 'wandb_run_name': str}
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, type(None)))]
 # -----------------------------------------------------------------------------
@@ -129,24 +130,45 @@ DIVERGENCES = {
 }
 KD_KINDS = tuple(DIVERGENCES)
 
+class TopK:
+    """A teacher's next-token distribution kept sparse (cache_teacher.py writes it): at each position the ids and
+    T = 1 log-probabilities of its k most likely tokens, and log sum p^(1/T) over all the others at the training T:
+    their mass as one bucket (-inf when k = V). Indexed by positions like a tensor: [keep], [a:b]."""
+    def __init__(self, ids, logp, tail):
+        self.ids, self.logp, self.tail = ids, logp, tail  # (..., k), (..., k), (...)
+
+    def __getitem__(self, i):
+        return TopK(self.ids[i], self.logp[i], self.tail[i])
+
 def kd_divergence(student_logits, teacher_logits, kind='fkl', temperature=1.0, beta=0.5):
-    """Per-position divergence (DIVERGENCES[kind]) between p = softmax(teacher / T) and q = softmax(student / T)."""
+    """Per-position divergence (DIVERGENCES[kind]) between p = softmax(teacher / T) and q = softmax(student / T).
+    A TopK teacher: both distributions over k + 1 outcomes, its k tokens and one bucket for all others (a
+    coarse-graining: D between these is at most D between the full ones, and equal to it at k = V)."""
     if kind not in DIVERGENCES:
         raise ValueError(f"kd_kind must be one of {KD_KINDS}, got '{kind}'")
     fp = torch.float64 if student_logits.dtype == torch.float64 else torch.float32  # never below fp32
     tiny = torch.finfo(fp).min  # -inf logits (masked tokens) must not turn 0 * inf into NaN
-    log_p = F.log_softmax(teacher_logits.to(fp) / temperature, dim=-1).clamp(min=tiny)
-    log_q = F.log_softmax(student_logits.to(fp) / temperature, dim=-1).clamp(min=tiny)
+    z = student_logits.to(fp) / temperature
+    if isinstance(teacher_logits, TopK):
+        ids = teacher_logits.ids.long()
+        others = z.scatter(-1, ids, -1e30).logsumexp(-1, keepdim=True)  # (finite: no inf - inf in the gradient at k = V)
+        z = torch.cat([z.gather(-1, ids), others], -1)
+        zt = torch.cat([teacher_logits.logp.to(fp) / temperature, teacher_logits.tail.to(fp)[..., None]], -1)
+    else:
+        zt = teacher_logits.to(fp) / temperature
+    log_p = F.log_softmax(zt, dim=-1).clamp(min=tiny)
+    log_q = F.log_softmax(z, dim=-1).clamp(min=tiny)
     return DIVERGENCES[kind](log_p, log_q, beta)
 
 def loss_sums(z, y, zt, vocab, kind='fkl', temperature=1.0, beta=0.5):
     """Sums over the rows (supervised positions) of logits z (n, V) of the CE against targets y and of the divergence
-    from the teacher's logits zt (None: CE alone), over the real vocabulary: rows past it are embedding padding and
-    differ between models, so they are never compared. The plain path calls it on all rows, the chunked one per chunk."""
+    from the teacher's logits zt (a TopK: its cached distribution; None: CE alone), over the real vocabulary: rows past
+    it are embedding padding and differ between models, so they are never compared. The plain path calls it on all
+    rows, the chunked one per chunk."""
     ce = F.cross_entropy(z.float(), y, reduction='sum')
     if zt is None:
         return ce, torch.zeros_like(ce)
-    return ce, kd_divergence(z[:, :vocab], zt[:, :vocab], kind, temperature, beta).sum()
+    return ce, kd_divergence(z[:, :vocab], zt if isinstance(zt, TopK) else zt[:, :vocab], kind, temperature, beta).sum()
 
 def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta):
     """One chunk of ChunkedHeadLoss: loss_sums of fp32 logits z and, unless coef is None, the gradient of
@@ -154,7 +176,7 @@ def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta):
     passes over (n, V): d CE/dz = softmax(z) - onehot(y), d KL(p || q)/dz = (q - p) / T."""
     if coef is None:
         return *loss_sums(z, y, zt, vocab, kind, temperature, beta), None
-    if kind != 'fkl' or zt is None:
+    if kind != 'fkl' or not isinstance(zt, torch.Tensor):
         with torch.enable_grad():
             z = z.requires_grad_()
             ce, kd = loss_sums(z, y, zt, vocab, kind, temperature, beta)
@@ -176,17 +198,18 @@ class ChunkedHeadLoss(torch.autograd.Function):
     for the combination coef[0] CE + coef[1] D that the caller forms from the two outputs, and only the gradients
     w.r.t. h and W (positions x d, V x d) are kept; backward checks that combination and scales them (1/N, the world
     size, the fp16 loss scale). The plain path's matmuls, none repeated. h (n, d_s): the student's final hidden states
-    at supervised positions, W (V_s, d_s) its head; t_h (n, d_t), t_W (V_t, d_t) the teacher's, or None (CE alone)."""
+    at supervised positions, W (V_s, d_s) its head; t_h (n, d_t), t_W (V_t, d_t) the teacher's, or None (CE alone);
+    or t_h a TopK of n positions and t_W None (a cached teacher)."""
     @staticmethod
     def forward(ctx, h, W, Y, t_h, t_W, coef, vocab, kind, temperature, beta, chunk, chunk_fn=chunk_loss):
         need_grad = coef is not None  # None: values only (evaluation)
         Wc = W.to(h.dtype)  # the heads in the compute dtype once, not once per chunk (autocast)
-        t_Wc = None if t_h is None else t_W.to(t_h.dtype)
+        t_Wc = None if t_W is None else t_W.to(t_h.dtype)
         dh, dW = (torch.empty_like(h), torch.zeros_like(W, dtype=torch.float32)) if need_grad else (None, None)
         ce_sum, kd_sum = torch.zeros((), device=h.device), torch.zeros((), device=h.device)
         for a in range(0, len(h), chunk):
             hc = h[a:a + chunk]
-            zt = None if t_h is None else (t_h[a:a + chunk] @ t_Wc.T).float()
+            zt = None if t_h is None else t_h[a:a + chunk] if t_Wc is None else (t_h[a:a + chunk] @ t_Wc.T).float()
             ce, kd, dz = chunk_fn((hc @ Wc.T).float(), Y[a:a + chunk], zt, vocab, coef, kind, temperature, beta)
             ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
             if need_grad:
@@ -258,6 +281,45 @@ def load_split(folder, split):
         data['align_idx'] = np.fromfile(path('_align_idx'), dtype=np.int64)
     return data
 
+def data_hash(folder, split):
+    """The fingerprint of a split's token, mask and offset arrays: what a teacher cache was computed from."""
+    return prepare_data.content_hash([os.path.join(folder, f'{split}{name}.bin') for name in ('', '_mask', '_idx')])
+
+def attach_topk(split, name, folder, data_dir, block_size, temperature):
+    """Add a teacher cache's rows (cache_teacher.py) to a split loaded by load_split, after checking that they were
+    written for this split, its windows and this temperature; make_batch then reads them (Batch.topk)."""
+    cache = os.path.join(folder, 'meta.json')
+    try:
+        with open(cache) as f:
+            m = json.load(f)
+        problem = prepare_data.verify_files(folder, m['files'])
+    except (OSError, ValueError, KeyError) as e:
+        problem = f'{cache} is missing or unreadable ({type(e).__name__})'
+    if problem:
+        raise ConfigError(f'teacher_cache {folder} is not a complete cache: {problem}; write it with cache_teacher.py')
+    fix = f'write a cache for it with cache_teacher.py --dataset={data_dir} --block_size={block_size}'
+    if name not in m['splits']:
+        raise ConfigError(f'teacher_cache {folder} has no {name} split: {fix}')
+    if m['splits'][name]['data_hash'] != data_hash(data_dir, name):
+        raise ConfigError(f'teacher_cache {folder} was written for other data than {data_dir} ({name} split differs): {fix}')
+    if m['block_size'] != block_size:
+        raise ConfigError(f"teacher_cache {folder} was written for block_size={m['block_size']}, not {block_size} (the teacher's "
+                          f'context differs): set block_size={m["block_size"]} or {fix}')
+    if temperature not in m['temperatures']:
+        raise ConfigError(f"teacher_cache {folder} holds the tail for temperatures {m['temperatures']}, not {temperature:g}: "
+                          f"{fix} --temperatures={','.join(f'{t:g}' for t in m['temperatures'] + [temperature])}")
+    rows, k = m['splits'][name]['rows'], m['k']
+    memmap = lambda f, dtype, shape: np.memmap(os.path.join(folder, f'{name}_{f}.bin'), dtype=dtype, mode='r', shape=shape) if rows else np.zeros(shape, dtype)
+    windows = block_windows(split, block_size)
+    starts = split['idx'][windows[:, 0]] + windows[:, 1]
+    counts = np.add.reduceat(np.asarray(split['mask']), starts + 1, dtype=np.int64) if len(starts) else np.zeros(0, np.int64)
+    if counts.sum() != rows:
+        raise ConfigError(f'teacher_cache {folder} has {rows:,} rows for the {name} split, which has {counts.sum():,} supervised targets: {fix}')
+    split['topk'] = (memmap('ids', m['ids_dtype'], (rows, k)), memmap('logp', m['values_dtype'], (rows, k)),
+                     memmap('tail', np.float32, (rows, len(m['temperatures'])))[:, m['temperatures'].index(temperature)],
+                     starts, np.cumsum(counts) - counts)
+    return m
+
 def doc_order(position, count, n_docs, seed):
     """Document ids at [position, position + count) of the stream: epoch e is a permutation seeded by seed + e."""
     out = []
@@ -294,6 +356,7 @@ class Batch(NamedTuple):
     Y: torch.Tensor  # (rows, L) targets
     M: torch.Tensor  # (rows, L) 1 where Y is a supervised target
     align: Align
+    topk: TopK = None  # the teacher's cached distribution at the supervised targets (teacher_cache), else None
 
 def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
     """A Batch of some (document, start) windows (block_windows). No attention mask is needed: causal attention
@@ -327,7 +390,17 @@ def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
     else:
         b, s = M.nonzero(as_tuple=True)
         align = Align(None, b.to(device), s.to(device), s.to(device))
-    return Batch(X.to(device), Y.to(device), M.to(device), align)
+    topk = None
+    if 'topk' in split:  # a teacher cache: its rows are the split's supervised targets in order, a window's consecutive
+        ids, logp, tail, starts, first = split['topk']
+        rows = np.concatenate([first[np.searchsorted(starts, idx[d] + s)] + np.arange(n) for (d, s), n in zip(windows, M.sum(1).tolist())])
+        keep, k = M.bool(), ids.shape[1]
+        topk = TopK(torch.zeros(*M.shape, k, dtype=torch.long), torch.zeros(*M.shape, k), torch.zeros(M.shape))
+        topk.ids[keep] = torch.from_numpy(ids[rows].astype(np.int64))
+        topk.logp[keep] = torch.from_numpy(logp[rows].astype(np.float32))
+        topk.tail[keep] = torch.from_numpy(tail[rows].astype(np.float32))
+        topk = TopK(topk.ids.to(device), topk.logp.to(device), topk.tail.to(device))
+    return Batch(X.to(device), Y.to(device), M.to(device), align, topk)
 
 def step_doc_ids(iter_num, batch_size, grad_accum, rank, world, n_docs, seed):
     """This rank's micro-batches of step iter_num: the step takes batch_size * grad_accum documents of the
@@ -373,9 +446,10 @@ class Trainable(nn.Module):
     @torch.no_grad()
     def teacher_forward(self, teacher, batch):
         """The teacher's forward, only as far as the loss needs it: no head on the chunked path (it is applied a chunk
-        at a time) nor for hidden states alone. Across tokenizers it reads its own tokens."""
+        at a time) nor for hidden states alone. Across tokenizers it reads its own tokens. No teacher: its cached
+        top-k came with the batch (teacher_cache), or there is none (SFT)."""
         if teacher is None:
-            return TeacherOut()
+            return TeacherOut(final=batch.topk)
         net = teacher if self.w_kd and not self.chunk else teacher.base_model
         X = batch.X if batch.align.XT is None else batch.align.XT
         out = net(input_ids=X, output_hidden_states=self.w_hidden > 0)
@@ -387,7 +461,7 @@ class Trainable(nn.Module):
         """The loss: (w_ce CE + w_kd T^2 D) / n_targets + w_hidden H / n_hidden, with the step's counts of supervised
         targets and aligned positions, so that the micro-batches' losses add up to the step's. T^2 keeps the gradient
         of D comparable across temperatures (Hinton et al. 2015): D's own gradient shrinks like 1/T^2."""
-        X, Y, M, align = batch
+        X, Y, M, align = batch.X, batch.Y, batch.M, batch.align
         keep = M.bool()
         c_ce, c_kd, c_hidden = self.w_ce / n_targets, self.w_kd * self.temperature ** 2 / n_targets, self.w_hidden / n_hidden
         settings = (self.vocab, self.kind, self.temperature, self.beta)
@@ -442,7 +516,10 @@ if __name__ == '__main__':
     globals().update(config)  # read-only from here: what the run derives gets its own name, and goes in run_config
     implied = {'none': (1.0, 0.0, 0.0), 'logits': (1 - alpha, alpha, 0.0), 'hidden': (1 - alpha, 0.0, alpha)}[distill]
     w_ce, w_kd, w_hidden = (implied[i] if w is None else float(w) for i, w in enumerate((ce_weight, kd_weight, hidden_weight)))
-    use_teacher = w_kd > 0 or w_hidden > 0 or student_init == 'teacher_layers'
+    if teacher_cache is not None and (w_kd == 0 or w_hidden > 0):
+        fail("teacher_cache holds the teacher's next-token distribution for logit distillation alone: use distill='logits' "
+             '(hidden-state distillation needs the teacher itself), or unset teacher_cache')
+    use_teacher = (w_kd > 0 and teacher_cache is None) or w_hidden > 0 or student_init == 'teacher_layers'
     if use_teacher and teacher is None:
         fail(f"distill='{distill}' needs a teacher" + (" (student_init='teacher_layers' copies its blocks)" if student_init == 'teacher_layers'
              else '') + ": set teacher (an HF hub id, a local folder or a .gguf file), or distill='none' for SFT")
@@ -482,6 +559,13 @@ if __name__ == '__main__':
         fail(f"{data_dir} pairs two tokenizers: logit distillation compares distributions token by token and needs one "
              "shared tokenizer; use distill='hidden' (or kd_weight=0)")
     train_data, val_data = load_split(data_dir, 'train'), load_split(data_dir, 'val')
+    if teacher_cache is not None:  # a folder, or its name inside the dataset's
+        cache_dir = teacher_cache if os.path.isdir(teacher_cache) else os.path.join(data_dir, teacher_cache)
+        try:
+            for split, name in ((train_data, 'train'), (val_data, 'val')):
+                cache = attach_topk(split, name, cache_dir, data_dir, block_size, temperature)
+        except ConfigError as e:
+            fail(e)
     train_windows, val_windows = block_windows(train_data, block_size), block_windows(val_data, block_size)[:eval_docs]
     n_train_docs, n_val_docs = len(train_windows), len(val_windows)  # (a document longer than block_size gives several)
     iterations = max_iters if max_iters is not None else math.ceil(epochs * n_train_docs / (batch_size * gradient_accumulation_steps))
@@ -506,7 +590,7 @@ if __name__ == '__main__':
         fail(e)
     if ddp and master_process:
         dist.barrier()
-    if w_kd == 0 and w_hidden == 0:
+    if (w_kd == 0 or teacher_cache is not None) and w_hidden == 0:
         teacher_model = None  # 'teacher_layers' needed it only to build the student
     try:  # the data's tokenizer(s) are the models' (compared by fingerprint), and the models have enough output rows
         notes = check_vocabularies(meta, data_dir, student_model, student_tok, teacher_model, teacher_tok)
@@ -601,7 +685,8 @@ if __name__ == '__main__':
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
         print(f'student: {sum(p.numel() for p in student_model.parameters()) / 1e6:.2f}M parameters; teacher: '
-              + (f'{sum(p.numel() for p in teacher_model.parameters()) / 1e6:.2f}M parameters' if teacher_model is not None else 'none'))
+              + (f'{sum(p.numel() for p in teacher_model.parameters()) / 1e6:.2f}M parameters' if teacher_model is not None else
+                 f"its top-{cache['k']} cache {cache_dir} ({cache['teacher']})" if teacher_cache is not None else 'none'))
         print(f'dtype: {compute_dtype} ({why}); MFU against its matmul rate, {flops_peak / 1e9:,.0f} GFLOP/s' +
               (' (peak_flops)' if peak_flops else ' measured at start'))
         print(f'loss = {w_ce:g} CE' + (f' + {w_kd:g} T^2 {kd_kind} (T={temperature:g})' if w_kd else '')

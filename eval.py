@@ -140,7 +140,7 @@ def heldout(model, data_dir, batch_size, block_size, device, teacher=None, limit
     windows = distill.block_windows(split, block_size)[:limit]  # every supervised token, block_size at a time
     ce = kl = agree = n = 0.0
     for k in range(0, len(windows), batch_size):
-        X, Y, M, _ = distill.make_batch(split, windows[k:k + batch_size], block_size, meta['pad_id'], device)
+        X, Y, M = distill.make_batch(split, windows[k:k + batch_size], block_size, meta['pad_id'], device)[:3]
         logits, keep, V = model(input_ids=X).logits, M.bool(), meta['vocab_size']
         t_logits = teacher(input_ids=X).logits if teacher is not None else None
         c, d = distill.loss_sums(logits[keep], Y[keep], None if t_logits is None else t_logits[keep], V)  # training's, T = 1

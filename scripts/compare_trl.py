@@ -44,7 +44,7 @@ def one_tool(tool):
     idx = split['idx']
     docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
     batch = distill.make_batch(split, [(d, 0) for d in docs], args.block_size, meta['pad_id'], 'cpu')
-    X, Y, M, _ = batch
+    X, Y, M = batch.X, batch.Y, batch.M
     bf16 = args.dtype == 'bfloat16'
     if tool == 'distill':  # distill.py's defaults: alpha 0.5, forward KL at T = 2
         model = distill.Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=args.chunk)

@@ -201,7 +201,7 @@ def test_cross_tokenizer_batch_pairs(cross, bytes_tok, smol_tok):
     """make_batch hands the teacher its own tokens, and pairs equal text prefixes at supervised positions."""
     from distill import load_split, make_batch
     split = load_split(str(cross / 'data' / 'cross'), 'train')
-    X, Y, M, (XT, b, s, t) = make_batch(split, [(0, 0), (1, 0), (2, 0)], 48, 2, 'cpu', teacher_pad_id=2)
+    X, Y, M, (XT, b, s, t) = make_batch(split, [(0, 0), (1, 0), (2, 0)], 48, 2, 'cpu', teacher_pad_id=2)[:4]
     assert len(b) > 0 and (M[b, s] == 1).all()
     for bi, si, ti in zip(b.tolist(), s.tolist(), t.tolist()):
         assert bytes_tok.decode(X[bi, :si + 1].tolist()) == smol_tok.decode(XT[bi, :ti + 1].tolist())
@@ -209,7 +209,7 @@ def test_cross_tokenizer_batch_pairs(cross, bytes_tok, smol_tok):
     # student's window, so the student's text is the end of the teacher's (all of it when that boundary is aligned)
     from distill import block_windows
     windows = [w for w in block_windows(split, 16) if w[1] > 0][:8]
-    X, Y, M, (XT, b, s, t) = make_batch(split, windows, 16, 2, 'cpu', teacher_pad_id=2)
+    X, Y, M, (XT, b, s, t) = make_batch(split, windows, 16, 2, 'cpu', teacher_pad_id=2)[:4]
     assert len(windows) == 8 and len(b) > 0 and (M[b, s] == 1).all()
     for bi, si, ti in zip(b.tolist(), s.tolist(), t.tolist()):
         student, teacher = bytes_tok.decode(X[bi, :si + 1].tolist()), smol_tok.decode(XT[bi, :ti + 1].tolist())

@@ -23,7 +23,10 @@ def mix64(a, b, w):
 
 def divergence64(s, t, kind, T, beta):
     """One position, plain Python floats (float64), straight from the formulas."""
-    p, q = softmax64(t, T), softmax64(s, T)
+    return divergence_of64(softmax64(t, T), softmax64(s, T), kind, beta)
+
+def divergence_of64(p, q, kind, beta):
+    """D(p, q) of two probability lists."""
     if kind == 'fkl' or (kind == 'jsd' and beta == 0):
         return kl64(p, q)
     if kind == 'rkl' or (kind == 'jsd' and beta == 1):

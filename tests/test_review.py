@@ -63,7 +63,7 @@ def test_windows_cover_every_target_once(tmp_path):
     lengths = {int(n) for n in split['idx'][1:] - split['idx'][:-1]}
     assert lengths == {2, 10, 11, 54}  # text + eot; the chat in the fallback template (only "yes" + eot supervised)
     windows = distill.block_windows(split, 4)
-    X, Y, M, _ = distill.make_batch(split, windows, 4, 0, 'cpu')
+    X, Y, M = distill.make_batch(split, windows, 4, 0, 'cpu')[:3]
     assert X.shape[1] == 4 and M.sum().item() == int(split['mask'].sum())  # every target once
     tokens = np.asarray(split['tokens'], dtype=np.int64)
     for (d, s), x, y, m in zip(windows, X, Y, M):

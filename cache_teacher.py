@@ -1,0 +1,165 @@
+"""
+Run the teacher once over a prepared dataset and store its next-token distribution at every supervised target,
+sparsely: logit distillation then reads it from disk (distill.py teacher_cache=...), with no teacher in memory and
+no teacher forward in any epoch or ablation.
+
+    python cache_teacher.py --teacher=teacher.gguf --dataset=data/demo --block_size=128 --k=32
+    torchrun --standalone --nproc_per_node=8 cache_teacher.py --teacher=... --dataset=...   # each rank its share
+
+Per split (train, val), in <dataset>/<name> (default teacher_k<k>_b<block_size>), one row per supervised target,
+in the split's order (document, then position), the teacher reading distill.py's windows of block_size tokens:
+    {split}_ids.bin   (rows, k)  uint16 (int32 above 65,536 tokens): its k most likely next tokens, most likely first
+    {split}_logp.bin  (rows, k)  float16 (--values=float32: exact): their log-probabilities at T = 1
+    {split}_tail.bin  (rows, n_T) float32: for each of --temperatures, log sum over all other tokens of p^(1/T)
+so that distill.py forms, at its temperature T, the distribution over the k tokens and one bucket for the rest
+exactly as the full distribution at T would give them (the k tokens are the same at every T). meta.json is written
+last (the teacher, the data's fingerprint, k, the temperatures, block_size, the files' sizes), then the folder is
+swapped in whole: a killed run leaves the old cache or none, never half of one; the next run starts over.
+"""
+import argparse, contextlib, os, sys, time
+import numpy as np
+import torch
+import torch.nn.functional as F
+import distill, prepare_data
+from configurator import ConfigError
+from support import cast_parameters, check_vocabularies, choose_dtype, load_model, model_tokenizer
+
+def top_k(logits, k, temperatures):
+    """(ids, T = 1 log-probabilities of the k most likely tokens, (n, len(temperatures)) log sum_{others} p^(1/T))
+    from logits (n, V) of the real vocabulary, in fp32 (fp64 stays)."""
+    logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    values, ids = logp.topk(k, dim=-1)
+    others = logp.scatter(-1, ids, -float('inf'))
+    return ids, values, torch.stack([torch.logsumexp(others / t, dim=-1) for t in temperatures], -1)
+
+def write_split(teacher, split, folder, name, args, rank, world, ctx, device, pad_id, vocab):
+    """This rank's share of a split's rows, written into the (pre-sized) files in folder."""
+    windows = distill.block_windows(split, args.block_size)
+    starts = split['idx'][windows[:, 0]] + windows[:, 1]
+    counts = np.add.reduceat(np.asarray(split['mask']), starts + 1, dtype=np.int64) if len(starts) else np.zeros(0, np.int64)
+    first = np.cumsum(counts) - counts
+    rows = int(counts.sum())
+    if not rows:
+        return
+    share = np.array_split(np.arange(len(windows)), world)[rank]  # a contiguous run of windows: a contiguous run of rows
+    out = [np.memmap(os.path.join(folder, f'{name}_{f}.bin'), dtype=dt, mode='r+', shape=shape) for f, dt, shape in
+           (('ids', args.ids_dtype, (rows, args.k)), ('logp', args.values, (rows, args.k)), ('tail', np.float32, (rows, len(args.temperatures))))]
+    t0 = last = time.time()
+    done = tokens = 0
+    for a in range(0, len(share), args.batch_size):
+        w = share[a:a + args.batch_size]
+        b = distill.make_batch(split, windows[w], args.block_size, pad_id, device)
+        with torch.no_grad(), ctx:
+            logits = teacher(input_ids=b.X).logits[b.M.bool()][:, :vocab]
+        r0 = int(first[w[0]])
+        for c in range(0, len(logits), 1024):  # fp32 log-probabilities a slice at a time
+            ids, logp, tail = top_k(logits[c:c + 1024], args.k, args.temperatures)
+            for array, values in zip(out, (ids, logp, tail)):
+                array[r0 + c:r0 + c + len(values)] = values.cpu().numpy().astype(array.dtype)
+        done, tokens = done + len(w), tokens + b.X.numel()
+        if rank == 0 and (time.time() - last > 10 or a + args.batch_size >= len(share)):
+            last, rate = time.time(), tokens / (time.time() - t0)
+            print(f'{name}: {done:,}/{len(share):,} windows of rank 0, {rate:,.0f} tokens/s'
+                  + (f', eta {(len(share) - done) * (time.time() - t0) / done:,.0f} s' if done < len(share) else ''), flush=True)
+    for array in out:
+        array.flush()
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--teacher', required=True, help='HF hub id, local folder or .gguf file (the one distill.py would load)')
+    p.add_argument('--dataset', default='data/demo', help='a folder written by prepare_data.py')
+    p.add_argument('--block_size', type=int, default=512, help="distill.py's block_size: the windows the teacher reads")
+    p.add_argument('--k', type=int, default=32, help='tokens kept per position')
+    p.add_argument('--temperatures', default='1,2', help='comma-separated: the distillation temperatures the cache serves')
+    p.add_argument('--values', default='float16', choices=['float16', 'float32'], help='the log-probabilities\' dtype (2 or 4 bytes each)')
+    p.add_argument('--batch_size', type=int, default=8, help='windows per teacher forward')
+    p.add_argument('--name', help='the cache folder inside the dataset (default teacher_k<k>_b<block_size>)')
+    p.add_argument('--splits', default='train,val', help='comma-separated splits to cache')
+    p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'], help="the teacher's compute dtype, chosen as distill.py does")
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda, cuda:1, ...')
+    args = p.parse_args(argv)
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if ddp:
+        import torch.distributed as dist
+        dist.init_process_group(backend='nccl' if 'cuda' in args.device else 'gloo')
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if 'cuda' in args.device:
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(args.device)
+    else:
+        rank, world = 0, 1
+    try:
+        args.temperatures = [float(t) for t in args.temperatures.split(',')]
+        if args.k < 1 or args.block_size < 1 or args.batch_size < 1 or min(args.temperatures) <= 0:
+            raise ValueError
+    except ValueError:
+        return fail('--k, --block_size and --batch_size must be positive integers, --temperatures positive numbers (e.g. 1,2)')
+    try:
+        meta = prepare_data.check_dataset(args.dataset)
+    except prepare_data.DataError as e:
+        return fail(e)
+    if 'teacher_tokenizer' in meta:
+        return fail(f'{args.dataset} pairs two tokenizers: a cache serves logit distillation, which needs one shared tokenizer')
+    vocab = meta['vocab_size']
+    if args.k > vocab:
+        return fail(f'--k={args.k} is more than the vocabulary ({vocab} tokens)')
+    args.ids_dtype = 'uint16' if vocab <= 2 ** 16 else 'int32'
+    splits = args.splits.split(',')
+    if any(s not in meta['splits'] for s in splits):
+        return fail(f"--splits: {args.dataset} has the splits {', '.join(meta['splits'])}")
+    folder = os.path.join(args.dataset, args.name or f'teacher_k{args.k}_b{args.block_size}')
+    try:
+        if ddp and rank:
+            dist.barrier()  # rank 0 converts a .gguf once
+        teacher = load_model(args.teacher)
+        if ddp and not rank:
+            dist.barrier()
+        check_vocabularies(meta, args.dataset, None, None, teacher, model_tokenizer(args.teacher))
+    except ConfigError as e:
+        return fail(e)
+    dtype, why, _ = choose_dtype(args.dtype, args.device)
+    ptdtype = getattr(torch, dtype)
+    cast_parameters(teacher.to(args.device).eval().requires_grad_(False), torch.float32 if dtype == 'float16' else ptdtype)
+    ctx = torch.autocast(args.device.split(':')[0], ptdtype) if dtype != 'float32' else contextlib.nullcontext()
+    data = {s: distill.load_split(args.dataset, s) for s in splits}
+    rows = {s: int(np.asarray(data[s]['mask']).sum()) for s in splits}  # (every supervised target lies in a window)
+    tmp = None
+    if rank == 0:
+        prepare_data.remove_stale(folder)
+        tmp = f'{folder}.tmp{os.getpid()}'
+        os.makedirs(tmp)
+        for s in splits:  # sized once: every rank writes its rows in place
+            for f, itemsize, width in (('ids', np.dtype(args.ids_dtype).itemsize, args.k), ('logp', np.dtype(args.values).itemsize, args.k), ('tail', 4, len(args.temperatures))):
+                with open(os.path.join(tmp, f'{s}_{f}.bin'), 'wb') as fh:
+                    fh.truncate(rows[s] * width * itemsize)
+        print(f'teacher {args.teacher} in {dtype} ({why}); top-{args.k} of {vocab:,} tokens, temperatures '
+              f"{', '.join(f'{t:g}' for t in args.temperatures)}, windows of {args.block_size}; "
+              + ', '.join(f'{s}: {rows[s]:,} rows' for s in splits) + f'; {world} rank(s)', flush=True)
+    if ddp:
+        box = [tmp]
+        dist.broadcast_object_list(box)
+        tmp = box[0]
+    t0 = time.time()
+    for s in splits:
+        write_split(teacher, data[s], tmp, s, args, rank, world, ctx, args.device, meta['pad_id'], vocab)
+    if ddp:
+        dist.barrier()
+    if rank == 0:
+        entry = (np.dtype(args.values).itemsize + np.dtype(args.ids_dtype).itemsize) * args.k + 4 * len(args.temperatures)
+        prepare_data.seal(tmp, 'meta.json', {
+            'teacher': args.teacher, 'teacher_vocab_fingerprint': meta['vocab_fingerprint'], 'k': args.k,
+            'temperatures': args.temperatures, 'block_size': args.block_size, 'dtype': dtype, 'ids_dtype': args.ids_dtype, 'values_dtype': args.values,
+            'bytes_per_row': entry, 'splits': {s: {'rows': rows[s], 'data_hash': distill.data_hash(args.dataset, s)} for s in splits},
+            'command': 'python ' + ' '.join(sys.argv)})
+        prepare_data.swap_in(tmp, folder)
+        print(f'wrote {folder}: {sum(rows.values()):,} rows of {entry} bytes in {time.time() - t0:,.0f} s')
+    if ddp:
+        dist.destroy_process_group()
+    return 0
+
+def fail(message):
+    print(f'error: {message}', file=sys.stderr)
+    return 2
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""
+What a teacher cache (cache_teacher.py) costs and saves, on the demo data with the packaged SmolLM2-135M teacher and
+its 10-block copy as the student (the CPU experiment's start):
+
+    python prepare_data.py && python scripts/bench_cache.py
+
+1. bytes per supervised target for each k (the files cache_teacher.py writes: ids, fp16 log-probabilities, one fp32
+   tail per stored temperature), checked against a cache it writes of the validation split;
+2. the error: on validation windows, the forward KL at T from the cache (top-k in fp16 plus the tail bucket) against
+   the one from the teacher's full distribution, per position and on the mean; and KL(full || cached) where the
+   cached distribution spreads the bucket's mass evenly over the tokens outside the top k;
+3. a KD step (batch x block tokens, loss_chunk 256, distill.py's Trainable) with the cache against the online
+   teacher, on the same windows, each in a fresh process (its own peak RSS), alternating, in the dtype distill.py's
+   'auto' picks here.
+"""
+import argparse, contextlib, json, os, resource, statistics, subprocess, sys, time
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
+import torch.nn.functional as F
+import cache_teacher, distill, prepare_data
+from distill import TopK, Trainable
+from support import cast_parameters, choose_dtype, keep_freed_memory, load_model, student_from_teacher_layers
+
+p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument('--dataset', default='data/demo', help='a folder written by prepare_data.py')
+p.add_argument('--ks', type=int, nargs='+', default=[8, 32, 128], help='cache sizes to measure')
+p.add_argument('--k', type=int, default=32, help='the cache the step uses (written for the validation split)')
+p.add_argument('--temperature', type=float, default=2.0)
+p.add_argument('--block_size', type=int, default=512)
+p.add_argument('--batch_size', type=int, default=4)
+p.add_argument('--windows', type=int, default=48, help='validation windows the error is measured on')
+p.add_argument('--steps', type=int, default=3, help='timed steps per round (after one warm-up step)')
+p.add_argument('--rounds', type=int, default=2)
+p.add_argument('--row', help=argparse.SUPPRESS)  # internal: one step row in this process
+args = p.parse_args()
+teacher_path = prepare_data.demo_tokenizer()
+meta = json.load(open(os.path.join(args.dataset, 'meta.json')))
+name = f'teacher_k{args.k}_b{args.block_size}'
+split = distill.load_split(args.dataset, 'val')
+windows = distill.block_windows(split, args.block_size)
+
+def models(dtype):
+    teacher = load_model(teacher_path).eval().requires_grad_(False)
+    student = student_from_teacher_layers(teacher, list(range(0, 30, 3)))
+    return cast_parameters(teacher, dtype), student
+
+if args.row:  # one step row: 'online' or 'cache', in dtype
+    mode, dtype = args.row.split(',')
+    dtype = getattr(torch, dtype)
+    ctx = torch.autocast('cpu', dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    torch.manual_seed(0)
+    teacher, student = models(dtype)
+    if mode == 'cache':
+        teacher = None  # (only its blocks, copied into the student, were needed)
+        distill.attach_topk(split, 'val', os.path.join(args.dataset, name), args.dataset, args.block_size, args.temperature)
+    model = Trainable(student.train(), meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', args.temperature, chunk=256)
+    keep_freed_memory()
+    optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))
+    times = []
+    for step in range(args.steps + 1):
+        t0 = time.perf_counter()
+        b = distill.make_batch(split, windows[step * args.batch_size:(step + 1) * args.batch_size], args.block_size, meta['pad_id'], 'cpu')
+        with ctx:
+            out = model(b, model.teacher_forward(teacher, b), b.M.sum().item())
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append((time.perf_counter() - t0, b.X.numel()))
+    tok_s = sum(n for _, n in times[1:]) / sum(t for t, _ in times[1:])
+    print(json.dumps({'tok_s': tok_s, 'kd': (out.kd / b.M.sum()).item(), 'rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
+    sys.exit(0)
+
+cpu = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
+cpu_name = next((l.split(':', 1)[1].strip() for l in cpu.splitlines() if l.startswith('model name')), 'unknown CPU')
+dtype, why, _ = choose_dtype('auto', 'cpu')
+print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name}; dtype {dtype} ({why})')
+
+# 1. bytes per supervised target
+folder = os.path.join(args.dataset, name)
+t0 = time.time()
+out = subprocess.run([sys.executable, 'cache_teacher.py', f'--teacher={teacher_path}', f'--dataset={args.dataset}', '--splits=val',
+                      f'--k={args.k}', f'--block_size={args.block_size}', f'--temperatures=1,{args.temperature:g}', f'--name={name}'],
+                     capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if out.returncode:
+    sys.exit(out.stderr)
+written = json.load(open(os.path.join(folder, 'meta.json')))
+rows = written['splits']['val']['rows']
+on_disk = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith('.bin'))
+print(f'\n1. cache_teacher.py on the validation split (k={args.k}, block {args.block_size}): {rows:,} rows in {time.time() - t0:.0f} s '
+      f'(with the teacher\'s loading); {on_disk:,} bytes = {on_disk / rows:.1f} bytes per supervised target')
+ids_bytes = np.dtype(written['ids_dtype']).itemsize
+print('   k     bytes/target (uint16 ids + fp16 log-probs + 2 fp32 tails)   450k samples x 1,000 targets')
+for k in args.ks:
+    b = (ids_bytes + 2) * k + 4 * 2
+    print(f'   {k:<5d} {b:<60d} {b * 450e6 / 1e9:,.0f} GB')
+
+# 2. the error
+teacher, student = models(getattr(torch, dtype))
+student = cast_parameters(student, torch.float32).eval()
+ctx = torch.autocast('cpu', getattr(torch, dtype)) if dtype != 'float32' else contextlib.nullcontext()
+T, V = args.temperature, meta['vocab_size']
+sums = {k: np.zeros(5) for k in args.ks}  # |cache - online| per position, cache sum, online sum, KL(full || cached), positions
+for a in range(0, min(args.windows, len(windows)), args.batch_size):
+    b = distill.make_batch(split, windows[a:a + args.batch_size], args.block_size, meta['pad_id'], 'cpu')
+    keep = b.M.bool()
+    with torch.no_grad(), ctx:
+        zt, z = teacher(input_ids=b.X).logits[keep][:, :V].float(), student(input_ids=b.X).logits[keep][:, :V].float()
+    online = distill.kd_divergence(z, zt, 'fkl', T)
+    log_p = F.log_softmax(zt / T, -1)
+    for k in args.ks:
+        ids, logp, tail = cache_teacher.top_k(zt, k, [T])
+        top = TopK(ids, logp.half().float(), tail[:, 0])
+        cached = distill.kd_divergence(z, top, 'fkl', T)
+        # the cached distribution over the whole vocabulary: its k tokens, the bucket spread evenly over the others
+        coarse = F.log_softmax(torch.cat([top.logp / T, top.tail[:, None]], -1), -1)
+        log_c = (coarse[:, -1:] - np.log(V - k)).expand(-1, V).scatter(-1, ids, coarse[:, :-1]) if k < V else coarse[:, :-1]
+        kl = (log_p.exp() * (log_p - log_c)).sum(-1)
+        sums[k] += [(cached - online).abs().sum().item(), cached.sum().item(), online.sum().item(), kl.sum().item(), len(z)]
+print(f'\n2. forward KL at T={T:g}, the student at its start, {int(sums[args.ks[0]][4]):,} supervised targets of '
+      f'{min(args.windows, len(windows))} validation windows (block {args.block_size}); teacher in {dtype}')
+print('   k     mean KD online   mean KD cached   error of the mean   mean |per-position error|   KL(full || cached) at T')
+for k in args.ks:
+    d, c, o, kl, n = sums[k]
+    print(f'   {k:<5d} {o / n:<16.5f} {c / n:<16.5f} {abs(c - o) / o:<19.3%} {d / o:<27.3%} {kl / n:.5f} nats')
+
+# 3. tokens/s, cache vs online
+print(f'\n3. KD step, {args.batch_size} x {args.block_size} tokens (validation windows), loss_chunk 256, {dtype}; '
+      f'{args.rounds} rounds x {args.steps} timed steps, each row a fresh process')
+res = {'online': [], 'cache': []}
+for r in range(args.rounds):
+    for mode in res:
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], f'--row={mode},{dtype}'], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(out.stderr[-3000:])
+        res[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+for mode, rs in res.items():
+    print(f"   {mode:7s} {' / '.join(f'{x["tok_s"]:.1f}' for x in rs)} tokens/s, peak RSS {max(x['rss_gb'] for x in rs):.2f} GB, "
+          f"kd {rs[0]['kd']:.4f}")
+ratio = statistics.median(a['tok_s'] / b['tok_s'] for a, b in zip(res['cache'], res['online']))
+print(f'   cache / online: {ratio:.2f}x tokens/s (median over the rounds)')
