@@ -32,6 +32,7 @@ p.add_argument('--batch_size', type=int, default=4)
 p.add_argument('--windows', type=int, default=48, help='validation windows the error is measured on')
 p.add_argument('--steps', type=int, default=3, help='timed steps per round (after one warm-up step)')
 p.add_argument('--rounds', type=int, default=2)
+p.add_argument('--trained', help="also measure the error for this student: a distill.py checkpoint folder (out_dir/ckpt) of the 10-block copy")
 p.add_argument('--row', help=argparse.SUPPRESS)  # internal: one step row in this process
 args = p.parse_args()
 teacher_path = prepare_data.demo_tokenizer()
@@ -79,7 +80,8 @@ print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name}
 # 1. bytes per supervised target
 folder = os.path.join(args.dataset, name)
 t0 = time.time()
-out = subprocess.run([sys.executable, 'cache_teacher.py', f'--teacher={teacher_path}', f'--dataset={args.dataset}', '--splits=val',
+reuse = os.path.exists(os.path.join(folder, 'meta.json'))  # (a complete cache: meta.json comes last)
+out = subprocess.CompletedProcess([], 0) if reuse else subprocess.run([sys.executable, 'cache_teacher.py', f'--teacher={teacher_path}', f'--dataset={args.dataset}', '--splits=val',
                       f'--k={args.k}', f'--block_size={args.block_size}', f'--temperatures=1,{args.temperature:g}', f'--name={name}'],
                      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if out.returncode:
@@ -87,8 +89,8 @@ if out.returncode:
 written = json.load(open(os.path.join(folder, 'meta.json')))
 rows = written['splits']['val']['rows']
 on_disk = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith('.bin'))
-print(f'\n1. cache_teacher.py on the validation split (k={args.k}, block {args.block_size}): {rows:,} rows in {time.time() - t0:.0f} s '
-      f'(with the teacher\'s loading); {on_disk:,} bytes = {on_disk / rows:.1f} bytes per supervised target')
+print(f'\n1. cache_teacher.py on the validation split (k={args.k}, block {args.block_size}): {rows:,} rows '
+      + ('(written before: not timed); ' if reuse else f'in {time.time() - t0:.0f} s (with the teacher\'s loading); ') + f' {on_disk:,} bytes = {on_disk / rows:.1f} bytes per supervised target')
 ids_bytes = np.dtype(written['ids_dtype']).itemsize
 print('   k     bytes/target (uint16 ids + fp16 log-probs + 2 fp32 tails)   450k samples x 1,000 targets')
 for k in args.ks:
@@ -97,32 +99,40 @@ for k in args.ks:
 
 # 2. the error
 teacher, student = models(getattr(torch, dtype))
-student = cast_parameters(student, torch.float32).eval()
+students = {'at its start': cast_parameters(student, torch.float32).eval()}
+if args.trained:
+    from safetensors.torch import load_file
+    import copy
+    trained = copy.deepcopy(students['at its start'])
+    state = {k[len('model.'):]: v for k, v in load_file(os.path.join(args.trained, 'model.safetensors')).items() if k.startswith('model.')}
+    assert set(trained.load_state_dict(state, strict=False).missing_keys) <= {'model.embed_tokens.weight'}  # (tied: saved once)
+    students[f'trained ({args.trained})'] = trained
 ctx = torch.autocast('cpu', getattr(torch, dtype)) if dtype != 'float32' else contextlib.nullcontext()
 T, V = args.temperature, meta['vocab_size']
-sums = {k: np.zeros(5) for k in args.ks}  # |cache - online| per position, cache sum, online sum, KL(full || cached), positions
-for a in range(0, min(args.windows, len(windows)), args.batch_size):
-    b = distill.make_batch(split, windows[a:a + args.batch_size], args.block_size, meta['pad_id'], 'cpu')
-    keep = b.M.bool()
-    with torch.no_grad(), ctx:
-        zt, z = teacher(input_ids=b.X).logits[keep][:, :V].float(), student(input_ids=b.X).logits[keep][:, :V].float()
-    online = distill.kd_divergence(z, zt, 'fkl', T)
-    log_p = F.log_softmax(zt / T, -1)
+for label, student in students.items():
+    sums = {k: np.zeros(5) for k in args.ks}  # |cache - online| per position, cache sum, online sum, KL(full || cached), positions
+    for a in range(0, min(args.windows, len(windows)), args.batch_size):
+        b = distill.make_batch(split, windows[a:a + args.batch_size], args.block_size, meta['pad_id'], 'cpu')
+        keep = b.M.bool()
+        with torch.no_grad(), ctx:
+            zt, z = teacher(input_ids=b.X).logits[keep][:, :V].float(), student(input_ids=b.X).logits[keep][:, :V].float()
+        online = distill.kd_divergence(z, zt, 'fkl', T)
+        log_p = F.log_softmax(zt / T, -1)
+        for k in args.ks:
+            ids, logp, tail = cache_teacher.top_k(zt, k, [T])
+            top = TopK(ids, logp.half().float(), tail[:, 0])
+            cached = distill.kd_divergence(z, top, 'fkl', T)
+            # the cached distribution over the whole vocabulary: its k tokens, the bucket spread evenly over the others
+            coarse = F.log_softmax(torch.cat([top.logp / T, top.tail[:, None]], -1), -1)
+            log_c = (coarse[:, -1:] - np.log(V - k)).expand(-1, V).scatter(-1, ids, coarse[:, :-1]) if k < V else coarse[:, :-1]
+            kl = (log_p.exp() * (log_p - log_c)).sum(-1)
+            sums[k] += [(cached - online).abs().sum().item(), cached.sum().item(), online.sum().item(), kl.sum().item(), len(z)]
+    print(f'\n2. forward KL at T={T:g}, the student {label}, {int(sums[args.ks[0]][4]):,} supervised targets of '
+          f'{min(args.windows, len(windows))} validation windows (block {args.block_size}); teacher in {dtype}')
+    print('   k     mean KD online   mean KD cached   error of the mean   mean |per-position error|   KL(full || cached) at T')
     for k in args.ks:
-        ids, logp, tail = cache_teacher.top_k(zt, k, [T])
-        top = TopK(ids, logp.half().float(), tail[:, 0])
-        cached = distill.kd_divergence(z, top, 'fkl', T)
-        # the cached distribution over the whole vocabulary: its k tokens, the bucket spread evenly over the others
-        coarse = F.log_softmax(torch.cat([top.logp / T, top.tail[:, None]], -1), -1)
-        log_c = (coarse[:, -1:] - np.log(V - k)).expand(-1, V).scatter(-1, ids, coarse[:, :-1]) if k < V else coarse[:, :-1]
-        kl = (log_p.exp() * (log_p - log_c)).sum(-1)
-        sums[k] += [(cached - online).abs().sum().item(), cached.sum().item(), online.sum().item(), kl.sum().item(), len(z)]
-print(f'\n2. forward KL at T={T:g}, the student at its start, {int(sums[args.ks[0]][4]):,} supervised targets of '
-      f'{min(args.windows, len(windows))} validation windows (block {args.block_size}); teacher in {dtype}')
-print('   k     mean KD online   mean KD cached   error of the mean   mean |per-position error|   KL(full || cached) at T')
-for k in args.ks:
-    d, c, o, kl, n = sums[k]
-    print(f'   {k:<5d} {o / n:<16.5f} {c / n:<16.5f} {abs(c - o) / o:<19.3%} {d / o:<27.3%} {kl / n:.5f} nats')
+        d, c, o, kl, n = sums[k]
+        print(f'   {k:<5d} {o / n:<16.5f} {c / n:<16.5f} {abs(c - o) / o:<19.3%} {d / o:<27.3%} {kl / n:.5f} nats')
 
 # 3. tokens/s, cache vs online
 print(f'\n3. KD step, {args.batch_size} x {args.block_size} tokens (validation windows), loss_chunk 256, {dtype}; '
@@ -135,7 +145,8 @@ for r in range(args.rounds):
             sys.exit(out.stderr[-3000:])
         res[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
 for mode, rs in res.items():
-    print(f"   {mode:7s} {' / '.join(f'{x["tok_s"]:.1f}' for x in rs)} tokens/s, peak RSS {max(x['rss_gb'] for x in rs):.2f} GB, "
+    speeds = ' / '.join(f"{x['tok_s']:.1f}" for x in rs)
+    print(f"   {mode:7s} {speeds} tokens/s, peak RSS {max(x['rss_gb'] for x in rs):.2f} GB, "
           f"kd {rs[0]['kd']:.4f}")
 ratio = statistics.median(a['tok_s'] / b['tok_s'] for a, b in zip(res['cache'], res['online']))
 print(f'   cache / online: {ratio:.2f}x tokens/s (median over the rounds)')
