@@ -34,10 +34,7 @@ def top_k(logits, k, temperatures):
 
 def write_split(teacher, split, folder, name, args, rank, world, ctx, device, pad_id, vocab):
     """This rank's share of a split's rows, written into the (pre-sized) files in folder."""
-    windows = distill.block_windows(split, args.block_size)
-    starts = split['idx'][windows[:, 0]] + windows[:, 1]
-    counts = np.add.reduceat(np.asarray(split['mask']), starts + 1, dtype=np.int64) if len(starts) else np.zeros(0, np.int64)
-    first = np.cumsum(counts) - counts
+    windows, _, first, counts = distill.cache_rows(split, args.block_size)
     rows = int(counts.sum())
     if not rows:
         return

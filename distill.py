@@ -310,15 +310,21 @@ def attach_topk(split, name, folder, data_dir, block_size, temperature):
                           f"{fix} --temperatures={','.join(f'{t:g}' for t in m['temperatures'] + [temperature])}")
     rows, k = m['splits'][name]['rows'], m['k']
     memmap = lambda f, dtype, shape: np.memmap(os.path.join(folder, f'{name}_{f}.bin'), dtype=dtype, mode='r', shape=shape) if rows else np.zeros(shape, dtype)
-    windows = block_windows(split, block_size)
-    starts = split['idx'][windows[:, 0]] + windows[:, 1]
-    counts = np.add.reduceat(np.asarray(split['mask']), starts + 1, dtype=np.int64) if len(starts) else np.zeros(0, np.int64)
+    _, starts, first, counts = cache_rows(split, block_size)
     if counts.sum() != rows:
         raise ConfigError(f'teacher_cache {folder} has {rows:,} rows for the {name} split, which has {counts.sum():,} supervised targets: {fix}')
     split['topk'] = (memmap('ids', m['ids_dtype'], (rows, k)), memmap('logp', m['values_dtype'], (rows, k)),
                      memmap('tail', np.float32, (rows, len(m['temperatures'])))[:, m['temperatures'].index(temperature)],
-                     starts, np.cumsum(counts) - counts)
+                     starts, first)
     return m
+
+def cache_rows(split, block_size):
+    """A teacher cache's row layout: the split's windows, each one's first token position, first row and row count
+    (its supervised targets; rows follow the split's order)."""
+    windows = block_windows(split, block_size)
+    starts = split['idx'][windows[:, 0]] + windows[:, 1]
+    counts = np.add.reduceat(np.asarray(split['mask']), starts + 1, dtype=np.int64) if len(starts) else np.zeros(0, np.int64)
+    return windows, starts, np.cumsum(counts) - counts, counts
 
 def doc_order(position, count, n_docs, seed):
     """Document ids at [position, position + count) of the stream: epoch e is a permutation seeded by seed + e."""
