@@ -3,20 +3,24 @@ Run the teacher once over a prepared dataset and store its next-token distributi
 sparsely: logit distillation then reads it from disk (distill.py teacher_cache=...), with no teacher in memory and
 no teacher forward in any epoch or ablation.
 
-    python cache_teacher.py --teacher=teacher.gguf --dataset=data/demo --block_size=128 --k=32
+    python cache_teacher.py --teacher=teacher.gguf --dataset=data/demo --block_size=128 --k=16 --samples=32
     torchrun --standalone --nproc_per_node=8 cache_teacher.py --teacher=... --dataset=...   # each rank its share
 
 Per split (train, val), in <dataset>/<name> (default teacher_k<k>_b<block_size>), one row per supervised target,
 in the split's order (document, then position), the teacher reading distill.py's windows of block_size tokens:
-    {split}_ids.bin   (rows, k)  uint16 (int32 above 65,536 tokens): its k most likely next tokens, most likely first
-    {split}_logp.bin  (rows, k)  float16 (--values=float32: exact): their log-probabilities at T = 1
-    {split}_tail.bin  (rows, n_T) float32: for each of --temperatures, log sum over all other tokens of p^(1/T)
-so that distill.py forms, at its temperature T, the distribution over the k tokens and one bucket for the rest
-exactly as the full distribution at T would give them (the k tokens are the same at every T). meta.json is written
-last (the teacher, the data's fingerprint, k, the temperatures, block_size, the files' sizes), then the folder is
-swapped in whole: a killed run leaves the old cache or none, never half of one; the next run starts over.
+    {split}_ids.bin   (rows, k + m) uint16 (int32 above 65,536 tokens): its k most likely next tokens, most likely
+                      first, then m = --samples tokens drawn (with replacement) from the others, the tail, in proportion
+                      to p^(1/T) at the highest stored T
+    {split}_logp.bin  (rows, k + m) float16 (--values=float32: exact): their log-probabilities at T = 1
+    {split}_tail.bin  (rows, n_T) float32: for each of --temperatures, log sum over the tail of p^(1/T)
+From these distill.py forms, at its temperature T, the teacher's probability of every stored token exactly (the k
+tokens are the same at every T), and an unbiased estimate of the divergence's sum over the tail from the drawn tokens
+(each weighted by 1 / (m x its chance of being drawn)), so the loss from the cache equals the full one in expectation,
+values and gradients. meta.json is written last (the teacher, the data's fingerprint, k, m, the temperatures,
+block_size, the files' sizes), then the folder is swapped in whole: a killed run leaves the old cache or none, never
+half of one; the next run starts over. The draws are seeded per window: any number of ranks writes the same bytes.
 """
-import argparse, contextlib, os, sys, time
+import argparse, contextlib, os, sys, time, zlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,13 +28,17 @@ import distill, prepare_data
 from configurator import ConfigError
 from support import cast_parameters, check_vocabularies, choose_dtype, load_model, model_tokenizer
 
-def top_k(logits, k, temperatures):
-    """(ids, T = 1 log-probabilities of the k most likely tokens, (n, len(temperatures)) log sum_{others} p^(1/T))
-    from logits (n, V) of the real vocabulary, in fp32 (fp64 stays)."""
+def top_k(logits, k, temperatures, samples=0, generator=None):
+    """(ids (n, k + samples), their T = 1 log-probabilities, (n, len(temperatures)) log sum_tail p^(1/T)) from logits
+    (n, V) of the real vocabulary, in fp32 (fp64 stays): the k most likely tokens, then samples tokens drawn from the
+    tail (the others) with probabilities proportional to p^(1/T) at the highest T."""
     logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
     values, ids = logp.topk(k, dim=-1)
-    others = logp.scatter(-1, ids, -float('inf'))
-    return ids, values, torch.stack([torch.logsumexp(others / t, dim=-1) for t in temperatures], -1)
+    tail = logp.scatter(-1, ids, -float('inf'))
+    if samples:
+        drawn = torch.multinomial(F.softmax(tail / max(temperatures), dim=-1), samples, replacement=True, generator=generator)
+        ids, values = torch.cat([ids, drawn], -1), torch.cat([values, logp.gather(-1, drawn)], -1)
+    return ids, values, torch.stack([torch.logsumexp(tail / t, dim=-1) for t in temperatures], -1)
 
 def write_split(teacher, split, folder, name, args, rank, world, ctx, device, pad_id, vocab):
     """This rank's share of a split's rows, written into the (pre-sized) files in folder."""
@@ -39,8 +47,10 @@ def write_split(teacher, split, folder, name, args, rank, world, ctx, device, pa
     if not rows:
         return
     share = np.array_split(np.arange(len(windows)), world)[rank]  # a contiguous run of windows: a contiguous run of rows
+    width = args.k + args.samples
     out = [np.memmap(os.path.join(folder, f'{name}_{f}.bin'), dtype=dt, mode='r+', shape=shape) for f, dt, shape in
-           (('ids', args.ids_dtype, (rows, args.k)), ('logp', args.values, (rows, args.k)), ('tail', np.float32, (rows, len(args.temperatures))))]
+           (('ids', args.ids_dtype, (rows, width)), ('logp', args.values, (rows, width)), ('tail', np.float32, (rows, len(args.temperatures))))]
+    g = torch.Generator(device)
     t0 = last = time.time()
     done = tokens = 0
     for a in range(0, len(share), args.batch_size):
@@ -48,11 +58,14 @@ def write_split(teacher, split, folder, name, args, rank, world, ctx, device, pa
         b = distill.make_batch(split, windows[w], args.block_size, pad_id, device)
         with torch.no_grad(), ctx:
             logits = teacher(input_ids=b.X).logits[b.M.bool()][:, :vocab]
-        r0 = int(first[w[0]])
-        for c in range(0, len(logits), 1024):  # fp32 log-probabilities a slice at a time
-            ids, logp, tail = top_k(logits[c:c + 1024], args.k, args.temperatures)
-            for array, values in zip(out, (ids, logp, tail)):
-                array[r0 + c:r0 + c + len(values)] = values.cpu().numpy().astype(array.dtype)
+        r0, r = int(first[w[0]]), 0
+        for i in w:  # a window's draws depend on its seed alone
+            g.manual_seed(zlib.crc32(f'{args.seed} {name} {i}'.encode()))
+            for c in range(r, r + int(counts[i]), 1024):  # fp32 log-probabilities a slice at a time
+                ids, logp, tail = top_k(logits[c:min(c + 1024, r + int(counts[i]))], args.k, args.temperatures, args.samples, g)
+                for array, values in zip(out, (ids, logp, tail)):
+                    array[r0 + c:r0 + c + len(values)] = values.cpu().numpy().astype(array.dtype)
+            r += int(counts[i])
         done, tokens = done + len(w), tokens + b.X.numel()
         if rank == 0 and (time.time() - last > 10 or a + args.batch_size >= len(share)):
             last, rate = time.time(), tokens / (time.time() - t0)
@@ -66,7 +79,9 @@ def main(argv=None):
     p.add_argument('--teacher', required=True, help='HF hub id, local folder or .gguf file (the one distill.py would load)')
     p.add_argument('--dataset', default='data/demo', help='a folder written by prepare_data.py')
     p.add_argument('--block_size', type=int, default=512, help="distill.py's block_size: the windows the teacher reads")
-    p.add_argument('--k', type=int, default=32, help='tokens kept per position')
+    p.add_argument('--k', type=int, default=16, help='most likely tokens kept per position')
+    p.add_argument('--samples', type=int, default=32, help='tokens drawn from the rest per position (0 only when --k is the vocabulary)')
+    p.add_argument('--seed', type=int, default=0, help="the draws' seed")
     p.add_argument('--temperatures', default='1,2', help='comma-separated: the distillation temperatures the cache serves')
     p.add_argument('--values', default='float16', choices=['float16', 'float32'], help='the log-probabilities\' dtype (2 or 4 bytes each)')
     p.add_argument('--batch_size', type=int, default=8, help='windows per teacher forward')
@@ -87,10 +102,10 @@ def main(argv=None):
         rank, world = 0, 1
     try:
         args.temperatures = [float(t) for t in args.temperatures.split(',')]
-        if args.k < 1 or args.block_size < 1 or args.batch_size < 1 or min(args.temperatures) <= 0:
+        if args.k < 1 or args.block_size < 1 or args.batch_size < 1 or args.samples < 0 or min(args.temperatures) <= 0:
             raise ValueError
     except ValueError:
-        return fail('--k, --block_size and --batch_size must be positive integers, --temperatures positive numbers (e.g. 1,2)')
+        return fail('--k, --block_size and --batch_size must be positive integers, --samples >= 0, --temperatures positive numbers (e.g. 1,2)')
     try:
         meta = prepare_data.check_dataset(args.dataset)
     except prepare_data.DataError as e:
@@ -100,6 +115,10 @@ def main(argv=None):
     vocab = meta['vocab_size']
     if args.k > vocab:
         return fail(f'--k={args.k} is more than the vocabulary ({vocab} tokens)')
+    if args.k < vocab and not args.samples:
+        return fail(f'--samples=0 with --k={args.k} of {vocab} tokens leaves the tail unrepresented: pass --samples=32 (or --k={vocab})')
+    if args.k == vocab and args.samples:
+        return fail(f'--samples={args.samples} with --k={vocab}, the whole vocabulary: there is no tail to draw from; pass --samples=0')
     args.ids_dtype = 'uint16' if vocab <= 2 ** 16 else 'int32'
     splits = args.splits.split(',')
     if any(s not in meta['splits'] for s in splits):
@@ -126,10 +145,11 @@ def main(argv=None):
         tmp = f'{folder}.tmp{os.getpid()}'
         os.makedirs(tmp)
         for s in splits:  # sized once: every rank writes its rows in place
-            for f, itemsize, width in (('ids', np.dtype(args.ids_dtype).itemsize, args.k), ('logp', np.dtype(args.values).itemsize, args.k), ('tail', 4, len(args.temperatures))):
+            width = args.k + args.samples
+            for f, itemsize, width in (('ids', np.dtype(args.ids_dtype).itemsize, width), ('logp', np.dtype(args.values).itemsize, width), ('tail', 4, len(args.temperatures))):
                 with open(os.path.join(tmp, f'{s}_{f}.bin'), 'wb') as fh:
                     fh.truncate(rows[s] * width * itemsize)
-        print(f'teacher {args.teacher} in {dtype} ({why}); top-{args.k} of {vocab:,} tokens, temperatures '
+        print(f'teacher {args.teacher} in {dtype} ({why}); top-{args.k} of {vocab:,} tokens + {args.samples} drawn from the tail, temperatures '
               f"{', '.join(f'{t:g}' for t in args.temperatures)}, windows of {args.block_size}; "
               + ', '.join(f'{s}: {rows[s]:,} rows' for s in splits) + f'; {world} rank(s)', flush=True)
     if ddp:
@@ -142,10 +162,11 @@ def main(argv=None):
     if ddp:
         dist.barrier()
     if rank == 0:
-        entry = (np.dtype(args.values).itemsize + np.dtype(args.ids_dtype).itemsize) * args.k + 4 * len(args.temperatures)
+        entry = (np.dtype(args.values).itemsize + np.dtype(args.ids_dtype).itemsize) * (args.k + args.samples) + 4 * len(args.temperatures)
         prepare_data.seal(tmp, 'meta.json', {
-            'teacher': args.teacher, 'teacher_vocab_fingerprint': meta['vocab_fingerprint'], 'k': args.k,
-            'temperatures': args.temperatures, 'block_size': args.block_size, 'dtype': dtype, 'ids_dtype': args.ids_dtype, 'values_dtype': args.values,
+            'teacher': args.teacher, 'teacher_vocab_fingerprint': meta['vocab_fingerprint'], 'k': args.k, 'samples': args.samples,
+            'sample_temperature': max(args.temperatures), 'seed': args.seed, 'temperatures': args.temperatures,
+            'block_size': args.block_size, 'dtype': dtype, 'ids_dtype': args.ids_dtype, 'values_dtype': args.values,
             'bytes_per_row': entry, 'splits': {s: {'rows': rows[s], 'data_hash': distill.data_hash(args.dataset, s)} for s in splits},
             'command': 'python ' + ' '.join(sys.argv)})
         prepare_data.swap_in(tmp, folder)

@@ -89,6 +89,7 @@ grad_clip = 1.0  # clip the gradient norm at this value; 0: off
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto' (bf16 autocast where this device's bf16 matmul is clearly fastest), 'float32', 'bfloat16', 'float16'
+parallel = 'ddp'  # under torchrun: 'ddp' (every rank holds both models whole) or 'fsdp' (FSDP2: 1/world of every parameter each)
 compile = False  # torch.compile both transformer stacks and the chunked loss (minutes at start on a CPU; docs/performance.md)
 seed = 1337  # data order and initialisation
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: the matmul rate of the run's dtype, measured at start
@@ -99,8 +100,8 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 # losses (all in fp32)
 
 def _kl(log_a, log_b):
-    """KL(a || b) over the last dim, from log-probabilities."""
-    return (log_a.exp() * (log_a - log_b)).sum(-1)
+    """The terms of KL(a || b), one per token, from log-probabilities."""
+    return log_a.exp() * (log_a - log_b)
 
 def _log_mix(log_a, log_b, w):
     """log(w * a + (1 - w) * b), computed in log space."""
@@ -118,47 +119,55 @@ def _jsd(log_p, log_q, beta):
     log_m = _log_mix(log_p, log_q, beta)
     return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
 
-# D(p || q) per position from log p (teacher) and log q (student) at temperature T, and beta. A new divergence is one
-# more entry: kd_divergence, both loss paths (autograd) and the kd_kind setting take it from here.
+# Every divergence here is a sum over tokens, D(p || q) = sum_j d(p_j, q_j): the entry gives the terms d from log p
+# (teacher) and log q (student) at temperature T, and beta. A new divergence is one more entry: kd_divergence, both
+# loss paths (autograd), the teacher cache and the kd_kind setting take it from here.
 DIVERGENCES = {
     'fkl': lambda log_p, log_q, beta: _kl(log_p, log_q),  # forward KL(p || q): mode-covering, the classic KD loss
     'rkl': lambda log_p, log_q, beta: _kl(log_q, log_p),  # reverse KL(q || p): mode-seeking
     'jsd': _jsd,  # generalised Jensen-Shannon
     'skl': lambda log_p, log_q, beta: _kl(log_p, _log_mix(log_p, log_q, beta)),  # skew KL(p || beta p + (1 - beta) q)
     'srkl': lambda log_p, log_q, beta: _kl(log_q, _log_mix(log_q, log_p, beta)),  # skew reverse (DistiLLM: beta 0.1)
-    'tvd': lambda log_p, log_q, beta: 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1),  # total variation distance
+    'tvd': lambda log_p, log_q, beta: 0.5 * (log_p.exp() - log_q.exp()).abs(),  # total variation distance
 }
 KD_KINDS = tuple(DIVERGENCES)
 
 class TopK:
     """A teacher's next-token distribution kept sparse (cache_teacher.py writes it): at each position the ids and
-    T = 1 log-probabilities of its k most likely tokens, and log sum p^(1/T) over all the others at the training T:
-    their mass as one bucket (-inf when k = V). Indexed by positions like a tensor: [keep], [a:b]."""
-    def __init__(self, ids, logp, tail):
-        self.ids, self.logp, self.tail = ids, logp, tail  # (..., k), (..., k), (...)
+    T = 1 log-probabilities of its k most likely tokens followed by m tokens drawn from the others (the tail), log
+    sum_tail p^(1/T) at the training T (-inf when k = V), and each drawn token's log weight, -log(m r) with r its
+    chance of being drawn. Indexed by positions like a tensor: [keep], [a:b]."""
+    def __init__(self, ids, logp, tail, logw):
+        self.ids, self.logp, self.tail, self.logw = ids, logp, tail, logw  # (..., k + m), (..., k + m), (...), (..., m)
 
     def __getitem__(self, i):
-        return TopK(self.ids[i], self.logp[i], self.tail[i])
+        return TopK(self.ids[i], self.logp[i], self.tail[i], self.logw[i])
+
+    @staticmethod
+    def from_rows(ids, logp, tail, drawn_tail, samples, sample_temperature):
+        """From a cache's rows: tail at the training T, drawn_tail at the temperature Ts the tokens were drawn at, where
+        a drawn token's chance is r = p^(1/Ts) / sum_tail p^(1/Ts)."""
+        logw = -math.log(max(samples, 1)) - (logp[..., ids.shape[-1] - samples:] / sample_temperature - drawn_tail[..., None])
+        return TopK(ids, logp, tail, logw)
 
 def kd_divergence(student_logits, teacher_logits, kind='fkl', temperature=1.0, beta=0.5):
     """Per-position divergence (DIVERGENCES[kind]) between p = softmax(teacher / T) and q = softmax(student / T).
-    A TopK teacher: both distributions over k + 1 outcomes, its k tokens and one bucket for all others (a
-    coarse-graining: D between these is at most D between the full ones, and equal to it at k = V)."""
+    A TopK teacher: the exact terms of its k tokens plus the weighted terms of its drawn ones, whose expectation over
+    the draws is the sum of the terms over the tail: an unbiased estimate of the full divergence (exact at k = V)."""
     if kind not in DIVERGENCES:
         raise ValueError(f"kd_kind must be one of {KD_KINDS}, got '{kind}'")
     fp = torch.float64 if student_logits.dtype == torch.float64 else torch.float32  # never below fp32
     tiny = torch.finfo(fp).min  # -inf logits (masked tokens) must not turn 0 * inf into NaN
-    z = student_logits.to(fp) / temperature
-    if isinstance(teacher_logits, TopK):
-        ids = teacher_logits.ids.long()
-        others = z.scatter(-1, ids, -1e30).logsumexp(-1, keepdim=True)  # (finite: no inf - inf in the gradient at k = V)
-        z = torch.cat([z.gather(-1, ids), others], -1)
-        zt = torch.cat([teacher_logits.logp.to(fp) / temperature, teacher_logits.tail.to(fp)[..., None]], -1)
-    else:
-        zt = teacher_logits.to(fp) / temperature
-    log_p = F.log_softmax(zt, dim=-1).clamp(min=tiny)
-    log_q = F.log_softmax(z, dim=-1).clamp(min=tiny)
-    return DIVERGENCES[kind](log_p, log_q, beta)
+    log_q = F.log_softmax(student_logits.to(fp) / temperature, dim=-1).clamp(min=tiny)
+    if not isinstance(teacher_logits, TopK):
+        log_p = F.log_softmax(teacher_logits.to(fp) / temperature, dim=-1).clamp(min=tiny)
+        return DIVERGENCES[kind](log_p, log_q, beta).sum(-1)
+    t = teacher_logits
+    k = t.ids.shape[-1] - t.logw.shape[-1]
+    zt = t.logp.to(fp) / temperature  # log p^(1/T): normalised by the k tokens' sum and the tail's
+    log_p = zt - torch.logaddexp(zt[..., :k].logsumexp(-1), t.tail.to(fp))[..., None]
+    weight = torch.cat([torch.ones_like(zt[..., :k]), t.logw.to(fp).exp()], -1)
+    return (weight * DIVERGENCES[kind](log_p, log_q.gather(-1, t.ids.long()), beta)).sum(-1)
 
 def loss_sums(z, y, zt, vocab, kind='fkl', temperature=1.0, beta=0.5):
     """Sums over the rows (supervised positions) of logits z (n, V) of the CE against targets y and of the divergence
@@ -292,7 +301,7 @@ def attach_topk(split, name, folder, data_dir, block_size, temperature):
     try:
         with open(cache) as f:
             m = json.load(f)
-        problem = prepare_data.verify_files(folder, m['files'])
+        problem = prepare_data.verify_files(folder, m['files']) or ('samples' not in m and 'it has no drawn tokens (an older format)')
     except (OSError, ValueError, KeyError) as e:
         problem = f'{cache} is missing or unreadable ({type(e).__name__})'
     if problem:
@@ -308,14 +317,15 @@ def attach_topk(split, name, folder, data_dir, block_size, temperature):
     if temperature not in m['temperatures']:
         raise ConfigError(f"teacher_cache {folder} holds the tail for temperatures {m['temperatures']}, not {temperature:g}: "
                           f"{fix} --temperatures={','.join(f'{t:g}' for t in m['temperatures'] + [temperature])}")
-    rows, k = m['splits'][name]['rows'], m['k']
+    rows, width, tails = m['splits'][name]['rows'], m['k'] + m['samples'], m['temperatures']
     memmap = lambda f, dtype, shape: np.memmap(os.path.join(folder, f'{name}_{f}.bin'), dtype=dtype, mode='r', shape=shape) if rows else np.zeros(shape, dtype)
     _, starts, first, counts = cache_rows(split, block_size)
     if counts.sum() != rows:
         raise ConfigError(f'teacher_cache {folder} has {rows:,} rows for the {name} split, which has {counts.sum():,} supervised targets: {fix}')
-    split['topk'] = (memmap('ids', m['ids_dtype'], (rows, k)), memmap('logp', m['values_dtype'], (rows, k)),
-                     memmap('tail', np.float32, (rows, len(m['temperatures'])))[:, m['temperatures'].index(temperature)],
-                     starts, first)
+    tail = memmap('tail', np.float32, (rows, len(tails)))
+    split['topk'] = dict(ids=memmap('ids', m['ids_dtype'], (rows, width)), logp=memmap('logp', m['values_dtype'], (rows, width)),
+                         tail=tail[:, tails.index(temperature)], drawn_tail=tail[:, tails.index(m['sample_temperature'])],
+                         samples=m['samples'], sample_temperature=m['sample_temperature'], starts=starts, first=first)
     return m
 
 def cache_rows(split, block_size):
@@ -398,14 +408,12 @@ def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
         align = Align(None, b.to(device), s.to(device), s.to(device))
     topk = None
     if 'topk' in split:  # a teacher cache: its rows are the split's supervised targets in order, a window's consecutive
-        ids, logp, tail, starts, first = split['topk']
-        rows = np.concatenate([first[np.searchsorted(starts, idx[d] + s)] + np.arange(n) for (d, s), n in zip(windows, M.sum(1).tolist())])
-        keep, k = M.bool(), ids.shape[1]
-        topk = TopK(torch.zeros(*M.shape, k, dtype=torch.long), torch.zeros(*M.shape, k), torch.zeros(M.shape))
-        topk.ids[keep] = torch.from_numpy(ids[rows].astype(np.int64))
-        topk.logp[keep] = torch.from_numpy(logp[rows].astype(np.float32))
-        topk.tail[keep] = torch.from_numpy(tail[rows].astype(np.float32))
-        topk = TopK(topk.ids.to(device), topk.logp.to(device), topk.tail.to(device))
+        c = split['topk']
+        rows = np.concatenate([c['first'][np.searchsorted(c['starts'], idx[d] + s)] + np.arange(n) for (d, s), n in zip(windows, M.sum(1).tolist())])
+        keep = M.bool()
+        t = TopK.from_rows(torch.from_numpy(c['ids'][rows].astype(np.int64)), torch.from_numpy(c['logp'][rows].astype(np.float32)),
+                           torch.from_numpy(c['tail'][rows]), torch.from_numpy(c['drawn_tail'][rows]), c['samples'], c['sample_temperature'])
+        topk = TopK(*[torch.zeros(*M.shape, *x.shape[1:], dtype=x.dtype).index_put_((keep,), x).to(device) for x in (t.ids, t.logp, t.tail, t.logw)])
     return Batch(X.to(device), Y.to(device), M.to(device), align, topk)
 
 def step_doc_ids(iter_num, batch_size, grad_accum, rank, world, n_docs, seed):
@@ -460,7 +468,7 @@ class Trainable(nn.Module):
         X = batch.X if batch.align.XT is None else batch.align.XT
         out = net(input_ids=X, output_hidden_states=self.w_hidden > 0)
         return TeacherOut(final=None if not self.w_kd else out.last_hidden_state if self.chunk else out.logits,
-                          head=teacher.get_output_embeddings().weight if self.w_kd and self.chunk else None,
+                          head=gathered(teacher.get_output_embeddings().weight) if self.w_kd and self.chunk else None,
                           hidden=[out.hidden_states[t] for _, t in self.layer_pairs] if self.w_hidden else None)
 
     def forward(self, batch, teacher, n_targets=1, n_hidden=1):
@@ -495,6 +503,39 @@ def get_lr(it, max_iters, warmup_iters, lr, min_lr):
     ratio = (it - warmup_iters) / max(1, max_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(ratio, 1.0))) * (lr - min_lr)
 
+def blocks(model):
+    """A transformer's blocks: the longest ModuleList of its base model (Llama's layers, GPT-2's h, ...)."""
+    return max((m for m in model.base_model.children() if isinstance(m, nn.ModuleList)), key=len)
+
+def shard(model, teacher):
+    """FSDP2, in place (call before the optimizer is made): each rank keeps 1/world of every parameter, gathered for
+    use and freed after. The student: each block one unit (gathered for its forward, again for its backward), and
+    Trainable the root unit holding the rest (embeddings, norm, head, projections: its forward runs them all). The
+    frozen teacher: each block, its embeddings and an untied head a unit of their own (its model classes stay
+    HF's, whose hidden-state capture depends on them); the embeddings stay gathered until release_teacher, as a tied
+    head serves the loss after the forward; an untied head is gathered by the chunked loss (or its own forward).
+    Parameters stay fp32 (autocast gives the compute dtype, as under DDP); gradients are reduce-scattered."""
+    from torch.distributed.fsdp import fully_shard
+    for block in blocks(model.model):
+        fully_shard(block)
+    fully_shard(model)
+    if teacher is not None:
+        for block in blocks(teacher):
+            fully_shard(block, reshard_after_forward=True)
+        fully_shard(teacher.get_input_embeddings(), reshard_after_forward=False)
+        if teacher.get_output_embeddings().weight is not teacher.get_input_embeddings().weight:
+            fully_shard(teacher.get_output_embeddings(), reshard_after_forward=True)
+
+def gathered(t):
+    """A tensor whole on this rank: an FSDP-sharded one (a DTensor) all-gathered, any other as it is."""
+    return t.full_tensor() if hasattr(t, 'full_tensor') else t
+
+def full_state(model, optimizer=None):
+    """An FSDP model's (and optimizer's) state gathered whole, in CPU memory, on rank 0 (the others get {})."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer, options=options) if optimizer else (get_model_state_dict(model, options=options), None)
+
 def configure_optimizer(module, lr, weight_decay, betas):
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
@@ -516,7 +557,7 @@ if __name__ == '__main__':
         config = parse_config(sys.argv[1:], defaults, OPTIONAL_TYPES)
         check_config(config, {'distill': ('logits', 'hidden', 'none'), 'kd_kind': KD_KINDS, 'hidden_loss': ('mse', 'cosine'),
                               'proj_init': ('xavier', 'identity'), 'init_from': ('scratch', 'resume'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16'),
-                              'student_init': ('pretrained', 'config', 'teacher_layers')}, torch.cuda.is_available())
+                              'student_init': ('pretrained', 'config', 'teacher_layers'), 'parallel': ('ddp', 'fsdp')}, torch.cuda.is_available())
     except ConfigError as e:
         fail(e)
     globals().update(config)  # read-only from here: what the run derives gets its own name, and goes in run_config
@@ -623,12 +664,19 @@ if __name__ == '__main__':
     except ConfigError as e:
         fail(e)
     raw_model = model = model.to(torch_device).train()  # from_pretrained returns models in eval mode
+    fsdp = ddp and parallel == 'fsdp'  # (one process has nothing to shard)
+    if fsdp:
+        if compute_dtype == 'float16':
+            fail("parallel='fsdp' trains in float32 or bfloat16: set dtype='bfloat16' (float16 needs a loss scaler per shard)")
+        for t in [*model.parameters(), *model.buffers()]:  # every rank shards the same weights: rank 0's, as DDP does
+            dist.broadcast(t.data, 0)
+        shard(model, teacher_model)
     optimizer = configure_optimizer(model, learning_rate, weight_decay, (beta1, beta2))
     iter_num, last_saved, ckpt_dir = 0, None, os.path.join(out_dir, 'ckpt')
     if init_from == 'resume':
         try:
             path, iter_num, problems = find_checkpoint(ckpt_dir)
-            state = load_checkpoint(path, raw_model, optimizer, scaler, config, world_size)  # (refuses a changed data stream)
+            state = load_checkpoint(path, raw_model, optimizer, scaler, config, world_size, fsdp)  # (refuses a changed data stream)
         except ConfigError as e:
             fail(e)
         set_rng_state(state['rng_states'][rank])
@@ -641,7 +689,7 @@ if __name__ == '__main__':
         for m in (student_model, teacher_model):  # positions changes every batch (Trainable compiles its chunk arithmetic)
             if m is not None:
                 m.base_model.compile()
-    if ddp:
+    if ddp and not fsdp:
         # an MoE student whose experts are separate modules (remote code): an expert that gets no token in a step has no
         # gradient, and DDP must look for such parameters (transformers' own MoE models batch their experts in one)
         per_expert = any(re.search(r'\.experts\.\d+\.', name) for name, _ in student_model.named_parameters())
@@ -661,29 +709,39 @@ if __name__ == '__main__':
         model.eval()
         sums = [0.0] * 5  # ce, kd, hidden, supervised targets, aligned positions
         docs = val_windows[rank::world_size]
-        for k in range(0, len(docs), batch_size):
-            b = batch(val_data, docs[k:k + batch_size])
+        for k in range(0, len(val_windows[::world_size]) if fsdp else len(docs), batch_size):  # (fsdp: every rank gathers
+            b = batch(val_data, docs[k:k + batch_size] if k < len(docs) else val_windows[:1])  # together: a spare batch, unused)
             with ctx:
                 out = raw_model(b, raw_model.teacher_forward(teacher_model, b))
-            sums = [a + v for a, v in zip(sums, (out.ce.item(), out.kd.item(), out.hidden.item(), b.M.sum().item(), len(b.align.b)))]
+            release_teacher()
+            if k < len(docs):
+                sums = [a + v for a, v in zip(sums, (out.ce.item(), out.kd.item(), out.hidden.item(), b.M.sum().item(), len(b.align.b)))]
         model.train()
+        if fsdp:  # (with no backward to follow, the root's forward left its parameters gathered)
+            model.reshard()
         ce, kd, hidden, n, n_hidden = all_reduce(*sums)
         return ce / max(n, 1), kd / max(n, 1), hidden / max(n_hidden, 1)
+
+    def release_teacher():  # fsdp: free the teacher's gathered embeddings and head once the loss has read them
+        if fsdp and teacher_model is not None:
+            teacher_model.get_input_embeddings().reshard()
 
     def last_good():
         return f'the last checkpoint ({ckpt_dir}, iteration {last_saved}) is intact' if last_saved else 'no checkpoint was written'
 
     def save(iter_num):
         """A checkpoint, unless something in it is not finite (then stop, keeping the last good one)."""
-        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+        finite = all(torch.isfinite(p.to_local() if hasattr(p, 'to_local') else p).all() for p in raw_model.parameters())  # (fsdp: its shard)
+        if all_reduce(float(not finite))[0]:
             fail(f'non-finite weights at iteration {iter_num}: not checkpointed; {last_good()}')
+        weights, optimizer_state = full_state(model, optimizer) if fsdp else (raw_model, optimizer.state_dict())
         states = [None] * world_size
         if ddp:
             dist.all_gather_object(states, rng_state())
         else:
             states = [rng_state()]
         if master_process:
-            save_checkpoint(ckpt_dir, raw_model, optimizer, scaler, iter_num,
+            save_checkpoint(ckpt_dir, weights, optimizer_state, scaler, iter_num,
                             iter_num * batch_size * gradient_accumulation_steps, states, run_config)
 
     flops_peak = peak_flops or dtype_rate or measure_matmul_flops(torch_device, ptdtype)  # the MFU denominator: measured
@@ -692,7 +750,7 @@ if __name__ == '__main__':
         os.makedirs(out_dir, exist_ok=True)
         print(f'student: {sum(p.numel() for p in student_model.parameters()) / 1e6:.2f}M parameters; teacher: '
               + (f'{sum(p.numel() for p in teacher_model.parameters()) / 1e6:.2f}M parameters' if teacher_model is not None else
-                 f"its top-{cache['k']} cache {cache_dir} ({cache['teacher']})" if teacher_cache is not None else 'none'))
+                 f"its cache {cache_dir}: top-{cache['k']} + {cache['samples']} drawn ({cache['teacher']})" if teacher_cache is not None else 'none'))
         print(f'dtype: {compute_dtype} ({why}); MFU against its matmul rate, {flops_peak / 1e9:,.0f} GFLOP/s' +
               (' (peak_flops)' if peak_flops else ' measured at start'))
         print(f'loss = {w_ce:g} CE' + (f' + {w_kd:g} T^2 {kd_kind} (T={temperature:g})' if w_kd else '')
@@ -744,10 +802,13 @@ if __name__ == '__main__':
                                                       sum(len(b.align.b) for b in micro_batches), sum(b.X.numel() for b in micro_batches))
         sums = torch.zeros(4, dtype=torch.float64, device=torch_device)  # loss, ce, kd, hidden
         for micro_step, b in enumerate(micro_batches):
-            if ddp:
+            if fsdp:  # gradients are reduced over ranks once per step, after its last micro-batch
+                model.set_requires_gradient_sync(micro_step == len(micro_batches) - 1)
+            elif ddp:
                 model.require_backward_grad_sync = micro_step == len(micro_batches) - 1
             with ctx:
                 out = model(b, raw_model.teacher_forward(teacher_model, b), max(n_targets, 1), max(n_hidden, 1))
+            release_teacher()
             scaler.scale(out.loss * world_size).backward()  # DDP averages gradients over ranks; the sum is wanted
             sums += torch.stack([out.loss.detach(), out.ce, out.kd, out.hidden]).double()
         loss_value, ce_mean, kd_mean, hidden_mean = all_reduce(*sums.tolist())
@@ -756,7 +817,7 @@ if __name__ == '__main__':
             fail(f'non-finite loss at iteration {iter_num} (ce {ce_mean}, kd {kd_mean}, hidden {hidden_mean}): {last_good()}; '
                  'lower learning_rate, check the data, or use bfloat16 instead of float16')
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf')).item()
+        grad_norm = gathered(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))).item()
         if not math.isfinite(grad_norm) and not scaler.is_enabled():  # (float16's GradScaler skips such a step itself)
             fail(f'non-finite gradient norm at iteration {iter_num}: the step was not applied; {last_good()}; '
                  'lower learning_rate or check the data')
@@ -777,9 +838,10 @@ if __name__ == '__main__':
                 f'lr {lr:.2e}, grad norm {grad_norm:.3f}, {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%')
         iter_num += 1
 
+    weights = {k[len('model.'):]: v for k, v in full_state(model)[0].items() if k.startswith('model.')} if fsdp and export else None
     if master_process and export:
         folder = os.path.join(out_dir, 'student')
-        student_model.save_pretrained(folder)  # the student alone: projections are training machinery
+        student_model.save_pretrained(folder, state_dict=weights)  # the student alone: projections are training machinery
         export_tok = student_tok or model_tokenizer(meta['tokenizer'])
         if export_tok is not None and hasattr(export_tok, 'save_pretrained'):
             export_tok.save_pretrained(folder)

@@ -204,11 +204,12 @@ def checkpoint_iter(folder):
     problem = prepare_data.verify_files(folder, manifest['files'])
     return (None, problem) if problem else (manifest['iter_num'], None)
 
-def save_checkpoint(folder, raw_model, optimizer, scaler, iter_num, data_position, rng_states, config):
-    """Weights as safetensors, the rest as a torch file, written into folder.tmp, sealed and swapped in as the datasets
+def save_checkpoint(folder, weights, optimizer_state, scaler, iter_num, data_position, rng_states, config):
+    """Weights (a model, or under fsdp its gathered state dict) as safetensors, the rest (the optimizer's state dict,
+    ...) as a torch file, written into folder.tmp, sealed and swapped in as the datasets
     are (prepare_data.seal, swap_in). A kill at any instant leaves at least one complete checkpoint among folder,
     folder.tmp and folder.tmp.old, and find_checkpoint picks the newest; the next save tidies up."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
     tmp = folder + '.tmp'
     done = checkpoint_iter(tmp)[0]
     if done is not None and done > (checkpoint_iter(folder)[0] or 0):
@@ -217,8 +218,8 @@ def save_checkpoint(folder, raw_model, optimizer, scaler, iter_num, data_positio
         if os.path.exists(leftover):
             shutil.rmtree(leftover)
     os.makedirs(tmp)
-    save_model(raw_model, os.path.join(tmp, 'model.safetensors'))
-    torch.save({'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'iter_num': iter_num,
+    (save_model if isinstance(weights, torch.nn.Module) else save_file)(weights, os.path.join(tmp, 'model.safetensors'))
+    torch.save({'optimizer': optimizer_state, 'scaler': scaler.state_dict(), 'iter_num': iter_num,
                 'data_position': data_position, 'rng_states': rng_states, 'config': config},
                os.path.join(tmp, 'state.pt'))
     prepare_data.seal(tmp, 'manifest.json', {'iter_num': iter_num})
@@ -247,23 +248,31 @@ def find_checkpoint(folder):
     it, path = max(found, key=lambda f: f[0])  # the first of equals: folder itself
     return path, it, problems
 
-def load_checkpoint(folder, raw_model, optimizer, scaler, config, world_size):
+def load_checkpoint(folder, raw_model, optimizer, scaler, config, world_size, sharded=False):
     """Weights and optimizer state into this run's, if it reads the same data stream: the data order depends on
-    batch_size, gradient_accumulation_steps, seed and dataset, and each rank's RNG state on the number of ranks."""
-    from safetensors.torch import load_model as load_weights
+    batch_size, gradient_accumulation_steps, seed and dataset, and each rank's RNG state on the number of ranks.
+    sharded (fsdp): every rank reads the whole state and keeps its shard (the files must be on a shared filesystem)."""
+    from safetensors.torch import load_file, load_model as load_weights
     state = torch.load(os.path.join(folder, 'state.pt'), weights_only=False)
-    for key in ('batch_size', 'gradient_accumulation_steps', 'seed', 'dataset'):
+    state['config'].setdefault('parallel', 'ddp')  # (written before fsdp existed)
+    for key in ('batch_size', 'gradient_accumulation_steps', 'seed', 'dataset', 'parallel'):
         if state['config'][key] != config[key]:
             raise ConfigError(f"{key} was {state['config'][key]!r} when {folder} was written, now {config[key]!r}: resume with "
                               f"--{key}={state['config'][key]!r} (the data order depends on it), or start a new out_dir")
     if len(state['rng_states']) != world_size:
         raise ConfigError(f"the checkpoint was written by {len(state['rng_states'])} ranks; resume with the same number")
     try:
-        load_weights(raw_model, os.path.join(folder, 'model.safetensors'))
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            set_state_dict(raw_model, optimizer, model_state_dict=load_file(os.path.join(folder, 'model.safetensors')),
+                           optim_state_dict=state['optimizer'], options=StateDictOptions(full_state_dict=True))
+        else:
+            load_weights(raw_model, os.path.join(folder, 'model.safetensors'))
     except Exception as e:  # another model than the one saved (changed student, layer_map, ...)
         raise ConfigError(f"cannot load {os.path.join(folder, 'model.safetensors')} into this run's model: "
                           f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}")
-    optimizer.load_state_dict(state['optimizer'])
+    if not sharded:
+        optimizer.load_state_dict(state['optimizer'])
     scaler.load_state_dict(state['scaler'])
     return state
 

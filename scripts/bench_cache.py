@@ -4,11 +4,13 @@ its 10-block copy as the student (the CPU experiment's start):
 
     python prepare_data.py && python scripts/bench_cache.py
 
-1. bytes per supervised target for each k (the files cache_teacher.py writes: ids, fp16 log-probabilities, one fp32
-   tail per stored temperature), checked against a cache it writes of the validation split;
-2. the error: on validation windows, the forward KL at T from the cache (top-k in fp16 plus the tail bucket) against
-   the one from the teacher's full distribution, per position and on the mean; and KL(full || cached) where the
-   cached distribution spreads the bucket's mass evenly over the tokens outside the top k;
+1. bytes per supervised target for each cache shape (the files cache_teacher.py writes: ids and fp16 log-probabilities
+   of the top k and of m draws from the tail, one fp32 tail sum per stored temperature), checked against a cache it
+   writes of the validation split;
+2. the error: on validation windows, the divergence at T from the cache (fp16 values, m draws) against the one from
+   the teacher's full distribution: of the mean, per batch of --batch_targets targets, per position; the same with
+   no draws and the tail as one bucket (k + 1 outcomes, a lower bound: the design the draws replaced), and
+   KL(full || cached) where the cached distribution spreads the tail's mass evenly over the tokens outside the top k;
 3. a KD step (batch x block tokens, loss_chunk 256, distill.py's Trainable) with the cache against the online
    teacher, on the same windows, each in a fresh process (its own peak RSS), alternating, in the dtype distill.py's
    'auto' picks here.
@@ -24,8 +26,11 @@ from support import cast_parameters, choose_dtype, keep_freed_memory, load_model
 
 p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument('--dataset', default='data/demo', help='a folder written by prepare_data.py')
-p.add_argument('--ks', type=int, nargs='+', default=[8, 32, 128], help='cache sizes to measure')
-p.add_argument('--k', type=int, default=32, help='the cache the step uses (written for the validation split)')
+p.add_argument('--shapes', nargs='+', default=['8,32', '16,16', '16,32', '32,32', '128,32'], help='cache shapes k,m to measure')
+p.add_argument('--k', type=int, default=16, help='the cache the step uses (written for the validation split)')
+p.add_argument('--samples', type=int, default=32, help='its draws per position')
+p.add_argument('--kinds', nargs='+', default=list(distill.KD_KINDS), help='divergences measured at --k, --samples')
+p.add_argument('--batch_targets', type=int, default=1000, help="targets per batch for the per-batch error (the CPU experiment's step has <= 1,024 tokens)")
 p.add_argument('--temperature', type=float, default=2.0)
 p.add_argument('--block_size', type=int, default=512)
 p.add_argument('--batch_size', type=int, default=4)
@@ -33,11 +38,12 @@ p.add_argument('--windows', type=int, default=48, help='validation windows the e
 p.add_argument('--steps', type=int, default=3, help='timed steps per round (after one warm-up step)')
 p.add_argument('--rounds', type=int, default=2)
 p.add_argument('--trained', help="also measure the error for this student: a distill.py checkpoint folder (out_dir/ckpt) of the 10-block copy")
+p.add_argument('--parts', type=int, nargs='+', default=[1, 2, 3], help='which of the three measurements to run')
 p.add_argument('--row', help=argparse.SUPPRESS)  # internal: one step row in this process
 args = p.parse_args()
 teacher_path = prepare_data.demo_tokenizer()
 meta = json.load(open(os.path.join(args.dataset, 'meta.json')))
-name = f'teacher_k{args.k}_b{args.block_size}'
+name = f'teacher_k{args.k}_m{args.samples}_b{args.block_size}'
 split = distill.load_split(args.dataset, 'val')
 windows = distill.block_windows(split, args.block_size)
 
@@ -82,21 +88,24 @@ folder = os.path.join(args.dataset, name)
 t0 = time.time()
 reuse = os.path.exists(os.path.join(folder, 'meta.json'))  # (a complete cache: meta.json comes last)
 out = subprocess.CompletedProcess([], 0) if reuse else subprocess.run([sys.executable, 'cache_teacher.py', f'--teacher={teacher_path}', f'--dataset={args.dataset}', '--splits=val',
-                      f'--k={args.k}', f'--block_size={args.block_size}', f'--temperatures=1,{args.temperature:g}', f'--name={name}'],
+                      f'--k={args.k}', f'--samples={args.samples}', f'--block_size={args.block_size}', f'--temperatures=1,{args.temperature:g}', f'--name={name}'],
                      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if out.returncode:
     sys.exit(out.stderr)
 written = json.load(open(os.path.join(folder, 'meta.json')))
 rows = written['splits']['val']['rows']
 on_disk = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith('.bin'))
-print(f'\n1. cache_teacher.py on the validation split (k={args.k}, block {args.block_size}): {rows:,} rows '
+print(f'\n1. cache_teacher.py on the validation split (k={args.k}, m={args.samples}, block {args.block_size}): {rows:,} rows '
       + ('(written before: not timed); ' if reuse else f'in {time.time() - t0:.0f} s (with the teacher\'s loading); ') + f' {on_disk:,} bytes = {on_disk / rows:.1f} bytes per supervised target')
 ids_bytes = np.dtype(written['ids_dtype']).itemsize
-print('   k     bytes/target (uint16 ids + fp16 log-probs + 2 fp32 tails)   450k samples x 1,000 targets')
-for k in args.ks:
-    b = (ids_bytes + 2) * k + 4 * 2
-    print(f'   {k:<5d} {b:<60d} {b * 450e6 / 1e9:,.0f} GB')
+shapes = [tuple(map(int, x.split(','))) for x in args.shapes]
+print('   k     m     bytes/target (uint16 ids + fp16 log-probs + 2 fp32 tails)   450k samples x 1,000 targets')
+for k, m in shapes:
+    b = (ids_bytes + 2) * (k + m) + 4 * 2
+    print(f'   {k:<5d} {m:<5d} {b:<60d} {b * 450e6 / 1e9:,.0f} GB')
 
+if 2 not in args.parts and 3 not in args.parts:
+    sys.exit(0)
 # 2. the error
 teacher, student = models(getattr(torch, dtype))
 students = {'at its start': cast_parameters(student, torch.float32).eval()}
@@ -109,32 +118,52 @@ if args.trained:
     students[f'trained ({args.trained})'] = trained
 ctx = torch.autocast('cpu', getattr(torch, dtype)) if dtype != 'float32' else contextlib.nullcontext()
 T, V = args.temperature, meta['vocab_size']
-for label, student in students.items():
-    sums = {k: np.zeros(5) for k in args.ks}  # |cache - online| per position, cache sum, online sum, KL(full || cached), positions
+g = torch.Generator().manual_seed(0)
+
+def bucket(z, ids, logp, tail):
+    """The forward KL between the two distributions collapsed to the top k and one bucket for the rest."""
+    log_q = F.log_softmax(z / T, -1)
+    q = torch.cat([log_q.gather(-1, ids), log_q.scatter(-1, ids, -float('inf')).logsumexp(-1, keepdim=True)], -1)
+    p = F.log_softmax(torch.cat([logp / T, tail[:, None]], -1), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+for label, student in students.items() if 2 in args.parts else ():
+    rows = {}  # (kind, k, m) -> per-position online and cached divergences
     for a in range(0, min(args.windows, len(windows)), args.batch_size):
         b = distill.make_batch(split, windows[a:a + args.batch_size], args.block_size, meta['pad_id'], 'cpu')
         keep = b.M.bool()
         with torch.no_grad(), ctx:
             zt, z = teacher(input_ids=b.X).logits[keep][:, :V].float(), student(input_ids=b.X).logits[keep][:, :V].float()
-        online = distill.kd_divergence(z, zt, 'fkl', T)
         log_p = F.log_softmax(zt / T, -1)
-        for k in args.ks:
-            ids, logp, tail = cache_teacher.top_k(zt, k, [T])
-            top = TopK(ids, logp.half().float(), tail[:, 0])
-            cached = distill.kd_divergence(z, top, 'fkl', T)
-            # the cached distribution over the whole vocabulary: its k tokens, the bucket spread evenly over the others
-            coarse = F.log_softmax(torch.cat([top.logp / T, top.tail[:, None]], -1), -1)
-            log_c = (coarse[:, -1:] - np.log(V - k)).expand(-1, V).scatter(-1, ids, coarse[:, :-1]) if k < V else coarse[:, :-1]
-            kl = (log_p.exp() * (log_p - log_c)).sum(-1)
-            sums[k] += [(cached - online).abs().sum().item(), cached.sum().item(), online.sum().item(), kl.sum().item(), len(z)]
-    print(f'\n2. forward KL at T={T:g}, the student {label}, {int(sums[args.ks[0]][4]):,} supervised targets of '
-          f'{min(args.windows, len(windows))} validation windows (block {args.block_size}); teacher in {dtype}')
-    print('   k     mean KD online   mean KD cached   error of the mean   mean |per-position error|   KL(full || cached) at T')
-    for k in args.ks:
-        d, c, o, kl, n = sums[k]
-        print(f'   {k:<5d} {o / n:<16.5f} {c / n:<16.5f} {abs(c - o) / o:<19.3%} {d / o:<27.3%} {kl / n:.5f} nats')
+        for k, m in shapes + [(k, 0) for k in sorted({k for k, _ in shapes})]:
+            ids, logp, tail = cache_teacher.top_k(zt, k, [1.0, T], m, g)
+            logp = logp.half().float()
+            for kind in (args.kinds if (k, m) == (args.k, args.samples) else ['fkl']):
+                online = distill.kd_divergence(z, zt, kind, T)
+                cached = distill.kd_divergence(z, TopK.from_rows(ids, logp, tail[:, 1], tail[:, 1], m, T), kind, T) if m else bucket(z, ids, logp, tail[:, 1])
+                rows.setdefault((kind, k, m), []).append(torch.stack([online, cached]))
+            if m == 0:  # the cached distribution over the whole vocabulary: its k tokens, the bucket spread evenly over the others
+                coarse = F.log_softmax(torch.cat([logp / T, tail[:, 1:]], -1), -1)
+                log_c = (coarse[:, -1:] - np.log(V - k)).expand(-1, V).scatter(-1, ids, coarse[:, :-1])
+                rows.setdefault(('even', k, 0), []).append((log_p.exp() * (log_p - log_c)).sum(-1)[None].expand(2, -1))
+    n = sum(len(x[0]) for x in rows[('fkl',) + shapes[0]])
+    print(f'\n2. divergences at T={T:g}, the student {label}, {n:,} supervised targets of {min(args.windows, len(windows))} '
+          f'validation windows (block {args.block_size}); teacher in {dtype}; batches of {args.batch_targets:,} targets')
+    print('   kind  k     m     mean online   mean cached   error of the mean   mean |batch error|   per-position rms / mean')
+    for (kind, k, m), xs in rows.items():
+        if kind == 'even':
+            continue
+        o, c = torch.cat(xs, 1).double()
+        nb = len(o) // args.batch_targets
+        batch = (c[:nb * args.batch_targets].view(nb, -1).mean(1) / o[:nb * args.batch_targets].view(nb, -1).mean(1) - 1).abs().mean()
+        print(f'   {kind:5s} {k:<5d} {m if m else "bucket":<5} {o.mean():<13.5f} {c.mean():<13.5f} {c.mean() / o.mean() - 1:<+19.3%} '
+              f'{batch:<20.3%} {(c - o).pow(2).mean().sqrt() / o.mean():.3f}')
+    print('   KL(full || top k + the tail spread evenly): ' + ', '.join(f'k={k}: {torch.cat(xs, 1)[0].mean():.4f} nats'
+                                                                    for (kind, k, _), xs in rows.items() if kind == 'even'))
 
 # 3. tokens/s, cache vs online
+if 3 not in args.parts:
+    sys.exit(0)
 print(f'\n3. KD step, {args.batch_size} x {args.block_size} tokens (validation windows), loss_chunk 256, {dtype}; '
       f'{args.rounds} rounds x {args.steps} timed steps, each row a fresh process')
 res = {'online': [], 'cache': []}

@@ -84,7 +84,7 @@ def save_with_crash(folder, module, it, crash_at, monkeypatch):
                              (st, 'save_model'), (P, 'exchange')):
             m.setattr(target, name, hook(name))
         try:
-            support.save_checkpoint(folder, module, opt, scaler, it, it, [], {})
+            support.save_checkpoint(folder, module, opt.state_dict(), scaler, it, it, [], {})
         except Killed:
             return state['manifest'], False
     return state['manifest'], True

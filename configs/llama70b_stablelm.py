@@ -1,0 +1,37 @@
+# The seed's cross-architecture example: Llama-3.1-70B -> StableLM-2-1.6B by hidden states, across their tokenizers
+# (128,256 vs 100,352 tokens: positions aligned on shared character boundaries). FSDP2: 70.6B parameters are 141 GB
+# in bf16, more than one 80 GB GPU; each rank keeps 1/world of every block.
+#   python prepare_data.py data.jsonl --tokenizer=stabilityai/stablelm-2-1_6b --teacher_tokenizer=meta-llama/Llama-3.1-70B --name=x70 --max_length=4096
+#   torchrun --standalone --nproc_per_node=8 distill.py configs/llama70b_stablelm.py
+#   SLURM, 2 nodes x 8 GPUs, one torchrun per node (data, out_dir and the models on a shared filesystem):
+#   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 bash -c 'torchrun --nnodes=2 --node_rank=$SLURM_NODEID --nproc_per_node=8
+#     --master_addr=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1) --master_port=29500 distill.py configs/llama70b_stablelm.py'
+# Sized for: 8 x 80 GB GPUs, bf16 autocast. Not run here; per GPU by arithmetic: teacher 141.1 / 8 = 17.6 GB, + one
+# gathered block (~1.7 GB, two with prefetch) + its embeddings, gathered per micro-batch (2.1 GB; its head is unused)
+# = ~23 GB; student 1.64B + 6 projections 2,048 -> 8,192 (0.10B) in fp32 with gradients and AdamW (16 B each) = 27.9 GB
+# / 8 = 3.5 GB; student activations for backward in bf16, ~34 d bytes per token and block (Korthikanti et al. 2022)
+# = 1.7 MB per token: 6.8 GB at 4,096 tokens; teacher states at the 6 mapped layers 0.4 GB: ~34 GB in all. A longer
+# context grows only the activations: ~25k tokens per micro-batch fit one node, ~32k two (the teacher's share halves);
+# past that, activation recomputation (not built in), not more nodes.
+# Batch: 1 document x 64 micro-batches (8 per rank) x 8 ranks = 64 documents of <= 4096 tokens per step.
+teacher = 'meta-llama/Llama-3.1-70B'
+student = 'stabilityai/stablelm-2-1_6b'
+dataset = 'x70'
+out_dir = 'out-llama70b-stablelm'
+parallel = 'fsdp'
+distill = 'hidden'
+alpha = 0.5  # loss = 0.5 CE + 0.5 H
+layer_map = [(4, 13), (8, 27), (12, 40), (16, 53), (20, 67), (24, 80)]  # every 4th of the student's 24 blocks <- 80 x l / 24
+hidden_loss = 'cosine'
+hidden_rms_norm = True  # Llama's massive activations would dominate an unnormalised distance
+proj_init = 'xavier'
+block_size = 4096
+batch_size = 1
+gradient_accumulation_steps = 64
+epochs = 1.0
+learning_rate = 2e-5
+min_lr = 2e-6
+warmup_frac = 0.05
+eval_interval = 500
+eval_docs = 256
+dtype = 'bfloat16'
