@@ -11,20 +11,8 @@
 # (3x fewer), and no 15 GB of bf16 teacher weights on each GPU during training.
 # Sized for: 8 x 80 GB GPUs, bf16 autocast. Expected time: not measured.
 # Batch: 1 document x 64 micro-batches (8 per rank) x 8 ranks = 64 documents of <= 8192 tokens per step.
-student = 'Qwen/Qwen2.5-1.5B-Instruct'
+import os
+exec(open(os.path.join(os.path.dirname(__file__), 'agent.py')).read())  # the same student, data, schedule and batch
+teacher = None  # not loaded: the cache stands in for it
 teacher_cache = 'teacher_k16_b8192'  # inside data/agent; its meta.json names the teacher it was written from
-dataset = 'agent'
 out_dir = 'out-agent-cached'
-distill = 'logits'
-temperature = 2.0
-alpha = 0.5
-block_size = 8192
-batch_size = 1
-gradient_accumulation_steps = 64
-epochs = 3.0
-learning_rate = 2e-5
-min_lr = 0.0
-warmup_frac = 0.1
-eval_interval = 500
-eval_docs = 256
-dtype = 'bfloat16'
