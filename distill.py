@@ -23,7 +23,7 @@ X = d[:-1] and scored on Y = d[1:] where M = mask[1:]. CE and D are sums over su
 supervised targets of the whole optimizer step (all micro-batches, all ranks); H likewise over its aligned
 positions; so the result does not depend on how a step is split. Plumbing lives in configurator.py and support.py.
 """
-import json, math, os, re, sys, time
+import gc, json, math, os, re, sys, time
 from contextlib import nullcontext
 from typing import NamedTuple
 import numpy as np
@@ -32,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import prepare_data
 from configurator import ConfigError, check_config, parse_config, print_help
-from support import (cast_parameters, check_vocabularies, choose_dtype, find_checkpoint, flops_per_token, keep_freed_memory, load_checkpoint, load_model,
-                     measure_matmul_flops, model_tokenizer, output_rows, plain_head, rng_state, save_checkpoint,
+from support import (cast_parameters, check_vocabularies, choose_dtype, find_checkpoint, flops_per_token, gb, keep_freed_memory, load_checkpoint, load_model,
+                     measure_matmul_flops, memory_estimate, memory_line, model_tokenizer, output_rows, plain_head, rng_state, save_checkpoint,
                      set_rng_state, student_from_teacher_layers, trim_log)
 
 # -----------------------------------------------------------------------------
@@ -665,6 +665,7 @@ if __name__ == '__main__':
         fail(e)
     raw_model = model = model.to(torch_device).train()  # from_pretrained returns models in eval mode
     fsdp = ddp and parallel == 'fsdp'  # (one process has nothing to shard)
+    memory = memory_estimate(raw_model, teacher_model, batch_size * block_size, compute_dtype, world_size, fsdp, blocks)
     if fsdp:
         if compute_dtype == 'float16':
             fail("parallel='fsdp' trains in float32 or bfloat16: set dtype='bfloat16' (float16 needs a loss scaler per shard)")
@@ -755,6 +756,7 @@ if __name__ == '__main__':
               (' (peak_flops)' if peak_flops else ' measured at start'))
         print(f'loss = {w_ce:g} CE' + (f' + {w_kd:g} T^2 {kd_kind} (T={temperature:g})' if w_kd else '')
               + (f' + {w_hidden:g} hidden {hidden_loss}' if w_hidden else '') + (' [across tokenizers]' if cross_tokenizer else ''))
+        print(memory_line(memory))
         if layer_pairs:
             print('layer map (student <- teacher, 0 = embedding output, l = block l): ' + ', '.join(f'{a}<-{b}' for a, b in layer_pairs)
                   + f'; projections {student_model.config.hidden_size} -> {teacher_model.config.hidden_size} ({proj_init})')
@@ -832,10 +834,12 @@ if __name__ == '__main__':
             flops = flops_per_token(student_model, seq, True) + (flops_per_token(teacher_model, seq, False) if teacher_model is not None else 0)
             tok_s = step_tokens / dt
             mfu = flops * tok_s / (flops_peak * world_size)
+            peak = torch.cuda.max_memory_allocated() if device_type == 'cuda' else None  # (beside the estimate at start)
             log({'iter': iter_num, 'loss': loss_value, 'ce': ce_mean, 'kd': kd_mean, 'hidden': hidden_mean, 'lr': lr,
-                 'grad_norm': grad_norm, 'ms': dt * 1000, 'tokens_per_s': tok_s, 'mfu': mfu},
+                 'grad_norm': grad_norm, 'ms': dt * 1000, 'tokens_per_s': tok_s, 'mfu': mfu, 'peak_memory': peak},
                 f'iter {iter_num}: loss {loss_value:.4f}, ce {ce_mean:.4f}, kd {kd_mean:.4f}, hidden {hidden_mean:.4f}, '
-                f'lr {lr:.2e}, grad norm {grad_norm:.3f}, {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%')
+                f'lr {lr:.2e}, grad norm {grad_norm:.3f}, {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%'
+                + (f', peak memory {gb(peak)}' if peak else ''))
         iter_num += 1
 
     weights = {k[len('model.'):]: v for k, v in full_state(model)[0].items() if k.startswith('model.')} if fsdp and export else None
@@ -846,6 +850,8 @@ if __name__ == '__main__':
         if export_tok is not None and hasattr(export_tok, 'save_pretrained'):
             export_tok.save_pretrained(folder)
         print(f'exported the student to {folder}')
-    if ddp:  # tear down together, after rank 0's export: a rank that exited while a peer still ran its
-        dist.barrier()  # gloo connections once aborted at exit in CI ('terminate called without an active exception')
+    if ddp:  # tear down together, after rank 0's export, once nothing holds the process group any more (DDP's reducer,
+        del model, raw_model, student_model, teacher_model, optimizer  # FSDP's sharded tensors): gloo's threads, left
+        gc.collect()  # to the interpreter's exit, aborted a rank in CI twice ('terminate called without an active exception')
+        dist.barrier()
         dist.destroy_process_group()

@@ -1,7 +1,8 @@
 """
 Plumbing that distill.py, eval.py and bench.py share and a reader of the training step need not study: loading
 models (HF folders, hub ids, .gguf files converted once), a student cut from the teacher's blocks, FLOP counts
-and the matmul rate for MFU, the CPU allocator setting, and crash-safe checkpoint files.
+and the matmul rate for MFU, the CPU allocator setting, the memory estimate per rank, and crash-safe checkpoint
+files.
 """
 import json, os, re, shutil, time
 import torch
@@ -189,6 +190,77 @@ def plain_head(model, probe):
     model.train(training)
     tol = 4 * torch.finfo(head.weight.dtype).eps
     return torch.allclose(z, z_chunked, rtol=tol, atol=tol * z.abs().max().item())
+
+# -----------------------------------------------------------------------------
+# memory
+
+def block_activation_bytes(config, s):
+    """Bytes a decoder block saves for backward per token, with compute dtype size s (4 fp32, 2 bf16 autocast), for
+    HF's Llama-style blocks (tests/test_memory.py: exact for Llama, Qwen2 and Mistral, StableLM over by 4-17%): the
+    fp32 residual stream and the two norms' normalised values (16d), the norms' outputs as the linears read them
+    (fp32 once each, 8d, or a bf16 copy per linear, 10d), the rotated queries and the attention output (2d), the
+    rotated keys and the values (2 kv), the MLP's four f-wide tensors (4f) and the attention's log-sum-exp (4h)."""
+    d, h = config.hidden_size, config.num_attention_heads
+    f = getattr(config, 'intermediate_size', None) or 4 * d
+    kv = d // h * (getattr(config, 'num_key_value_heads', None) or h)
+    return 16 * d + (8 * d if s == 4 else 10 * d) + s * (2 * d + 4 * f + 2 * kv) + 4 * h + 8
+
+def memory_estimate(trainable, teacher, tokens, compute, world=1, fsdp=False, blocks=None):
+    """Bytes per rank by part, for micro-batches of `tokens` tokens (the teacher's assumed as many), and the peak.
+    Kept all along: the student's (and projections') fp32 parameters, gradients and AdamW moments, the teacher's
+    parameters in their dtype; under fsdp each split on its first dimension (rank 0 holds the ceiling), a few units
+    gathered whole at a time (two blocks with the prefetch, the root unit: the student's embeddings, head and
+    projections, with its gradients; the teacher's embeddings and a head the loss reads). The teacher's forward
+    (its blocks' working set, every hidden state HF returns) comes and goes before the student's step, which holds
+    the teacher's outputs for the loss, what autograd saves (the blocks' by block_activation_bytes, the loss's,
+    the projections'), and under autocast a copy of each student weight in the compute dtype."""
+    s = 2 if compute in ('bfloat16', 'float16') else 4
+    size = lambda ps: sum(p.numel() * p.element_size() for p in ps)
+    share = lambda ps, split=None: sum(-(-p.shape[0] // world) * p[0].numel() * p.element_size() if fsdp and p.dim() and
+                                       (split is None or id(p) in split) else p.numel() * p.element_size() for p in ps)
+    student, pairs = trainable.model, trainable.layer_pairs
+    cs, vocab, d = student.config, output_rows(student), student.config.hidden_size
+    params = share(trainable.parameters())
+    est = {'student parameters': params, 'gradients': params * (2 if world > 1 and not fsdp else 1),  # (DDP: + its buckets)
+           'AdamW': 2 * params}
+    act = tokens * (cs.num_hidden_layers * block_activation_bytes(cs, s) + 9 * d)  # (+ the embedding and final norm)
+    if trainable.chunk:  # dL/dh and dL/dW (fp32); passing: a chunk's logits, teacher logits, softmaxes and gradient
+        act, passing = act + tokens * d * 4 + vocab * d * 4, trainable.chunk * vocab * 4 * 6
+    else:  # the logits in fp32 and the loss's softmaxes; passing: the logits in the compute dtype and more
+        act, passing = act + tokens * vocab * 12, tokens * vocab * (s + 4)
+    if pairs:  # per pair and position: the projection's fp32 input and output (and the RMS-normalised one), indices
+        act += len(pairs) * tokens * (4 * (d + trainable.proj[0].out_features * (1 + trainable.rms_norm)) + 24)
+    est['activations'] = act
+    matrices = [p for p in student.parameters() if p.dim() == 2 and p is not student.get_input_embeddings().weight]
+    est['weight copies'] = 2 * sum(p.numel() for p in matrices) if s == 2 else 0
+    if fsdp:
+        units = blocks(student) if blocks else []
+        biggest = max((size(b.parameters()) for b in units), default=0)
+        est['gathered'] = 2 * (size(trainable.parameters()) - sum(size(b.parameters()) for b in units)) + 4 * biggest
+    teacher_kept = teacher_forward = 0
+    if teacher is not None:
+        ct, st = teacher.config, next(teacher.parameters()).element_size()
+        units = [*blocks(teacher), teacher.get_input_embeddings(), teacher.get_output_embeddings()] if fsdp else []
+        est['teacher parameters'] = share(teacher.parameters(), {id(p) for u in units for p in u.parameters()})  # (not its norm)
+        dt, ft = ct.hidden_size, getattr(ct, 'intermediate_size', None) or 4 * ct.hidden_size
+        head = teacher.get_output_embeddings().weight
+        reads_head = trainable.w_kd > 0 and head is not teacher.get_input_embeddings().weight
+        if fsdp:
+            est['teacher gathered'] = (2 * max(size(b.parameters()) for b in blocks(teacher)) + size(teacher.get_input_embeddings().parameters())
+                                       + (size([head]) if reads_head else 0))
+        outputs = (dt if trainable.chunk else output_rows(teacher)) * (trainable.w_kd > 0) + dt * len(pairs)
+        teacher_kept = tokens * st * outputs
+        states = (ct.num_hidden_layers + 1) * dt if pairs else 2 * dt  # (HF returns every block's output if asked for one)
+        teacher_forward = tokens * st * (states + 3 * ft + 4 * dt) + teacher_kept
+    steady = sum(v for k, v in est.items() if k not in ('activations', 'weight copies'))
+    est['peak'] = steady + max(teacher_forward, teacher_kept + est['activations'] + est['weight copies'] + passing)
+    return est
+
+def gb(n):
+    return f'{n / 1e9:.3g} GB' if n >= 1e9 else f'{n / 1e6:.3g} MB'
+
+def memory_line(est):
+    return 'memory per rank (estimate): ' + ', '.join(f'{k} {gb(v)}' for k, v in est.items() if v and k != 'peak') + f"; peak ~{gb(est['peak'])}"
 
 # -----------------------------------------------------------------------------
 # checkpoints

@@ -6,13 +6,14 @@
 #   SLURM, 2 nodes x 8 GPUs, one torchrun per node (data, out_dir and the models on a shared filesystem):
 #   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 bash -c 'torchrun --nnodes=2 --node_rank=$SLURM_NODEID --nproc_per_node=8
 #     --master_addr=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1) --master_port=29500 distill.py configs/llama70b_stablelm.py'
-# Sized for: 8 x 80 GB GPUs, bf16 autocast. Not run here; per GPU by arithmetic: teacher 141.1 / 8 = 17.6 GB, + one
-# gathered block (~1.7 GB, two with prefetch) + its embeddings, gathered per micro-batch (2.1 GB; its head is unused)
-# = ~23 GB; student 1.64B + 6 projections 2,048 -> 8,192 (0.10B) in fp32 with gradients and AdamW (16 B each) = 27.9 GB
-# / 8 = 3.5 GB; student activations for backward in bf16, ~34 d bytes per token and block (Korthikanti et al. 2022)
-# = 1.7 MB per token: 6.8 GB at 4,096 tokens; teacher states at the 6 mapped layers 0.4 GB: ~34 GB in all. A longer
-# context grows only the activations: ~25k tokens per micro-batch fit one node, ~32k two (the teacher's share halves);
-# past that, activation recomputation (not built in), not more nodes.
+# Sized for 8 x 80 GB GPUs, bf16 autocast. Not run here. Per GPU by support.memory_estimate (distill.py prints it at
+# start; tests/test_memory.py holds its parts against what runs here hold and recomputes these figures): the teacher's
+# 70.6B parameters in bf16 / 8 = 17.6 GB, + 5.5 GB gathered (two blocks with the prefetch, its embeddings); the student
+# (1.64B + 6 projections 2,048 -> 8,192, 0.10B) in fp32 with gradients and AdamW / 8 = 3.5 GB, + 4.9 GB gathered (its
+# root unit, embeddings, head and projections, with their gradients) + 2.9 GB of bf16 weight copies (autocast); its
+# activations 14 GB at 4,096 tokens (HF's blocks keep an fp32 residual stream: ~3.4 MB per token in all). So: peak
+# ~49.5 GB per GPU at 4,096 tokens on 8 GPUs (~38.9 GB on 16); a micro-batch of up to ~12,288 tokens fits 8 x 80 GB,
+# ~16,384 on 16. Longer: activation recomputation (not built in).
 # Batch: 1 document x 64 micro-batches (8 per rank) x 8 ranks = 64 documents of <= 4096 tokens per step.
 teacher = 'meta-llama/Llama-3.1-70B'
 student = 'stabilityai/stablelm-2-1_6b'

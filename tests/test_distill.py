@@ -25,17 +25,19 @@ def work(tmp_path_factory):
     save_tiny_model(d / 'gpt2', arch='gpt2', vocab=BYTES_VOCAB, hidden=16, layers=2, heads=2, seed=2)  # has dropout
     return d
 
-def run(work, out, *overrides, nproc=1, check=True):
+def command(work, out, *overrides, nproc=1):
     args = [os.path.join(ROOT, 'distill.py'), f'--data_root={work / "data"}', '--dataset=tiny', f'--out_dir={out}',
             f'--teacher={work / "teacher"}', f'--student={work / "student"}', '--device=cpu', '--dtype=float32',
             '--block_size=48', '--learning_rate=1e-2', '--warmup_frac=0.0', '--eval_interval=1000', '--eval_docs=4',
             '--temperature=2.0', '--alpha=0.5', '--peak_flops=1e12', *overrides]
-    cmd = [sys.executable, *args] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                                                      f'--nproc_per_node={nproc}', *args]
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=300)  # a hang fails
+    return [sys.executable, *args] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                                       f'--nproc_per_node={nproc}', *args]
+
+def run(work, out, *overrides, nproc=1, check=True):
+    proc = subprocess.run(command(work, out, *overrides, nproc=nproc), capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'), cwd=work, timeout=300)  # a hang fails
     if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[:3000]  # (the ranks' own lines come before torchrun's)
     return proc
 
 def train_log(out):

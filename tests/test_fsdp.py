@@ -1,10 +1,11 @@
 """parallel='fsdp' (FSDP2 on CPU with gloo, 2 ranks, tiny models): the same run as DDP and as one process, logit,
 hidden-state and mixed losses; resume; the export; two nodes on loopback."""
-import os, socket, subprocess, sys
+import os, re, signal, socket, subprocess, sys, time
 import pytest, torch
 from transformers import AutoModelForCausalLM
 from conftest import ROOT
-from test_distill import assert_same_run, run, train_log, weights, work  # noqa: F401 (the fixture)
+from support import checkpoint_iter
+from test_distill import assert_same_run, command, run, train_log, weights, work  # noqa: F401 (the fixture)
 
 COMMON = ('--batch_size=1', '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=2', '--eval_docs=3')
 
@@ -14,8 +15,9 @@ def test_fsdp_equals_ddp_equals_one_process(work, mode):
     name = mode[0].split('=')[0].strip('-') if mode else 'logits'
     one, ddp, fsdp = (work / f'{name}_{x}' for x in ('one', 'ddp', 'fsdp'))
     run(work, one, *COMMON, *mode)
-    run(work, ddp, *COMMON, *mode, nproc=2)
-    run(work, fsdp, *COMMON, *mode, '--parallel=fsdp', nproc=2)
+    lines = [run(work, out, *COMMON, *mode, *extra, nproc=2).stdout for out, extra in ((ddp, ()), (fsdp, ('--parallel=fsdp',)))]
+    teacher_mb = [float(re.search(r'memory per rank \(estimate\):.*teacher parameters ([\d.]+) MB', x)[1]) for x in lines]
+    assert teacher_mb[1] == pytest.approx(teacher_mb[0] / 2, rel=0.02)  # the start-up line: each rank holds half the teacher
     assert_same_run(one, fsdp)
     assert_same_run(ddp, fsdp)
     wa, wb = weights(one), weights(fsdp)  # the gathered checkpoint: every weight, tied ones under both names
@@ -32,15 +34,23 @@ def test_fsdp_equals_ddp_equals_one_process(work, mode):
         run(work, work / 'fsdp_lr', *COMMON, '--parallel=fsdp', '--learning_rate=2e-2', nproc=2)
         assert train_log(work / 'fsdp_lr')[-1]['loss'] != pytest.approx(train_log(fsdp)[-1]['loss'], rel=1e-6)
 
-def test_fsdp_resume_is_bit_identical(work):
-    common = ('--batch_size=1', '--gradient_accumulation_steps=2', '--max_iters=4', '--eval_interval=2', '--parallel=fsdp')
+def test_fsdp_resume_after_a_kill_is_bit_identical(work):
+    """Every process of a 2-rank run SIGKILLed once a checkpoint is complete, mid-run; then resumed: the weights
+    and the training log are the uninterrupted run's, bit for bit."""
+    common = ('--batch_size=1', '--gradient_accumulation_steps=2', '--max_iters=6', '--eval_interval=2', '--parallel=fsdp')
     run(work, work / 'fs_straight', *common, nproc=2)
-    run(work, work / 'fs_split', *common, '--stop_iter=2', nproc=2)
+    log = open(work / 'fs_killed.log', 'w')
+    proc = subprocess.Popen(command(work, work / 'fs_split', *common, nproc=2), env=dict(os.environ, OMP_NUM_THREADS='1'),
+                            cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # (its own group)
+    while proc.poll() is None and checkpoint_iter(work / 'fs_split' / 'ckpt')[0] is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and not (work / 'fs_split' / 'student').exists()  # (killed before the end)
     run(work, work / 'fs_split', *common, '--init_from=resume', nproc=2)
     ws, wr = weights(work / 'fs_straight'), weights(work / 'fs_split')
     assert all(torch.equal(ws[k], wr[k]) for k in ws)
     assert [r['loss'] for r in train_log(work / 'fs_straight')] == [r['loss'] for r in train_log(work / 'fs_split')]
-    out = run(work, work / 'fs_split', *common[:-1], '--max_iters=6', '--init_from=resume', nproc=2, check=False)
+    out = run(work, work / 'fs_split', *common[:-1], '--max_iters=8', '--init_from=resume', nproc=2, check=False)
     assert out.returncode and "parallel was 'fsdp'" in out.stderr  # (a ddp run cannot take an fsdp checkpoint; torchrun exits 1)
 
 def test_two_nodes_on_loopback_equal_one_node(work):

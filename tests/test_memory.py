@@ -1,0 +1,158 @@
+"""support.memory_estimate, the start-up memory line, held against what runs here hold: the bytes autograd saves for
+backward (counted by storage, in one process), the parameters, gradients and AdamW moments after a step, the shards
+FSDP2 leaves on each of 2 ranks; and configs/llama70b_stablelm.py's figures, recomputed from the models' shapes."""
+import json, os, re, subprocess, sys
+import pytest, torch
+import transformers as T
+from conftest import ROOT
+import distill
+from support import block_activation_bytes, cast_parameters, memory_estimate
+
+def llama(d, f, h, kv, layers, vocab=300, arch=T.LlamaConfig, **kw):
+    torch.manual_seed(0)
+    cfg = arch(vocab_size=vocab, hidden_size=d, intermediate_size=f, num_hidden_layers=layers, num_attention_heads=h,
+               num_key_value_heads=kv, **kw)
+    return T.AutoModelForCausalLM.from_config(cfg).float()
+
+def saved(fn, *modules):
+    """(bytes autograd saves while fn runs, those of them that are weights cast to the compute dtype), each storage once;
+    parameters themselves are not counted."""
+    params = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+    acts, copies = {}, {}
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            (copies if t.grad_fn is not None and t.grad_fn.name() == 'TBackward0' else acts)[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(acts.values()), sum(copies.values()), out
+
+def autocast(dtype):
+    return torch.autocast('cpu', dtype=getattr(torch, dtype), enabled=dtype != 'float32')
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('arch', [T.LlamaConfig, T.Qwen2Config, T.MistralConfig, T.StableLmConfig], ids=lambda a: a.__name__[:-6])
+def test_block_formula_is_what_a_block_saves(arch, dtype):
+    """Per token and block, by the difference between 3 and 1 blocks: exact for the Llama family, over for StableLM."""
+    for d, f, h, kv in [(64, 256, 4, 1), (96, 384, 6, 3), (128, 160, 8, 8)]:
+        X = torch.randint(0, 300, (2, 64))
+        per_run = []
+        for layers in (1, 3):
+            m = llama(d, f, h, kv, layers, arch=arch)
+            with autocast(dtype):
+                per_run.append(saved(lambda: m.base_model(input_ids=X), m)[0])
+        measured = (per_run[1] - per_run[0]) / 2 / X.numel()
+        estimate = block_activation_bytes(m.config, 2 if dtype == 'bfloat16' else 4)
+        if arch is T.StableLmConfig:
+            assert measured <= estimate <= 1.2 * measured, (d, f, h, kv, measured, estimate)
+        else:
+            assert estimate == measured, (d, f, h, kv, measured, estimate)
+
+MODES = {'sft': ((1.0, 0.0, 0.0), 16, [], False), 'kd chunked': ((0.5, 0.5, 0.0), 16, [], False),
+         'kd plain': ((0.5, 0.5, 0.0), 0, [], False), 'hidden': ((0.5, 0.0, 0.5), 16, [(1, 2), (2, 4)], False),
+         'hidden rms': ((0.5, 0.0, 0.5), 16, [(1, 2), (2, 4)], True)}
+
+def setup(mode, dtype):
+    weights, chunk, pairs, rms = MODES[mode]
+    student, teacher = llama(64, 256, 4, 1, 2), llama(96, 192, 4, 2, 4).eval().requires_grad_(False)
+    cast_parameters(teacher, getattr(torch, dtype))
+    model = distill.Trainable(student, 300, weights, 'fkl', 2.0, 0.5, chunk, pairs, 96, 'mse', rms)
+    rows, n = 2, 128
+    X = torch.randint(0, 259, (rows, n))
+    pos = torch.arange(n).repeat(rows)
+    b = distill.Batch(X, torch.randint(0, 259, (rows, n)), torch.ones(rows, n), distill.Align(None, torch.arange(rows).repeat_interleave(n), pos, pos))
+    return model, teacher if weights[1] or pairs else None, b
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('mode', list(MODES))
+def test_activations_are_what_the_step_saves(mode, dtype):
+    """The whole student forward with its loss (blocks, head, chunked or plain loss, projections): within 6%."""
+    model, teacher, b = setup(mode, dtype)
+    with autocast(dtype):
+        t_out = model.teacher_forward(teacher, b)
+        acts, copies, _ = saved(lambda: model(b, t_out), model, *([teacher] if teacher else []))
+    est = memory_estimate(model, teacher, b.X.numel(), dtype)
+    assert abs(est['activations'] / acts - 1) < 0.06, (acts, est['activations'])
+    head = model.model.get_output_embeddings().weight.numel() * 2  # (the chunked loss's copy of the head is not saved)
+    assert (est['weight copies'] == copies == 0) if dtype == 'float32' else copies <= est['weight copies'] <= copies + head
+
+def test_parameters_gradients_adamw_after_a_step():
+    model, teacher, b = setup('hidden', 'float32')
+    optimizer = distill.configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
+    model(b, model.teacher_forward(teacher, b)).loss.backward()
+    optimizer.step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    est = memory_estimate(model, teacher, b.X.numel(), 'float32')
+    assert est['student parameters'] == nbytes(model.parameters())
+    assert est['gradients'] == nbytes(p.grad for p in model.parameters())
+    assert est['AdamW'] == nbytes(t for s in optimizer.state.values() for t in s.values() if t.dim())  # (not the steps)
+    assert est['teacher parameters'] == nbytes(teacher.parameters())
+    assert memory_estimate(model, teacher, b.X.numel(), 'float32', world=2)['gradients'] == 2 * est['gradients']  # DDP's buckets
+
+FSDP_PROBE = r'''
+import json, os, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, os.path.join(sys.argv[1], 'tests'))
+dist.init_process_group('gloo')
+import distill
+from test_memory import setup
+from support import memory_estimate
+model, teacher, b = setup('hidden', 'float32')  # (odd first dimensions: a vocabulary of 300 rows, 96 = 48 + 48)
+est = memory_estimate(model, teacher, b.X.numel(), 'float32', dist.get_world_size(), True, distill.blocks)
+distill.shard(model, teacher)
+optimizer = distill.configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
+model(b, model.teacher_forward(teacher, b)).loss.backward()
+teacher.get_input_embeddings().reshard()  # (as distill.py's release_teacher)
+optimizer.step()
+local = lambda ts: sum((t.to_local() if hasattr(t, 'to_local') else t).numel() * t.element_size() for t in ts)
+held = {'student parameters': local(model.parameters()), 'gradients': local(p.grad for p in model.parameters()),
+        'AdamW': local(t for s in optimizer.state.values() for t in s.values() if t.dim()),
+        'teacher parameters': local(teacher.parameters()), 'teacher total': sum(p.numel() * 4 for p in teacher.parameters())}
+json.dump({'estimate': est, 'held': held}, open(sys.argv[2] + f'/rank{dist.get_rank()}.json', 'w'))
+dist.destroy_process_group()
+'''
+
+def test_fsdp_shards_are_the_estimate(tmp_path):
+    """2 ranks: what each holds after a step; rank 0 (the ceiling of every split) exactly as estimated, the teacher's
+    parameters about half of the whole on each."""
+    (tmp_path / 'probe.py').write_text(FSDP_PROBE)
+    log = open(tmp_path / 'log', 'w+')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(tmp_path / 'probe.py'),
+                           ROOT, str(tmp_path)], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    assert proc.returncode == 0, open(log.name).read()[-3000:]
+    ranks = [json.load(open(tmp_path / f'rank{r}.json')) for r in (0, 1)]
+    est, held = ranks[0]['estimate'], ranks[0]['held']
+    for part in ('student parameters', 'gradients', 'AdamW', 'teacher parameters'):
+        assert held[part] == est[part], part
+        assert ranks[1]['held'][part] <= held[part]
+    assert all(abs(r['held']['teacher parameters'] / (held['teacher total'] / 2) - 1) < 0.02 for r in ranks)
+
+def big_pair(world_pairs=((4, 13), (8, 27), (12, 40), (16, 53), (20, 67), (24, 80))):
+    """configs/llama70b_stablelm.py's models, by their published shapes, on the meta device (no memory)."""
+    with torch.device('meta'):
+        teacher = T.AutoModelForCausalLM.from_config(T.LlamaConfig(
+            vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+            num_key_value_heads=8, tie_word_embeddings=False), dtype=torch.bfloat16)
+        student = T.AutoModelForCausalLM.from_config(T.StableLmConfig(
+            vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32,
+            num_key_value_heads=32, use_qkv_bias=True, partial_rotary_factor=0.25, tie_word_embeddings=False), dtype=torch.float32)
+        model = distill.Trainable(student, 100352, (0.5, 0.0, 0.5), 'fkl', 1.0, 0.5, 256, world_pairs, 8192, 'cosine', True)
+    return model, teacher
+
+def test_llama70b_config_figures():
+    """The per-GPU figures in the config's header are the estimate's, for the config's own settings."""
+    header = open(os.path.join(ROOT, 'configs', 'llama70b_stablelm.py')).read()
+    config = {}
+    exec(header, config)
+    model, teacher = big_pair(config['layer_map'])
+    assert sum(p.numel() for p in teacher.parameters()) == 70_553_706_496 and model.model.num_parameters() == 1_644_515_328
+    tokens = config['batch_size'] * config['block_size']
+    peak = lambda world, n=tokens: memory_estimate(model, teacher, n, config['dtype'], world, True, distill.blocks)['peak']
+    fits = lambda world: max(n for n in range(1024, 200_000, 1024) if peak(world, n) <= 80e9)  # tokens per micro-batch
+    text = ' '.join(line[1:].strip() for line in header.splitlines() if line.startswith('#'))
+    figures = re.search(r'peak ~([\d.]+) GB per GPU at ([\d,]+) tokens on 8 GPUs \(~([\d.]+) GB on 16\); a micro-batch of up to '
+                        r'~([\d,]+) tokens fits 8 x 80 GB, ~([\d,]+) on 16', text)
+    assert figures, 'the header states the estimate'
+    assert float(figures[1]) == round(peak(8) / 1e9, 1) and int(figures[2].replace(',', '')) == tokens
+    assert float(figures[3]) == round(peak(16) / 1e9, 1)
+    assert int(figures[4].replace(',', '')) == fits(8) and int(figures[5].replace(',', '')) == fits(16)
