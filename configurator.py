@@ -28,16 +28,17 @@ def parse_config(argv, defaults, types=None):
             close = difflib.get_close_matches(key, defaults, n=1)
             raise ConfigError(f"unknown config key '{key}' ({where})" + (f"; did you mean '{close[0]}'?" if close else ''))
         old = defaults[key]
-        kind = types.get(key, type(old))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        kinds = types.get(key, type(old))  # a type, or a tuple of them
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if kind is list and isinstance(value, tuple):
+        if list in kinds and isinstance(value, tuple):
             value = list(value)
         if key == 'layer_map' and isinstance(value, (list, tuple)):
             pass  # a name or explicit pairs
-        elif value is not None and (not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)):
+        elif value is not None and (not isinstance(value, kinds) or isinstance(value, bool) != (bool in kinds)):
             example = f'like its default {old!r}' if old is not None else 'or None (its default)'
-            raise ConfigError(f"{key} must be {kind.__name__} {example}, got {value!r} ({where})")
+            raise ConfigError(f"{key} must be {' or '.join(k.__name__ for k in kinds)} {example}, got {value!r} ({where})")
         config[key] = value
 
     for arg in argv:

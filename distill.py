@@ -32,9 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import prepare_data
 from configurator import ConfigError, check_config, parse_config, print_help
-from support import (cast_parameters, check_vocabularies, choose_dtype, find_checkpoint, flops_per_token, gb, keep_freed_memory, load_checkpoint, load_model,
-                     measure_matmul_flops, memory_estimate, memory_line, model_tokenizer, output_rows, plain_head, rng_state, save_checkpoint,
-                     set_rng_state, student_from_teacher_layers, trim_log)
+from support import (cast_parameters, check_vocabularies, choose_blocks, choose_dtype, find_checkpoint,
+                     flops_per_token, gb, keep_freed_memory, load_checkpoint, load_model, measure_matmul_flops,
+                     memory_estimate, memory_line, model_tokenizer, output_rows, plain_head, rng_state,
+                     save_checkpoint, set_rng_state, student_from_teacher_layers, trim_log)
 
 # -----------------------------------------------------------------------------
 # defaults (a config file and --key=value override them; `python distill.py --help` lists them)
@@ -60,7 +61,7 @@ teacher = None  # HF hub id, local folder or .gguf file
 teacher_cache = None  # instead of the teacher for logit KD: its top-k written once by cache_teacher.py (a folder, or its name in the dataset)
 student = None  # HF hub id, local folder or .gguf file (for 'teacher_layers': unused)
 student_init = 'pretrained'  # 'pretrained' (its weights), 'config' (random init) or 'teacher_layers'
-student_layers = None  # teacher blocks kept by student_init='teacher_layers', e.g. [0, 3, 6]
+student_layers = None  # teacher blocks kept by student_init='teacher_layers', e.g. [0, 3, 6], or 'auto:N' (by influence)
 trust_remote_code = False  # let transformers run model code shipped with a checkpoint
 # distillation
 distill = 'logits'  # 'logits', 'hidden' or 'none' (the SFT baseline: no teacher)
@@ -93,7 +94,7 @@ parallel = 'ddp'  # under torchrun: 'ddp' (every rank holds both models whole) o
 compile = False  # torch.compile both transformer stacks and the chunked loss (minutes at start on a CPU; docs/performance.md)
 seed = 1337  # data order and initialisation
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: the matmul rate of the run's dtype, measured at start
-OPTIONAL_TYPES = {'teacher': str, 'teacher_cache': str, 'student': str, 'student_layers': list, 'stop_iter': int, 'max_iters': int,
+OPTIONAL_TYPES = {'teacher': str, 'teacher_cache': str, 'student': str, 'student_layers': (list, str), 'stop_iter': int, 'max_iters': int,
                   'ce_weight': float, 'kd_weight': float, 'hidden_weight': float, 'wandb_run_name': str}
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, type(None)))]
 # -----------------------------------------------------------------------------
@@ -624,7 +625,18 @@ if __name__ == '__main__':
     try:
         teacher_model = load_model(teacher, trust_remote_code) if use_teacher else None
         if student_init == 'teacher_layers':
-            student_model, student_tok = student_from_teacher_layers(teacher_model, student_layers), model_tokenizer(teacher)
+            layers = student_layers
+            if isinstance(student_layers, str):  # 'auto:N': the blocks that turn the hidden states most, on 32 windows
+                sample = train_windows[np.linspace(0, n_train_docs - 1, min(32, n_train_docs)).astype(int)]
+                batches = [make_batch(train_data, sample[a:a + batch_size], block_size, meta['pad_id'], torch_device)
+                           for a in range(0, len(sample), batch_size)]
+                with ctx:
+                    layers, scores = choose_blocks(student_layers, teacher_model.to(torch_device), [(b.X, b.M) for b in batches],
+                                                   blocks(teacher_model))
+                if master_process:
+                    print(f"student_layers='{student_layers}': block influence (1 - cos(in, out), {len(sample)} training windows): "
+                          + ', '.join(f'{l} {v:.4f}' for l, v in enumerate(scores)) + f'; keeping {layers}')
+            student_model, student_tok = student_from_teacher_layers(teacher_model, layers), model_tokenizer(teacher)
         else:
             if student is None:
                 fail('set student (an HF hub id, a local folder or a .gguf file)')

@@ -6,6 +6,7 @@ files.
 """
 import json, os, re, shutil, time
 import torch
+import torch.nn.functional as F
 import prepare_data
 from configurator import ConfigError
 
@@ -106,6 +107,39 @@ def student_from_teacher_layers(teacher_model, layers):
             state[k[:m.start()] + f'.{m[1]}.{keep[int(m[2])]}.' + k[m.end():]] = v.clone()
     student_model.load_state_dict(state)
     return student_model
+
+@torch.no_grad()
+def block_influence(model, batches, blocks):
+    """ShortGPT's block influence (Men et al. 2024), per block: 1 - the mean over supervised positions of the cosine
+    between the hidden states entering and leaving it. A block that barely turns them matters least. batches: (X, M)
+    pairs; blocks: the model's list of blocks."""
+    sums, count, pending = torch.zeros(len(blocks), dtype=torch.float64), 0, {}
+    def hook(i):
+        def record(module, args, kwargs, output):
+            h_in = args[0] if args else kwargs['hidden_states']
+            h_out = output[0] if isinstance(output, tuple) else output
+            pending[i] = F.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
+        return record
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        for X, M in batches:
+            model(input_ids=X)
+            keep = M.bool()
+            sums += torch.stack([(1 - pending[i][keep]).sum() for i in range(len(blocks))])
+            count += int(keep.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / max(count, 1)).tolist()
+
+def choose_blocks(spec, model, batches, blocks):
+    """student_layers='auto:N': the N blocks of the highest influence (in order), and every block's influence."""
+    m = re.fullmatch(r'auto:(\d+)', spec)
+    if not m or not 0 < int(m[1]) <= len(blocks):
+        raise ConfigError(f"student_layers must be a list of teacher blocks or 'auto:N' with 0 < N <= {len(blocks)} (keep "
+                          f"the N blocks that matter most), got {spec!r}")
+    scores = block_influence(model, batches, blocks)
+    return sorted(sorted(range(len(scores)), key=lambda l: -scores[l])[:int(m[1])]), scores
 
 def cast_parameters(model, dtype):
     """The parameters in dtype, the buffers left as they are, as from_pretrained(dtype=) does: RoPE's inv_freq

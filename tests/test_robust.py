@@ -403,6 +403,8 @@ CONFIG = {  # distill.py: (overrides given the work folder, expected text); each
     'missing teacher .gguf': (lambda w: [f'--teacher={w / "no.gguf"}'], "model file '"),
     'a teacher that is not a model': (lambda w: [f'--teacher={w / "in.jsonl"}'], 'in.jsonl\' is not a model'),
     'dataset without train.bin': (lambda w: [f'--data_root={w / "broken"}'], 'is incomplete: '),
+    'student_layers auto:9': (lambda w: ['--student_init=teacher_layers', '--student_layers=auto:9'],
+                              "student_layers must be a list of teacher blocks or 'auto:N' with 0 < N <= 2"),
     'resume with another batch_size': (lambda w: [f'--out_dir={w / "straight"}', '--init_from=resume', '--batch_size=1'],
                                        'batch_size was 2 when'),
 }
