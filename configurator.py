@@ -14,7 +14,7 @@ def default_comments(path):
     return {m[1]: m[2] for m in re.finditer(r'^(\w+) = .*?  # (.*)$', src, re.M)}
 
 def print_help(doc, path, defaults):
-    print(doc)
+    print(doc.strip() + "\n")
     comments = default_comments(path)
     for k, v in defaults.items():
         print(f'  --{k}={v!r}'.ljust(44) + f'  {comments.get(k, "")}')

@@ -46,6 +46,7 @@ eval_interval = 100  # evaluate and checkpoint every this many iterations (and a
 eval_docs = 64  # validation windows (documents, or block_size pieces of longer ones) per evaluation
 log_interval = 1  # print a log line every this many iterations
 export = True  # save out_dir/student as an HF folder at the end
+checkpoint = True  # write out_dir/ckpt (fp32 weights + AdamW state: 12 bytes per parameter) to resume from; False: none
 stop_iter = None  # end this run (with a checkpoint) at this iteration without changing the schedule
 wandb_log = False  # also log to Weights & Biases (imported only when on)
 wandb_project = 'distill'  # wandb project
@@ -91,7 +92,7 @@ grad_clip = 1.0  # clip the gradient norm at this value; 0: off
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto' (bf16 autocast where this device's bf16 matmul is clearly fastest), 'float32', 'bfloat16', 'float16'
 parallel = 'ddp'  # under torchrun: 'ddp' (every rank holds both models whole) or 'fsdp' (FSDP2: 1/world of every parameter each)
-compile = False  # torch.compile both transformer stacks and the chunked loss (minutes at start on a CPU; docs/performance.md)
+compile = False  # torch.compile both transformer stacks and the chunked loss (21-23 s at start measured on a CPU; docs/performance.md)
 seed = 1337  # data order and initialisation
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: the matmul rate of the run's dtype, measured at start
 OPTIONAL_TYPES = {'teacher': str, 'teacher_cache': str, 'student': str, 'student_layers': (list, str), 'stop_iter': int, 'max_iters': int,
@@ -767,7 +768,7 @@ if __name__ == '__main__':
         print(f'dtype: {compute_dtype} ({why}); MFU against its matmul rate, {flops_peak / 1e9:,.0f} GFLOP/s' +
               (' (peak_flops)' if peak_flops else ' measured at start'))
         print(f'loss = {w_ce:g} CE' + (f' + {w_kd:g} T^2 {kd_kind} (T={temperature:g})' if w_kd else '')
-              + (f' + {w_hidden:g} hidden {hidden_loss}' if w_hidden else '') + (' [across tokenizers]' if cross_tokenizer else ''))
+              + (f' + {w_hidden:g} hidden {hidden_loss}' + (' (RMS-normalised)' if hidden_rms_norm else '') if w_hidden else '') + (' [across tokenizers]' if cross_tokenizer else ''))
         print(memory_line(memory))
         if layer_pairs:
             print('layer map (student <- teacher, 0 = embedding output, l = block l): ' + ', '.join(f'{a}<-{b}' for a, b in layer_pairs)
@@ -800,7 +801,7 @@ if __name__ == '__main__':
                 if not all(map(math.isfinite, (val_ce, val_kd, val_hidden))):
                     fail(f'non-finite validation loss at iteration {iter_num} (ce {val_ce}, kd {val_kd}, hidden {val_hidden}): '
                          f'not checkpointed; {last_good()}; lower learning_rate or check the data')
-            if iter_num > 0:
+            if iter_num > 0 and checkpoint:
                 save(iter_num)
                 last_saved = iter_num
         if iter_num >= last_iter:
@@ -845,6 +846,8 @@ if __name__ == '__main__':
             seq = step_tokens / (batch_size * gradient_accumulation_steps)
             flops = flops_per_token(student_model, seq, True) + (flops_per_token(teacher_model, seq, False) if teacher_model is not None else 0)
             tok_s = step_tokens / dt
+            if flops * tok_s > flops_peak * world_size and not peak_flops:  # the rate measured at start was low (a loaded
+                flops_peak = max(flops_peak, measure_matmul_flops(torch_device, ptdtype))  # machine): measured again
             mfu = flops * tok_s / (flops_peak * world_size)
             peak = torch.cuda.max_memory_allocated() if device_type == 'cuda' else None  # (beside the estimate at start)
             log({'iter': iter_num, 'loss': loss_value, 'ce': ce_mean, 'kd': kd_mean, 'hidden': hidden_mean, 'lr': lr,

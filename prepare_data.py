@@ -36,9 +36,14 @@ class SkipRecord(Exception):
 # tokenizers: an HF tokenizer (hub id, folder, .gguf) or a tiktoken Encoding ('tiktoken:<name>', 'bytes')
 
 def cache_dir(path):
-    """Folder where the HF conversion of a .gguf file is cached (its ~35 s dequantisation happens once)."""
-    st = os.stat(path)
-    key = hashlib.sha1(f'{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}'.encode()).hexdigest()[:12]
+    """Folder where the HF conversion of a .gguf file is cached (its ~35 s dequantisation happens once), keyed by
+    the file's content, its size and its first and last MiB: every clone and environment shares one conversion."""
+    size, h = os.path.getsize(path), hashlib.sha1()
+    with open(path, 'rb') as f:
+        h.update(f'{size}:'.encode() + f.read(2 ** 20))
+        f.seek(max(0, size - 2 ** 20))
+        h.update(f.read(2 ** 20))
+    key = h.hexdigest()[:12]
     root = os.environ.get('DISTILL_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'distill'))
     return os.path.join(root, os.path.basename(path)[:-len('.gguf')] + '-' + key)
 
@@ -579,8 +584,13 @@ def write_dataset(out, splits, tok, teacher_tok, info):
             shutil.rmtree(tmp)
     return counts
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the description as written, every option's default (when it has one) beside its help."""
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)
     p.add_argument('inputs', nargs='*', help='.json / .jsonl files')
     p.add_argument('--dataset', help='a Hugging Face dataset id (needs the optional `datasets` library)')
     p.add_argument('--demo', action='store_true', help='the embedded default dataset (also when no input is given)')
@@ -589,13 +599,13 @@ def main(argv=None):
                    'document with this one and record the positions where both tokenizations end at the same byte')
     p.add_argument('--format', choices=FORMATS, help='force a record shape instead of detecting it per record')
     p.add_argument('--name', help='output folder data/<name> (default: the input file name, or "demo")')
-    p.add_argument('--out_root', default='data')
+    p.add_argument('--out_root', default='data', help='the dataset is written to <out_root>/<name>')
     p.add_argument('--train_on_prompt', action='store_true', help='supervise every token, not only the replies')
     p.add_argument('--max_examples', type=int, help='use the first N records after shuffling with --seed')
-    p.add_argument('--val_fraction', type=float, default=0.05)
-    p.add_argument('--seed', type=int, default=1337)
+    p.add_argument('--val_fraction', type=float, default=0.05, help='share of the documents held out as the val split')
+    p.add_argument('--seed', type=int, default=1337, help='the shuffle before --max_examples and the val split')
     p.add_argument('--max_length', type=int, default=2048, help='chat records are truncated to it, texts split into pieces of it; 0: no limit')
-    p.add_argument('--num_proc', type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    p.add_argument('--num_proc', type=int, default=max(1, min(8, os.cpu_count() or 1)), help="tokenizer processes (by default this machine's cores, at most 8)")
     args = p.parse_args(argv)
     try:
         for bad, message in ((not 0 <= args.val_fraction < 1, f'--val_fraction must be in [0, 1), got {args.val_fraction}'),

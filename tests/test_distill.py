@@ -261,3 +261,9 @@ def test_auto_dtype_run_says_what_it_chose(work):
     assert int(m[4].replace(',', '')) == pytest.approx(bf16 if m[1] == 'bfloat16' else fp32, rel=0.01, abs=1)
     log = train_log(work / 'auto')
     assert len(log) == 3 and all(math.isfinite(r['loss']) for r in log)
+
+def test_no_checkpoint_still_evaluates_and_exports(work):
+    out = work / 'nockpt'
+    run(work, out, '--checkpoint=False', '--max_iters=2', '--eval_interval=1')
+    assert sorted(os.listdir(out)) == ['log.jsonl', 'student']  # (no ckpt/: nothing to resume from, by request)
+    assert [r['iter'] for r in map(json.loads, open(out / 'log.jsonl')) if 'val_ce' in r] == [0, 1, 2]

@@ -187,3 +187,14 @@ def test_out_of_range_options(tmp_path, capsys, option, message):
     assert run(tmp_path, [path], '--tokenizer', 'bytes', *option) == 1
     assert capsys.readouterr().err.strip() == f'error: {message}'
     assert not os.path.exists(tmp_path / 'data')
+
+def test_gguf_conversion_cache_is_keyed_by_content(tmp_path):
+    """Two copies of one file (another clone, another venv) share a conversion; a changed byte does not."""
+    data = os.urandom(3 * 2 ** 20)
+    paths = [tmp_path / d / 'm.gguf' for d in ('a', 'b', 'c', 'd')]
+    for p, content in zip(paths, (data, data, data[:-1] + bytes([data[-1] ^ 1]), data[:2 ** 20] + bytes([data[2 ** 20] ^ 1]) + data[2 ** 20 + 1:])):
+        p.parent.mkdir()
+        p.write_bytes(content)
+    a, b, changed_end, changed_middle = map(P.cache_dir, map(str, paths))
+    assert a == b != changed_end
+    assert changed_middle == a  # (the middle is not read: size, first and last MiB)
