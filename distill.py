@@ -768,7 +768,8 @@ if __name__ == '__main__':
         print(f'dtype: {compute_dtype} ({why}); MFU against its matmul rate, {flops_peak / 1e9:,.0f} GFLOP/s' +
               (' (peak_flops)' if peak_flops else ' measured at start'))
         print(f'loss = {w_ce:g} CE' + (f' + {w_kd:g} T^2 {kd_kind} (T={temperature:g})' if w_kd else '')
-              + (f' + {w_hidden:g} hidden {hidden_loss}' + (' (RMS-normalised)' if hidden_rms_norm else '') if w_hidden else '') + (' [across tokenizers]' if cross_tokenizer else ''))
+              + (f' + {w_hidden:g} hidden {hidden_loss}' + (' (RMS-normalised)' if hidden_rms_norm else '') if w_hidden else '')
+              + (' [across tokenizers]' if cross_tokenizer else ''))
         print(memory_line(memory))
         if layer_pairs:
             print('layer map (student <- teacher, 0 = embedding output, l = block l): ' + ', '.join(f'{a}<-{b}' for a, b in layer_pairs)

@@ -605,7 +605,8 @@ def main(argv=None):
     p.add_argument('--val_fraction', type=float, default=0.05, help='share of the documents held out as the val split')
     p.add_argument('--seed', type=int, default=1337, help='the shuffle before --max_examples and the val split')
     p.add_argument('--max_length', type=int, default=2048, help='chat records are truncated to it, texts split into pieces of it; 0: no limit')
-    p.add_argument('--num_proc', type=int, default=max(1, min(8, os.cpu_count() or 1)), help="tokenizer processes (by default this machine's cores, at most 8)")
+    p.add_argument('--num_proc', type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="tokenizer processes (by default this machine's cores, at most 8)")
     args = p.parse_args(argv)
     try:
         for bad, message in ((not 0 <= args.val_fraction < 1, f'--val_fraction must be in [0, 1), got {args.val_fraction}'),

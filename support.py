@@ -260,8 +260,8 @@ def memory_estimate(trainable, teacher, tokens, compute, world=1, fsdp=False, bl
     act = tokens * (cs.num_hidden_layers * block_activation_bytes(cs, s) + 9 * d)  # (+ the embedding and final norm)
     if trainable.chunk:  # dL/dh and dL/dW (fp32); passing: a chunk's logits, teacher logits, softmaxes and gradient
         act, passing = act + tokens * d * 4 + vocab * d * 4, trainable.chunk * vocab * 4 * 6
-    else:  # the logits in fp32 and the loss's softmaxes; passing: the logits in the compute dtype and more
-        act, passing = act + tokens * vocab * 12, tokens * vocab * (s + 4)
+    else:  # the logits in fp32 and the loss's softmaxes; passing: the logits in the compute dtype, their gradients, ...
+        act, passing = act + tokens * vocab * 12, tokens * vocab * (s + 12)
     if pairs:  # per pair and position: the projection's fp32 input and output (and the RMS-normalised one), indices
         act += len(pairs) * tokens * (4 * (d + trainable.proj[0].out_features * (1 + trainable.rms_norm)) + 24)
     est['activations'] = act
@@ -280,8 +280,8 @@ def memory_estimate(trainable, teacher, tokens, compute, world=1, fsdp=False, bl
         head = teacher.get_output_embeddings().weight
         reads_head = trainable.w_kd > 0 and head is not teacher.get_input_embeddings().weight
         if fsdp:
-            est['teacher gathered'] = (2 * max(size(b.parameters()) for b in blocks(teacher)) + size(teacher.get_input_embeddings().parameters())
-                                       + (size([head]) if reads_head else 0))
+            est['teacher gathered'] = (2 * max(size(b.parameters()) for b in blocks(teacher))
+                                       + size(teacher.get_input_embeddings().parameters()) + (size([head]) if reads_head else 0))
         outputs = (dt if trainable.chunk else output_rows(teacher)) * (trainable.w_kd > 0) + dt * len(pairs)
         teacher_kept = tokens * st * outputs
         states = (ct.num_hidden_layers + 1) * dt if pairs else 2 * dt  # (HF returns every block's output if asked for one)
@@ -294,7 +294,8 @@ def gb(n):
     return f'{n / 1e9:.3g} GB' if n >= 1e9 else f'{n / 1e6:.3g} MB'
 
 def memory_line(est):
-    return 'memory per rank (estimate): ' + ', '.join(f'{k} {gb(v)}' for k, v in est.items() if v and k != 'peak') + f"; peak ~{gb(est['peak'])}"
+    parts = ', '.join(f'{k} {gb(v)}' for k, v in est.items() if v and k != 'peak')
+    return f"memory per rank (estimate): {parts}; peak ~{gb(est['peak'])}"
 
 # -----------------------------------------------------------------------------
 # checkpoints

@@ -9,7 +9,8 @@ its 10-block copy as the student (the CPU experiment's start):
    writes of the validation split;
 2. the error: on validation windows, the divergence at T from the cache (fp16 values, m draws) against the one from
    the teacher's full distribution: of the mean, per batch of --batch_targets targets, per position; the same with
-   no draws and the tail as one bucket (k + 1 outcomes, a lower bound: the design the draws replaced), and
+   no draws and the tail as one bucket (k + 1 outcomes, a lower bound: the design the draws replaced), the relative
+   error of the fkl gradient w.r.t. the student's logits over a batch (what the draws' noise does to a step), and
    KL(full || cached) where the cached distribution spreads the tail's mass evenly over the tokens outside the top k;
 3. a KD step (batch x block tokens, loss_chunk 256, distill.py's Trainable) with the cache against the online
    teacher, on the same windows, each in a fresh process (its own peak RSS), alternating, in the dtype distill.py's
@@ -128,7 +129,7 @@ def bucket(z, ids, logp, tail):
     return (p.exp() * (p - q)).sum(-1)
 
 for label, student in students.items() if 2 in args.parts else ():
-    rows = {}  # (kind, k, m) -> per-position online and cached divergences
+    rows, gradient_errors = {}, {}  # (kind, k, m) -> per-position online and cached divergences; (k, m) -> per batch
     for a in range(0, min(args.windows, len(windows)), args.batch_size):
         b = distill.make_batch(split, windows[a:a + args.batch_size], args.block_size, meta['pad_id'], 'cpu')
         keep = b.M.bool()
@@ -142,6 +143,12 @@ for label, student in students.items() if 2 in args.parts else ():
                 online = distill.kd_divergence(z, zt, kind, T)
                 cached = distill.kd_divergence(z, TopK.from_rows(ids, logp, tail[:, 1], tail[:, 1], m, T), kind, T) if m else bucket(z, ids, logp, tail[:, 1])
                 rows.setdefault((kind, k, m), []).append(torch.stack([online, cached]))
+            if m and kind == 'fkl':  # the gradient w.r.t. the student's logits of a batch's summed fkl: its relative error
+                n_b = min(args.batch_targets, len(z))
+                grads = [torch.autograd.grad(distill.kd_divergence(zz, target, 'fkl', T).sum(), zz)[0] for zz, target in
+                         ((z[:n_b].clone().requires_grad_(), zt[:n_b]),
+                          (z[:n_b].clone().requires_grad_(), TopK.from_rows(ids, logp, tail[:, 1], tail[:, 1], m, T)[:n_b]))]
+                gradient_errors.setdefault((k, m), []).append(((grads[1] - grads[0]).norm() / grads[0].norm()).item())
             if m == 0:  # the cached distribution over the whole vocabulary: its k tokens, the bucket spread evenly over the others
                 coarse = F.log_softmax(torch.cat([logp / T, tail[:, 1:]], -1), -1)
                 log_c = (coarse[:, -1:] - np.log(V - k)).expand(-1, V).scatter(-1, ids, coarse[:, :-1])
@@ -158,6 +165,8 @@ for label, student in students.items() if 2 in args.parts else ():
         batch = (c[:nb * args.batch_targets].view(nb, -1).mean(1) / o[:nb * args.batch_targets].view(nb, -1).mean(1) - 1).abs().mean()
         print(f'   {kind:5s} {k:<5d} {m if m else "bucket":<5} {o.mean():<13.5f} {c.mean():<13.5f} {c.mean() / o.mean() - 1:<+19.3%} '
               f'{batch:<20.3%} {(c - o).pow(2).mean().sqrt() / o.mean():.3f}')
+    print(f'   fkl gradient w.r.t. the student logits of {args.batch_targets:,} targets (a batch\'s first), ||cached - full|| / ||full||: '
+          + ', '.join(f'{k} + {m}: {np.mean(v):.3f}' for (k, m), v in gradient_errors.items()))
     print('   KL(full || top k + the tail spread evenly): ' + ', '.join(f'k={k}: {torch.cat(xs, 1)[0].mean():.4f} nats'
                                                                     for (kind, k, _), xs in rows.items() if kind == 'even'))
 

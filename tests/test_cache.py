@@ -5,7 +5,7 @@ import numpy as np
 import pytest, torch
 import torch.nn.functional as F
 from conftest import ROOT, save_tiny_model, tiny_model, write_jsonl
-from test_distill import run, train_log, weights
+from test_distill import command, run, train_log, weights
 from test_losses import divergence64, divergence_of64, softmax64
 import cache_teacher, distill, prepare_data
 from distill import KD_KINDS, ChunkedHeadLoss, TopK, loss_sums
@@ -179,6 +179,23 @@ def test_full_cache_trains_like_the_online_teacher(work):
     run(work, work / 'cached_k3', *common, '--teacher_cache=k3')
     kd3, kd = train_log(work / 'cached_k3')[0]['kd'], train_log(work / 'online16')[0]['kd']
     assert 1e-3 < abs(kd3 / kd - 1) < 0.2, (kd3, kd)
+
+def test_sampled_online_script_reduces_the_teacher_as_the_cache_does(work):
+    """scripts/sampled_online.py (the online teacher cut to a cache row, fresh draws every step): at k = V it trains
+    as online KD, up to the fp16 log-probabilities; with draws its divergence is an estimate near the full one."""
+    common = ('--max_iters=3', '--batch_size=2', '--gradient_accumulation_steps=2', '--eval_interval=3', '--loss_chunk=16')
+    if not (work / 'online16' / 'log.jsonl').exists():
+        run(work, work / 'online16', *common)
+    for name, k, m in (('so_full', 259, 0), ('so_k3', 3, 8)):
+        args = command(work, work / name, *common)[2:]
+        out = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'sampled_online.py'), f'--k={k}', f'--samples={m}', '--', *args],
+                             capture_output=True, text=True, cwd=work, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+    online, full, k3 = (train_log(work / n) for n in ('online16', 'so_full', 'so_k3'))
+    for ra, rb in zip(online, full):
+        for key in ('loss', 'ce', 'kd', 'grad_norm'):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-3), (key, ra, rb)  # (measured: <= 2.2e-4)
+    assert 1e-3 < abs(k3[0]['kd'] / online[0]['kd'] - 1) < 0.2
 
 @pytest.mark.parametrize('override,message', [
     ('--block_size=40', 'was written for block_size=48, not 40'),

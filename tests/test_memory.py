@@ -61,7 +61,8 @@ def setup(mode, dtype):
     rows, n = 2, 128
     X = torch.randint(0, 259, (rows, n))
     pos = torch.arange(n).repeat(rows)
-    b = distill.Batch(X, torch.randint(0, 259, (rows, n)), torch.ones(rows, n), distill.Align(None, torch.arange(rows).repeat_interleave(n), pos, pos))
+    align = distill.Align(None, torch.arange(rows).repeat_interleave(n), pos, pos)
+    b = distill.Batch(X, torch.randint(0, 259, (rows, n)), torch.ones(rows, n), align)
     return model, teacher if weights[1] or pairs else None, b
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
@@ -71,11 +72,38 @@ def test_activations_are_what_the_step_saves(mode, dtype):
     model, teacher, b = setup(mode, dtype)
     with autocast(dtype):
         t_out = model.teacher_forward(teacher, b)
+        model(b, t_out)  # (a first call builds what HF caches, e.g. attention masks: up to 57 KB more, once)
         acts, copies, _ = saved(lambda: model(b, t_out), model, *([teacher] if teacher else []))
     est = memory_estimate(model, teacher, b.X.numel(), dtype)
     assert abs(est['activations'] / acts - 1) < 0.06, (acts, est['activations'])
     head = model.model.get_output_embeddings().weight.numel() * 2  # (the chunked loss's copy of the head is not saved)
     assert (est['weight copies'] == copies == 0) if dtype == 'float32' else copies <= est['weight copies'] <= copies + head
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('mode', list(MODES))
+def test_step_peak_is_what_the_profiler_sees(mode, dtype):
+    """A whole step (teacher forward, loss, backward, AdamW) after a first one: the peak of the tensors alive during
+    it above what was alive before (the profiler's allocation record; not the allocator's RSS), against the
+    estimate's peak less what was there before the step (parameters, AdamW moments): 0.9-1.25x."""
+    from torch.profiler import ProfilerActivity, profile
+    model, teacher, b = setup(mode, dtype)
+    optimizer = distill.configure_optimizer(model, 1e-3, 0.0, (0.9, 0.95))
+    def step():
+        with autocast(dtype):
+            out = model(b, model.teacher_forward(teacher, b))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'), key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    est = memory_estimate(model, teacher, b.X.numel(), dtype)
+    during = est['peak'] - est['student parameters'] - est['AdamW'] - est.get('teacher parameters', 0)
+    assert 0.9 < during / peak < 1.25, (peak, during)
 
 def test_parameters_gradients_adamw_after_a_step():
     model, teacher, b = setup('hidden', 'float32')
