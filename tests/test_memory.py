@@ -160,6 +160,34 @@ def test_fsdp_shards_are_the_estimate(tmp_path):
         assert ranks[1]['held'][part] <= held[part]
     assert all(abs(r['held']['teacher parameters'] / (held['teacher total'] / 2) - 1) < 0.02 for r in ranks)
 
+DDP_PROBE = r'''
+import json, os, sys, torch.distributed as dist
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, os.path.join(sys.argv[1], 'tests'))
+dist.init_process_group('gloo')
+import distill
+from torch.nn.parallel import DistributedDataParallel as DDP
+from test_memory import setup
+from support import memory_estimate
+model, teacher, b = setup('hidden', 'float32')
+est = memory_estimate(model, teacher, b.X.numel(), 'float32', dist.get_world_size(), False, distill.blocks)
+ddp = DDP(model)
+ddp(b, model.teacher_forward(teacher, b)).loss.backward()
+held = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()) + int(ddp._get_ddp_logging_data()['bucket_sizes'])
+json.dump({'estimate': est['gradients'], 'held': held}, open(sys.argv[2] + f'/ddp{dist.get_rank()}.json', 'w'))
+dist.destroy_process_group()
+'''
+
+def test_ddp_gradients_and_buckets_are_the_estimate(tmp_path):
+    """2 DDP ranks: the gradients and DDP's all-reduce buckets (its own record of their sizes) = the estimate's."""
+    (tmp_path / 'probe.py').write_text(DDP_PROBE)
+    log = open(tmp_path / 'log', 'w+')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(tmp_path / 'probe.py'),
+                           ROOT, str(tmp_path)], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    assert proc.returncode == 0, open(log.name).read()[-3000:]
+    for r in (0, 1):
+        got = json.load(open(tmp_path / f'ddp{r}.json'))
+        assert got['held'] == got['estimate']
+
 def big_pair(world_pairs=((4, 13), (8, 27), (12, 40), (16, 53), (20, 67), (24, 80))):
     """configs/llama70b_stablelm.py's models, by their published shapes, on the meta device (no memory)."""
     with torch.device('meta'):
