@@ -123,6 +123,14 @@ def test_parameters_gradients_adamw_after_a_step():
     assert est['teacher parameters'] == nbytes(teacher.parameters())
     assert memory_estimate(model, teacher, b.X.numel(), 'float32', world=2)['gradients'] == 2 * est['gradients']  # DDP's buckets
 
+def on_two_ranks(source, tmp_path):
+    """Run a probe script's source under torchrun with 2 CPU ranks (gloo); it writes its findings into tmp_path."""
+    (tmp_path / 'probe.py').write_text(source)
+    log = open(tmp_path / 'log', 'w+')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(tmp_path / 'probe.py'),
+                           ROOT, str(tmp_path)], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    assert proc.returncode == 0, open(log.name).read()[-3000:]
+
 FSDP_PROBE = r'''
 import json, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, os.path.join(sys.argv[1], 'tests'))
@@ -142,17 +150,15 @@ held = {'student parameters': local(model.parameters()), 'gradients': local(p.gr
         'AdamW': local(t for s in optimizer.state.values() for t in s.values() if t.dim()),
         'teacher parameters': local(teacher.parameters()), 'teacher total': sum(p.numel() * 4 for p in teacher.parameters())}
 json.dump({'estimate': est, 'held': held}, open(sys.argv[2] + f'/rank{dist.get_rank()}.json', 'w'))
+del model, teacher, optimizer  # (as distill.py: nothing holds the process group when it ends)
+import gc; gc.collect(); dist.barrier()
 dist.destroy_process_group()
 '''
 
 def test_fsdp_shards_are_the_estimate(tmp_path):
     """2 ranks: what each holds after a step; rank 0 (the ceiling of every split) exactly as estimated, the teacher's
     parameters about half of the whole on each."""
-    (tmp_path / 'probe.py').write_text(FSDP_PROBE)
-    log = open(tmp_path / 'log', 'w+')
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(tmp_path / 'probe.py'),
-                           ROOT, str(tmp_path)], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
-    assert proc.returncode == 0, open(log.name).read()[-3000:]
+    on_two_ranks(FSDP_PROBE, tmp_path)
     ranks = [json.load(open(tmp_path / f'rank{r}.json')) for r in (0, 1)]
     est, held = ranks[0]['estimate'], ranks[0]['held']
     for part in ('student parameters', 'gradients', 'AdamW', 'teacher parameters'):
@@ -174,16 +180,14 @@ ddp = DDP(model)
 ddp(b, model.teacher_forward(teacher, b)).loss.backward()
 held = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()) + int(ddp._get_ddp_logging_data()['bucket_sizes'])
 json.dump({'estimate': est['gradients'], 'held': held}, open(sys.argv[2] + f'/ddp{dist.get_rank()}.json', 'w'))
+del ddp, model, teacher
+import gc; gc.collect(); dist.barrier()
 dist.destroy_process_group()
 '''
 
 def test_ddp_gradients_and_buckets_are_the_estimate(tmp_path):
     """2 DDP ranks: the gradients and DDP's all-reduce buckets (its own record of their sizes) = the estimate's."""
-    (tmp_path / 'probe.py').write_text(DDP_PROBE)
-    log = open(tmp_path / 'log', 'w+')
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(tmp_path / 'probe.py'),
-                           ROOT, str(tmp_path)], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
-    assert proc.returncode == 0, open(log.name).read()[-3000:]
+    on_two_ranks(DDP_PROBE, tmp_path)
     for r in (0, 1):
         got = json.load(open(tmp_path / f'ddp{r}.json'))
         assert got['held'] == got['estimate']
