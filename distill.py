@@ -847,8 +847,8 @@ if __name__ == '__main__':
             seq = step_tokens / (batch_size * gradient_accumulation_steps)
             flops = flops_per_token(student_model, seq, True) + (flops_per_token(teacher_model, seq, False) if teacher_model is not None else 0)
             tok_s = step_tokens / dt
-            if flops * tok_s > flops_peak * world_size and not peak_flops:  # the rate measured at start was low (a loaded
-                flops_peak = max(flops_peak, measure_matmul_flops(torch_device, ptdtype))  # machine): measured again
+            if flops * tok_s > flops_peak * world_size and not peak_flops:  # the rate measured at start read low (a loaded
+                flops_peak = max(measure_matmul_flops(torch_device, ptdtype), flops * tok_s / world_size)  # machine): never > 100%
             mfu = flops * tok_s / (flops_peak * world_size)
             peak = torch.cuda.max_memory_allocated() if device_type == 'cuda' else None  # (beside the estimate at start)
             log({'iter': iter_num, 'loss': loss_value, 'ce': ce_mean, 'kd': kd_mean, 'hidden': hidden_mean, 'lr': lr,

@@ -11,7 +11,7 @@ choice's length in characters. Context and continuation are tokenized together a
 context's own tokens end; trailing spaces of the context move to the continuation; no special tokens are
 added, and an empty context becomes the BOS token (end-of-text where the tokenizer has no BOS).
 """
-import argparse, contextlib, gzip, importlib.util, json, math, os, sys, time
+import argparse, contextlib, gzip, importlib.util, inspect, json, math, os, sys, time
 import torch
 import torch.nn.functional as F
 import distill, prepare_data, support
@@ -91,27 +91,31 @@ def encode_pair(tok, context, continuation):
 
 @torch.no_grad()
 def loglikelihoods(model, tok, requests, batch_size, device, max_length, progress=None):
-    """Sum of log-probabilities of each continuation, and whether it is the greedy one: batched, longest first."""
+    """Sum of log-probabilities of each continuation, and whether it is the greedy one: batched, longest first.
+    Requests with the same input (BoolQ's ' yes' / ' no' after one passage) share one forward."""
     encoded = [encode_pair(tok, c, x) for c, x in requests]
-    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
-    results, t0 = [None] * len(encoded), time.time()
-    for k in range(0, len(order), batch_size):
-        rows = []
-        for i in order[k:k + batch_size]:
-            ctx, cont = encoded[i]
-            seq = (ctx + cont)[-(max_length + 1):][:-1]  # left-truncated, as lm-eval does
-            rows.append((i, seq, len(cont)))
-        L = max(len(s) for _, s, _ in rows)
-        X = torch.zeros((len(rows), L), dtype=torch.long)
-        for r, (_, seq, _) in enumerate(rows):
+    users = {}  # input tokens (left-truncated to the model's length, as lm-eval does) -> the requests that read them
+    for i, (ctx, cont) in enumerate(encoded):
+        users.setdefault(tuple((ctx + cont)[-(max_length + 1):][:-1]), []).append(i)
+    inputs = sorted(users, key=len, reverse=True)
+    keep = 'logits_to_keep' in inspect.signature(model.forward).parameters  # (transformers' models; remote code may lack it)
+    results, done, t0 = [None] * len(encoded), 0, time.time()
+    for k in range(0, len(inputs), batch_size):
+        batch, L = inputs[k:k + batch_size], len(inputs[k])
+        X = torch.zeros((len(batch), L), dtype=torch.long)
+        for r, seq in enumerate(batch):
             X[r, :len(seq)] = torch.tensor(seq)
-        logp = F.log_softmax(model(input_ids=X.to(device)).logits.float(), dim=-1)
-        for r, (i, seq, n) in enumerate(rows):
-            target = torch.tensor(encoded[i][1], device=device)
-            lp = logp[r, len(seq) - n:len(seq)]
-            results[i] = (lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
+        lo = max(0, min(len(seq) - len(encoded[i][1]) for seq in batch for i in users[seq])) if keep else 0
+        logits = model(input_ids=X.to(device), **({'logits_to_keep': L - lo} if keep else {})).logits  # (only the
+        logp = F.log_softmax(logits.float(), dim=-1)                                                # continuations)
+        for r, seq in enumerate(batch):
+            for i in users[seq]:
+                target = torch.tensor(encoded[i][1], device=device)
+                lp = logp[r, len(seq) - len(target) - lo:len(seq) - lo]
+                results[i] = (lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
+            done += len(users[seq])
         if progress:
-            progress(k + len(rows), len(order), t0)
+            progress(done, len(encoded), t0)
     return results
 
 def accuracy(docs, lls):
@@ -142,7 +146,7 @@ def heldout(model, data_dir, batch_size, block_size, device, teacher=None, limit
     for k in range(0, len(windows), batch_size):
         X, Y, M = distill.make_batch(split, windows[k:k + batch_size], block_size, meta['pad_id'], device)[:3]
         logits, keep, V = model(input_ids=X).logits, M.bool(), meta['vocab_size']
-        t_logits = teacher(input_ids=X).logits if teacher is not None else None
+        t_logits = logits if teacher is model else teacher(input_ids=X).logits if teacher is not None else None
         c, d = distill.loss_sums(logits[keep], Y[keep], None if t_logits is None else t_logits[keep], V)  # training's, T = 1
         ce, kl, n = ce + c.item(), kl + d.item(), n + keep.sum().item()
         if teacher is not None:  # rows past the tokenizer's vocabulary are padding
@@ -190,7 +194,7 @@ def load_tokenizer(spec, tokenizer):
 
 def score(spec, tok, tasks, teacher, args, progress):
     """One table row: held-out loss and agreement with the teacher, the tasks' accuracies, the generations."""
-    model, row, t0 = load(spec, args.device), {}, time.time()
+    model, row, t0 = teacher if spec == args.teacher else load(spec, args.device), {}, time.time()  # (one copy, one forward)
     if args.data:
         print(f'{progress.model} held-out loss on {args.data}' + (' and agreement with the teacher' if teacher else ''), file=sys.stderr)
         row.update(heldout(model, args.data, args.batch_size, args.block_size, args.device, teacher, args.val_windows))

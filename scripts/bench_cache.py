@@ -38,7 +38,7 @@ p.add_argument('--batch_size', type=int, default=4)
 p.add_argument('--windows', type=int, default=48, help='validation windows the error is measured on')
 p.add_argument('--steps', type=int, default=3, help='timed steps per round (after one warm-up step)')
 p.add_argument('--rounds', type=int, default=2)
-p.add_argument('--trained', help="also measure the error for this student: a distill.py checkpoint folder (out_dir/ckpt) of the 10-block copy")
+p.add_argument('--trained', help="also measure the error for this student: distill.py's export of the 10-block copy (out_dir/student)")
 p.add_argument('--parts', type=int, nargs='+', default=[1, 2, 3], help='which of the three measurements to run')
 p.add_argument('--row', help=argparse.SUPPRESS)  # internal: one step row in this process
 args = p.parse_args()
@@ -111,12 +111,7 @@ if 2 not in args.parts and 3 not in args.parts:
 teacher, student = models(getattr(torch, dtype))
 students = {'at its start': cast_parameters(student, torch.float32).eval()}
 if args.trained:
-    from safetensors.torch import load_file
-    import copy
-    trained = copy.deepcopy(students['at its start'])
-    state = {k[len('model.'):]: v for k, v in load_file(os.path.join(args.trained, 'model.safetensors')).items() if k.startswith('model.')}
-    assert set(trained.load_state_dict(state, strict=False).missing_keys) <= {'model.embed_tokens.weight'}  # (tied: saved once)
-    students[f'trained ({args.trained})'] = trained
+    students[f'trained ({args.trained})'] = cast_parameters(load_model(args.trained), torch.float32).eval()
 ctx = torch.autocast('cpu', getattr(torch, dtype)) if dtype != 'float32' else contextlib.nullcontext()
 T, V = args.temperature, meta['vocab_size']
 g = torch.Generator().manual_seed(0)

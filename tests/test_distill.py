@@ -262,6 +262,19 @@ def test_auto_dtype_run_says_what_it_chose(work):
     log = train_log(work / 'auto')
     assert len(log) == 3 and all(math.isfinite(r['loss']) for r in log)
 
+def test_mfu_never_above_one(work, tmp_path):
+    """The matmul rate measured at start can read low (a loaded machine): a step faster than it raises the MFU
+    denominator to at least what the step achieved, so MFU never prints above 100%. Here the measurement is made
+    absurdly low (1 kFLOP/s) in the subprocess."""
+    (tmp_path / 'sitecustomize.py').write_text('import support\nsupport.measure_matmul_flops = lambda *a, **k: 1e3\n')
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    proc = subprocess.run(command(work, work / 'mfu', '--peak_flops=0', '--max_iters=3'), capture_output=True,
+                          text=True, env=env, cwd=work, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'MFU against its matmul rate, 0 GFLOP/s measured at start' in proc.stdout  # (the patch took effect)
+    mfu = [r['mfu'] for r in train_log(work / 'mfu')]
+    assert len(mfu) == 3 and all(0 < m <= 1 for m in mfu) and mfu[0] == pytest.approx(1.0)
+
 def test_no_checkpoint_still_evaluates_and_exports(work):
     out = work / 'nockpt'
     run(work, out, '--checkpoint=False', '--max_iters=2', '--eval_interval=1')

@@ -28,12 +28,23 @@ def reference_ll(model, ctx, cont):
 def test_batched_loglikelihoods_match_one_at_a_time(bytes_tok):
     model = tiny_model(hidden=32, layers=2).eval()
     requests = [('Question: what?\nAnswer:', ' a cat'), ('Q:', ' no'), ('', 'start'), ('Long context ' * 5, ' end.'),
-                ('Answer: ', 'yes')]
+                ('Answer: ', 'yes'), ('Yes or no?', ' y'), ('Yes or no?', ' n')]  # (the last two: one input, ' ')
     got = ev.loglikelihoods(model, bytes_tok, requests, batch_size=3, device='cpu', max_length=512)
     for (c, x), (ll, greedy) in zip(requests, got):
         ctx, cont = ev.encode_pair(bytes_tok, c, x)
         assert ll == pytest.approx(reference_ll(model, ctx, cont), rel=1e-5)
         assert isinstance(greedy, bool)
+    class Plain(torch.nn.Module):  # a model whose forward has no logits_to_keep (remote code): the head on every position
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+        def forward(self, input_ids):
+            return self.m(input_ids=input_ids)
+    rows = []
+    model.register_forward_pre_hook(lambda m, a, kw: rows.append(len(kw['input_ids'])), with_kwargs=True)
+    plain = ev.loglikelihoods(Plain(model), bytes_tok, requests, batch_size=3, device='cpu', max_length=512)
+    assert sum(rows) == len(requests) - 1  # the shared input ran once
+    assert [ll for ll, _ in plain] == pytest.approx([ll for ll, _ in got], rel=1e-5) and [g for _, g in plain] == [g for _, g in got]
     # left truncation to the model's length, as lm-eval does: only the last max_length + 1 tokens count
     (ll, _), = ev.loglikelihoods(model, bytes_tok, [('x' * 40, ' yz')], 1, 'cpu', max_length=10)
     ctx, cont = ev.encode_pair(bytes_tok, 'x' * 40, ' yz')
