@@ -19,125 +19,144 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import prepare_data
 
-p = argparse.ArgumentParser(formatter_class=prepare_data.HelpFormatter)
-p.add_argument('--short', action='store_true', help='SFT, logits and hidden for 15 steps each; 40 validation windows, no benchmark')
-p.add_argument('--config', default=os.path.join('configs', 'cpu_experiment.py'), help='the runs\' distill.py config')
-p.add_argument('--out', default=None, help='default: out-cpu-experiment (out-cpu-experiment-short with --short)')
-p.add_argument('--methods', default=None, help='default: sft,logits,hidden,mix (sft,logits,hidden with --short)')
-p.add_argument('--seeds', default='1337', help='comma-separated: every method is trained once per seed (data order)')
-p.add_argument('--tasks', default=None, help="eval.py's benchmarks (default: arc_easy; none with --short)")
-p.add_argument('--limit', type=int, help='at most this many documents per benchmark (default: all)')
-args = p.parse_args()
-args.out = args.out or ('out-cpu-experiment-short' if args.short else 'out-cpu-experiment')
-args.methods = (args.methods or ('sft,logits,hidden' if args.short else 'sft,logits,hidden,mix')).split(',')
-tasks = [t for t in (args.tasks if args.tasks is not None else '' if args.short else 'arc_easy').split(',') if t]
-seeds = [int(s) for s in args.seeds.split(',')]
-config = os.path.join(ROOT, args.config)
-cfg = runpy.run_path(config)
-steps, val_windows, eval_docs = (15, 40, 8) if args.short else (cfg['max_iters'], None, cfg['eval_docs'])  # (None: all)
-methods = {'sft': ['--distill=none'], 'logits': ['--distill=logits'], 'hidden': ['--distill=hidden'],
-           'mix': ['--distill=logits', '--ce_weight=0.5', '--kd_weight=0.5', '--hidden_weight=0.5']}
-runs = {(m, s): f'{m}-{s}' if len(seeds) > 1 else m for m in args.methods for s in seeds}  # -> out/<name>
-teacher = prepare_data.demo_tokenizer()
-out = os.path.join(ROOT, args.out)
-t_start = time.time()
+def summarize(results, teacher, pruned, groups, tasks):
+    """The table: teacher, pruned start and each method (groups: method -> its runs' eval.py rows, one per seed):
+    the mean over seeds; losses, KL and agreement ± the standard error of that mean (with 2+ seeds); accuracies ±
+    the binomial standard error sqrt(p (1 - p) / documents), the mean over tasks ± sqrt(sum se^2) / tasks; the
+    fraction of the pruned -> teacher held-out-loss gap closed and of the teacher's mean accuracy retained."""
+    l_teacher, l_pruned = results[teacher]['val_loss'], results[pruned]['val_loss']
+    def mean_row(specs):
+        rows = [results[s] for s in specs]
+        r = {c: statistics.mean(x[c] for x in rows) for c in rows[0] if isinstance(rows[0][c], (int, float))}
+        r['gap_closed'] = (l_pruned - r['val_loss']) / (l_pruned - l_teacher)
+        if len(rows) > 1:
+            r.update({f'{c}_se': statistics.stdev(x[c] for x in rows) / math.sqrt(len(rows)) for c in
+                      ('val_loss', 'kl_to_teacher', 'top1_agreement')})
+        for t in tasks:
+            p, n = r[f'{t}/acc_norm'], r[f'{t}/documents']
+            r[f'{t}/acc_norm_se'] = math.sqrt(p * (1 - p) / n)
+        if len(tasks) > 1:
+            r['mean_acc_norm'] = statistics.mean(r[f'{t}/acc_norm'] for t in tasks)
+            r['mean_acc_norm_se'] = math.sqrt(sum(r[f'{t}/acc_norm_se'] ** 2 for t in tasks)) / len(tasks)
+        r['seeds'] = [x['val_loss'] for x in rows]
+        return r
+    table = {'teacher': mean_row([teacher]), 'pruned': mean_row([pruned]), **{m: mean_row(g) for m, g in groups.items()}}
+    for r in table.values():
+        if len(tasks) > 1:
+            r['retained'] = r['mean_acc_norm'] / table['teacher']['mean_acc_norm']
+    return table
 
-def run(*cmd):
-    print('+', ' '.join(cmd), flush=True)
-    subprocess.run([sys.executable, *cmd], check=True, cwd=ROOT)
+def main():
+    p = argparse.ArgumentParser(formatter_class=prepare_data.HelpFormatter)
+    p.add_argument('--short', action='store_true', help='SFT, logits and hidden for 15 steps each; 40 validation windows, no benchmark')
+    p.add_argument('--config', default=os.path.join('configs', 'cpu_experiment.py'), help='the runs\' distill.py config')
+    p.add_argument('--out', default=None, help='default: out-cpu-experiment (out-cpu-experiment-short with --short)')
+    p.add_argument('--methods', default=None, help='default: sft,logits,hidden,mix (sft,logits,hidden with --short)')
+    p.add_argument('--seeds', default='1337', help='comma-separated: every method is trained once per seed (data order)')
+    p.add_argument('--tasks', default=None, help="eval.py's benchmarks (default: arc_easy; none with --short)")
+    p.add_argument('--limit', type=int, help='at most this many documents per benchmark (default: all)')
+    args = p.parse_args()
+    args.out = args.out or ('out-cpu-experiment-short' if args.short else 'out-cpu-experiment')
+    args.methods = (args.methods or ('sft,logits,hidden' if args.short else 'sft,logits,hidden,mix')).split(',')
+    tasks = [t for t in (args.tasks if args.tasks is not None else '' if args.short else 'arc_easy').split(',') if t]
+    seeds = [int(s) for s in args.seeds.split(',')]
+    config = os.path.join(ROOT, args.config)
+    cfg = runpy.run_path(config)
+    steps, val_windows, eval_docs = (15, 40, 8) if args.short else (cfg['max_iters'], None, cfg['eval_docs'])  # (None: all)
+    methods = {'sft': ['--distill=none'], 'logits': ['--distill=logits'], 'hidden': ['--distill=hidden'],
+               'mix': ['--distill=logits', '--ce_weight=0.5', '--kd_weight=0.5', '--hidden_weight=0.5']}
+    runs = {(m, s): f'{m}-{s}' if len(seeds) > 1 else m for m in args.methods for s in seeds}  # -> out/<name>
+    teacher = prepare_data.demo_tokenizer()
+    out = os.path.join(ROOT, args.out)
+    t_start = time.time()
 
-def log(name):
-    path = os.path.join(out, name, 'log.jsonl')
-    return [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    def run(*cmd):
+        print('+', ' '.join(cmd), flush=True)
+        subprocess.run([sys.executable, *cmd], check=True, cwd=ROOT)
 
-# the untrained pruned student: iteration 0, exported as is
-if not os.path.exists(os.path.join(out, 'pruned', 'student', 'config.json')):
-    run('distill.py', config, '--max_iters=0', '--distill=none', f'--out_dir={args.out}/pruned', '--checkpoint=False')
-previous = os.path.join(out, 'results.json')  # training times of runs a rerun skips
-seconds = json.load(open(previous)).get('train_seconds', {}) if os.path.exists(previous) else {}
-retrained = set()
-for (method, seed), name in runs.items():
-    done = os.path.exists(os.path.join(out, name, 'student', 'config.json')) and \
-        any(r.get('iter') == steps and 'val_ce' in r for r in log(name))
-    if done:
-        print(f'{name}: already trained for {steps} steps in {args.out}/{name}')
-        continue
-    t0, resume = time.time(), os.path.isdir(os.path.join(out, name, 'ckpt')) and not args.short
-    run('distill.py', config, *methods[method], f'--max_iters={steps}', f'--seed={seed}', f'--out_dir={args.out}/{name}',
-        *(['--checkpoint=False', '--dtype=auto', f'--eval_docs={eval_docs}'] if args.short else []), *(['--init_from=resume'] if resume else []))
-    shutil.rmtree(os.path.join(out, name, 'ckpt'), ignore_errors=True)  # (done: nothing to resume; 12 B per parameter)
-    seconds[name], retrained = seconds.get(name, 0) * resume + time.time() - t0, retrained | {name}
+    def log(name):
+        path = os.path.join(out, name, 'log.jsonl')
+        return [json.loads(l) for l in open(path)] if os.path.exists(path) else []
 
-# every model through eval.py once: rows already in eval.json (same settings, model not retrained since) are kept
-models = {'teacher': teacher, 'pruned': f'{args.out}/pruned', **{n: f'{args.out}/{n}' for n in runs.values()}}
-settings = {'tasks': ','.join(tasks), 'limit': args.limit, 'val_windows': val_windows, 'block_size': 128}
-eval_file = os.path.join(out, 'eval.json')
-results = json.load(open(eval_file)) if os.path.exists(eval_file) else {}
-results = {k: v for k, v in results.get('results', {}).items() if k in models.values()} \
-    if results.get('settings') == settings else {}
-results = {k: v for k, v in results.items() if k not in {models[n] for n in retrained}}
-missing = [spec for spec in models.values() if spec not in results]
-if missing:
-    run('eval.py', *missing, f'--teacher={teacher}', '--data=data/demo', f'--tasks={settings["tasks"]}', '--batch_size=16',
-        f'--output={args.out}/eval-new.json', '--block_size=128', *(f'--{k}={settings[k]}' for k in ('limit', 'val_windows') if settings[k]))
-    results.update(json.load(open(os.path.join(out, 'eval-new.json')))['results'])
-    json.dump({'settings': settings, 'results': results}, open(eval_file + '.tmp', 'w'), indent=2)
-    os.replace(eval_file + '.tmp', eval_file)
-    os.remove(os.path.join(out, 'eval-new.json'))
-
-# the table: a method's figures over its seeds (mean, and the standard error of that mean when there are several)
-l_teacher, l_pruned = results[teacher]['val_loss'], results[models['pruned']]['val_loss']
-columns = ['val_loss', 'gap_closed', 'kl_to_teacher', 'top1_agreement'] + [f'{t}/acc_norm' for t in tasks] + (['mean_acc_norm', 'retained'] if len(tasks) > 1 else [])
-def row(spec):
-    r = dict(results[spec], gap_closed=(l_pruned - results[spec]['val_loss']) / (l_pruned - l_teacher))
-    if len(tasks) > 1:
-        r['mean_acc_norm'] = statistics.mean(r[f'{t}/acc_norm'] for t in tasks)
-        r['mean_acc_norm_se'] = math.sqrt(sum(r[f'{t}/acc_norm'] * (1 - r[f'{t}/acc_norm']) / r[f'{t}/documents'] for t in tasks)) / len(tasks)
-    for t in tasks:  # binomial
-        r[f'{t}/acc_norm_se'] = math.sqrt(r[f'{t}/acc_norm'] * (1 - r[f'{t}/acc_norm']) / r[f'{t}/documents'])
-    return r
-table = {'teacher': row(teacher), 'pruned': row(models['pruned'])}
-for method in args.methods:
-    rows = [row(models[runs[method, s]]) for s in seeds]
-    table[method] = {c: statistics.mean(r[c] for r in rows) for c in rows[0] if isinstance(rows[0][c], (int, float))}
-    if len(seeds) > 1:
-        table[method].update({f'{c}_seeds_se': statistics.stdev(r[c] for r in rows) / math.sqrt(len(rows)) for c in columns if c != 'retained'})
-    table[method]['seeds'] = [r['val_loss'] for r in rows]
-mean_teacher = table['teacher'].get('mean_acc_norm')
-for r in table.values():
-    if mean_teacher:
-        r['retained'] = r['mean_acc_norm'] / mean_teacher
-heads = {'val_loss': 'val loss', 'gap_closed': 'gap closed', 'kl_to_teacher': 'KL(t||s)', 'top1_agreement': 'top-1 agr',
-         'mean_acc_norm': 'mean acc_norm', 'retained': 'of teacher'}
-cell = lambda c, r: f'{r[c]:.1%}' if c in ('gap_closed', 'retained') else f'{r[c]:.4f}' + (
-    f' ±{r[c + "_seeds_se"]:.4f}' if c + '_seeds_se' in r else f' ±{r[c + "_se"]:.3f}' if c + '_se' in r else '')
-print(f'\n{len(seeds)} seed(s) per method' + ('; ± the standard error over seeds' if len(seeds) > 1 else
-                                                '; ± binomial standard error' if tasks else ''))
-print(f'{"model":10s}' + ''.join(f'{heads.get(c, c.split("/")[0]):>18s}' for c in columns))
-for label, r in table.items():
-    print(f'{label:10s}' + ''.join(f'{cell(c, r):>18s}' for c in columns))
-json.dump({'steps': steps, 'seeds': seeds, 'eval_settings': settings, 'table': table, 'train_seconds': seconds,
-           'seconds': time.time() - t_start}, open(os.path.join(out, 'results.json'), 'w'), indent=2)
-try:  # the loss curves (matplotlib is a dev-only extra)
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    # the untrained pruned student: iteration 0, exported as is
+    if not os.path.exists(os.path.join(out, 'pruned', 'student', 'config.json')):
+        run('distill.py', config, '--max_iters=0', '--distill=none', f'--out_dir={args.out}/pruned', '--checkpoint=False')
+    previous = os.path.join(out, 'results.json')  # training times of runs a rerun skips
+    seconds = json.load(open(previous)).get('train_seconds', {}) if os.path.exists(previous) else {}
+    retrained = set()
     for (method, seed), name in runs.items():
-        train, val = [r for r in log(name) if 'ce' in r], [r for r in log(name) if 'val_ce' in r]
-        label = name if seed == seeds[0] or len(seeds) == 1 else None
-        color = f'C{args.methods.index(method)}'
-        a.plot([r['iter'] for r in train], [r['ce'] for r in train], label=label, color=color, alpha=0.6)
-        b.plot([r['iter'] for r in val], [r['val_ce'] for r in val], marker='o', label=label, color=color)
-    b.axhline(l_teacher, color='k', ls='--', label=f'teacher ({val_windows or "all"} val windows of 128 tokens)')
-    top = max(r['val_ce'] for n in runs.values() for r in log(n) if 'val_ce' in r and r['iter'] > 0) + 0.5
-    a.set(title='training CE (supervised tokens)', xlabel='step', ylabel='nats/token', ylim=(l_teacher - 0.5, top + 1))
-    b.set(title=f'held-out CE (distill.py: {eval_docs} val documents)',
-          xlabel='step', ylim=(l_teacher - 0.5, top))
-    a.legend(); b.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, 'loss_curves.png'), dpi=110)
-    print(f'wrote {args.out}/loss_curves.png')
-except ImportError:
-    print('(pip install matplotlib for the loss-curve plot)')
-print(f'total {time.time() - t_start:.0f} s')
+        done = os.path.exists(os.path.join(out, name, 'student', 'config.json')) and \
+            any(r.get('iter') == steps and 'val_ce' in r for r in log(name))
+        if done:
+            print(f'{name}: already trained for {steps} steps in {args.out}/{name}')
+            continue
+        t0, resume = time.time(), os.path.isdir(os.path.join(out, name, 'ckpt')) and not args.short
+        run('distill.py', config, *methods[method], f'--max_iters={steps}', f'--seed={seed}', f'--out_dir={args.out}/{name}',
+            *(['--checkpoint=False', '--dtype=auto', f'--eval_docs={eval_docs}'] if args.short else []), *(['--init_from=resume'] if resume else []))
+        shutil.rmtree(os.path.join(out, name, 'ckpt'), ignore_errors=True)  # (done: nothing to resume; 12 B per parameter)
+        seconds[name], retrained = seconds.get(name, 0) * resume + time.time() - t0, retrained | {name}
+
+    # every model through eval.py once: rows already in eval.json (same settings, model not retrained since) are kept
+    models = {'teacher': teacher, 'pruned': f'{args.out}/pruned', **{n: f'{args.out}/{n}' for n in runs.values()}}
+    settings = {'tasks': ','.join(tasks), 'limit': args.limit, 'val_windows': val_windows, 'block_size': 128}
+    eval_file = os.path.join(out, 'eval.json')
+    results = json.load(open(eval_file)) if os.path.exists(eval_file) else {}
+    results = {k: v for k, v in results.get('results', {}).items() if k in models.values()} \
+        if results.get('settings') == settings else {}
+    results = {k: v for k, v in results.items() if k not in {models[n] for n in retrained}}
+    missing = [spec for spec in models.values() if spec not in results]
+    if missing:
+        run('eval.py', *missing, f'--teacher={teacher}', '--data=data/demo', f'--tasks={settings["tasks"]}', '--batch_size=16',
+            f'--output={args.out}/eval-new.json', '--block_size=128', *(f'--{k}={settings[k]}' for k in ('limit', 'val_windows') if settings[k]))
+        results.update(json.load(open(os.path.join(out, 'eval-new.json')))['results'])
+        json.dump({'settings': settings, 'results': results}, open(eval_file + '.tmp', 'w'), indent=2)
+        os.replace(eval_file + '.tmp', eval_file)
+        os.remove(os.path.join(out, 'eval-new.json'))
+
+    # the table
+    table = summarize(results, teacher, models['pruned'], {m: [models[runs[m, s]] for s in seeds] for m in args.methods}, tasks)
+    columns = ['val_loss', 'gap_closed', 'kl_to_teacher', 'top1_agreement'] + [f'{t}/acc_norm' for t in tasks] + \
+        (['mean_acc_norm', 'retained'] if len(tasks) > 1 else [])
+    heads = {'val_loss': 'val loss', 'gap_closed': 'gap closed', 'kl_to_teacher': 'KL(t||s)', 'top1_agreement': 'top-1 agr',
+             'mean_acc_norm': 'mean acc_norm', 'retained': 'of teacher'}
+    cell = lambda c, r: f'{r[c]:.1%}' if c in ('gap_closed', 'retained') else f'{r[c]:.4f}' + (f' ±{r[c + "_se"]:.4f}' if c + '_se' in r else '')
+    print(f'\n{len(seeds)} seed(s) per method' + ('; ± the standard error of the mean over seeds (losses, KL, agreement)' if len(seeds) > 1
+          else '') + ('; ± binomial standard error (accuracies)' if tasks else ''))
+    print(f'{"model":10s}' + ''.join(f'{heads.get(c, c.split("/")[0]):>18s}' for c in columns))
+    for label, r in table.items():
+        print(f'{label:10s}' + ''.join(f'{cell(c, r):>18s}' for c in columns))
+    for method in args.methods[1:]:  # against the first (SFT): a difference is resolved when it exceeds twice its standard error
+        for c in [c for c in ('val_loss', 'mean_acc_norm' if len(tasks) > 1 else f'{tasks[0]}/acc_norm' if tasks else None) if c]:
+            a, b = table[method], table[args.methods[0]]
+            if c + '_se' in a:
+                d, se = a[c] - b[c], math.hypot(a[c + '_se'], b[c + '_se'])
+                print(f'{method} - {args.methods[0]}: {c} {d:+.4f} (2 SE {2 * se:.4f}: ' + ('resolved)' if abs(d) > 2 * se else 'within the noise)'))
+    json.dump({'steps': steps, 'seeds': seeds, 'eval_settings': settings, 'table': table, 'train_seconds': seconds,
+               'seconds': time.time() - t_start}, open(os.path.join(out, 'results.json'), 'w'), indent=2)
+    try:  # the loss curves (matplotlib is a dev-only extra)
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        for (method, seed), name in runs.items():
+            train, val = [r for r in log(name) if 'ce' in r], [r for r in log(name) if 'val_ce' in r]
+            label = name if seed == seeds[0] or len(seeds) == 1 else None
+            color = f'C{args.methods.index(method)}'
+            a.plot([r['iter'] for r in train], [r['ce'] for r in train], label=label, color=color, alpha=0.6)
+            b.plot([r['iter'] for r in val], [r['val_ce'] for r in val], marker='o', label=label, color=color)
+        l_teacher = table['teacher']['val_loss']
+        b.axhline(l_teacher, color='k', ls='--', label=f'teacher ({val_windows or "all"} val windows of 128 tokens)')
+        top = l_teacher + 5  # (the pruned start, off the scale, is in the table)
+        a.set(title='training CE (supervised tokens)', xlabel='step', ylabel='nats/token', ylim=(l_teacher - 0.5, top + 1))
+        b.set(title=f'held-out CE (distill.py: {eval_docs} val documents)',
+              xlabel='step', ylim=(l_teacher - 0.5, top))
+        a.legend(); b.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, 'loss_curves.png'), dpi=110)
+        print(f'wrote {args.out}/loss_curves.png')
+    except ImportError:
+        print('(pip install matplotlib for the loss-curve plot)')
+    print(f'total {time.time() - t_start:.0f} s')
+
+if __name__ == '__main__':
+    main()
