@@ -73,7 +73,7 @@ hidden_weight = None  # ... (e.g. ce_weight=0.5, kd_weight=0.5, hidden_weight=1.
 kd_kind = 'fkl'  # divergence: 'fkl', 'rkl', 'jsd', 'skl', 'srkl' or 'tvd'
 temperature = 2.0  # softmax temperature of both distributions in the divergence
 beta = 0.5  # JSD mixture weight of the teacher; skew weight for 'skl' / 'srkl' (DistiLLM: 0.1)
-layer_map = 'uniform'  # 'uniform', 'last' or [(student, teacher), ...]; index 0 = embedding output, l = block l
+layer_map = 'uniform'  # 'uniform', 'last', 'kept' or [(student, teacher), ...]; index 0 = embedding output, l = block l
 hidden_loss = 'mse'  # 'mse' (squared error / d_teacher) or 'cosine' (1 - cos)
 hidden_rms_norm = False  # RMS-normalise both sides first: a guard against the teacher's massive activations
 proj_init = 'xavier'  # projection init: 'xavier' or 'identity' (rectangular identity)
@@ -257,10 +257,16 @@ def hidden_distance(student_h, teacher_h, kind='mse', rms_norm=False):
         return 1 - F.cosine_similarity(hs, ht, dim=-1, eps=1e-8)
     raise ValueError(f"hidden_loss must be 'mse' or 'cosine', got '{kind}'")
 
-def make_layer_pairs(spec, student_layers_n, teacher_layers_n):
+def make_layer_pairs(spec, student_layers_n, teacher_layers_n, kept=None):
     """(student, teacher) hidden-state indices; 0 is the embedding output, l the output of block l (HF's
     hidden_states[l]). 'uniform': student l <-> teacher round(l * L_t / L_s) (halves up) for l = 1..L_s;
-    'last': the final ones only."""
+    'last': the final ones only; 'kept' (a student of the teacher's blocks `kept`): student l <-> the teacher's
+    input to the next block kept, kept[l] (the last <-> the teacher's last), so that every copied block is fed
+    what it was fed in the teacher."""
+    if spec == 'kept':
+        if kept is None:
+            raise ConfigError("layer_map='kept' maps a student made of teacher blocks: set student_init='teacher_layers'")
+        return [(l, kept[l] if l < len(kept) else teacher_layers_n) for l in range(1, len(kept) + 1)]
     if spec == 'uniform':
         return [(l, int(l * teacher_layers_n / student_layers_n + 0.5)) for l in range(1, student_layers_n + 1)]
     if spec == 'last':
@@ -272,7 +278,7 @@ def make_layer_pairs(spec, student_layers_n, teacher_layers_n):
                 raise ConfigError(f'layer_map pair ({s_l}, {t_l}) is out of range: the student has hidden states '
                                   f'0..{student_layers_n}, the teacher 0..{teacher_layers_n} (0 = embedding output)')
         return [tuple(p) for p in spec]
-    raise ConfigError(f"layer_map must be 'uniform', 'last' or a list of (student, teacher) pairs, got {spec!r}")
+    raise ConfigError(f"layer_map must be 'uniform', 'last', 'kept' or a list of (student, teacher) pairs, got {spec!r}")
 
 # -----------------------------------------------------------------------------
 # data
@@ -670,8 +676,8 @@ if __name__ == '__main__':
     if chunk and device_type == 'cpu':
         keep_freed_memory()  # the chunk loop reallocates the same few (chunk, V) blocks; the plain path would fragment
     try:
-        layer_pairs = make_layer_pairs(layer_map, student_model.config.num_hidden_layers,
-                                       teacher_model.config.num_hidden_layers) if w_hidden > 0 else []
+        layer_pairs = make_layer_pairs(layer_map, student_model.config.num_hidden_layers, teacher_model.config.num_hidden_layers,
+                                       layers if student_init == 'teacher_layers' else None) if w_hidden > 0 else []
         model = Trainable(student_model, vocab, (w_ce, w_kd, w_hidden), kd_kind, temperature, beta, chunk, layer_pairs,
                           teacher_model.config.hidden_size if layer_pairs else 0, hidden_loss, hidden_rms_norm, proj_init, compile)
     except ConfigError as e:

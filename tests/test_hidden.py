@@ -15,12 +15,17 @@ def test_layer_maps():
     assert make_layer_pairs('uniform', 2, 3) == [(1, 2), (2, 3)]  # 1.5 rounds up
     assert make_layer_pairs('last', 4, 30) == [(4, 30)]
     assert make_layer_pairs([(0, 0), [2, 5]], 2, 5) == [(0, 0), (2, 5)]
+    # a student of teacher blocks 0, 1, 4, 5 (of 6): each output <-> the teacher's input to the next block kept
+    assert make_layer_pairs('kept', 4, 6, [0, 1, 4, 5]) == [(1, 1), (2, 4), (3, 5), (4, 6)]
+    assert make_layer_pairs('kept', 10, 30, list(range(0, 30, 3))) == make_layer_pairs('uniform', 10, 30)  # evenly kept
+    with pytest.raises(ConfigError, match="layer_map='kept' .* student_init='teacher_layers'"):
+        make_layer_pairs('kept', 2, 5)
     with pytest.raises(ConfigError, match=r'layer_map pair \(3, 1\) is out of range.*0\.\.2'):
         make_layer_pairs([(3, 1)], 2, 5)
     with pytest.raises(ConfigError, match='out of range'):
         make_layer_pairs([(1, -1)], 2, 5)
     for bad in ('middle', [(1, 2, 3)], [], [('1', 2)], 7):
-        with pytest.raises(ConfigError, match="layer_map must be 'uniform', 'last' or a list"):
+        with pytest.raises(ConfigError, match="layer_map must be 'uniform', 'last', 'kept' or a list"):
             make_layer_pairs(bad, 2, 5)
 
 def distance64(hs, ht, kind, rms):
