@@ -673,8 +673,8 @@ if __name__ == '__main__':
     if chunk != loss_chunk and master_process:
         print("note: a model's logits are not its final hidden states times its head (a bias, a logit scale or "
               'multiplier, soft-capping): using the plain loss path (loss_chunk=0)')
-    if chunk and device_type == 'cpu':
-        keep_freed_memory()  # the chunk loop reallocates the same few (chunk, V) blocks; the plain path would fragment
+    # the chunk loop reallocates the same few (chunk, V) blocks: on a CPU they are kept within a step, trimmed between
+    trim = keep_freed_memory() if chunk and device_type == 'cpu' else lambda: None  # (the plain path would fragment)
     try:
         layer_pairs = make_layer_pairs(layer_map, student_model.config.num_hidden_layers, teacher_model.config.num_hidden_layers,
                                        layers if student_init == 'teacher_layers' else None) if w_hidden > 0 else []
@@ -736,6 +736,7 @@ if __name__ == '__main__':
             release_teacher()
             if k < len(docs):
                 sums = [a + v for a, v in zip(sums, (out.ce.item(), out.kd.item(), out.hidden.item(), b.M.sum().item(), len(b.align.b)))]
+            trim()
         model.train()
         if fsdp:  # (with no backward to follow, the root's forward left its parameters gathered)
             model.reshard()
@@ -846,6 +847,7 @@ if __name__ == '__main__':
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        trim()
         if device_type == 'cuda':
             torch.cuda.synchronize()
         dt = time.time() - t0

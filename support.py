@@ -198,15 +198,23 @@ def choose_dtype(dtype, device):
 
 def keep_freed_memory():
     """On a CPU, PyTorch has no caching allocator: glibc returns every freed block above 32 MB to the OS, and
-    each fresh (chunk, V) tensor of the chunked loss is paged in again (measured: ~14% of a KD step here, at
-    ~0.5 GB more peak memory when kept). Keep freed memory in the process for reuse, as CUDA's allocator does."""
+    each fresh (chunk, V) tensor of the chunked loss is paged in again (measured: ~14% of a KD step here).
+    Keep freed memory in the process for reuse within a step, as CUDA's allocator does, and return the function
+    to call between steps, which hands the free pages back (malloc_trim): batches of other lengths would otherwise
+    fragment the never-trimmed heap and grow it without bound (measured: +58 MB per step, 6.5 GB after 60 steps)."""
     try:
         import ctypes
         libc = ctypes.CDLL('libc.so.6')
         libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks come from the heap, not from fresh mmaps
-        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: and the heap is never trimmed back
+        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: and the heap is not trimmed on every free
+        def trim():  # every 10th call: each trim costs the next step its page faults again
+            trim.calls += 1
+            if trim.calls % 10 == 0:
+                libc.malloc_trim(0)
+        trim.calls = 0
+        return trim
     except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
+        return lambda: None  # not glibc: nothing to do
 
 @torch.no_grad()
 def plain_head(model, probe):

@@ -65,7 +65,7 @@ def main():
     steps, val_windows, eval_docs = (15, 40, 8) if args.short else (cfg['max_iters'], None, cfg['eval_docs'])  # (None: all)
     methods = {'sft': ['--distill=none'], 'logits': ['--distill=logits'], 'hidden': ['--distill=hidden'],
                'mix': ['--distill=logits', '--ce_weight=0.5', '--kd_weight=0.5', '--hidden_weight=0.5']}
-    runs = {(m, s): f'{m}-{s}' if len(seeds) > 1 else m for m in args.methods for s in seeds}  # -> out/<name>
+    runs = {(m, s): f'{m}-{s}' if len(seeds) > 1 else m for s in seeds for m in args.methods}  # -> out/<name>
     teacher = prepare_data.demo_tokenizer()
     out = os.path.join(ROOT, args.out)
     t_start = time.time()
