@@ -105,10 +105,10 @@ def main():
         if results.get('settings') == settings else {}
     results = {k: v for k, v in results.items() if k not in {models[n] for n in retrained}}
     missing = [spec for spec in models.values() if spec not in results]
-    if missing:
-        run('eval.py', *missing, f'--teacher={teacher}', '--data=data/demo', f'--tasks={settings["tasks"]}', '--batch_size=16',
+    for group in ([missing] if args.short else [[spec] for spec in missing]) if missing else []:  # (long: one model at a
+        run('eval.py', *group, f'--teacher={teacher}', '--data=data/demo', f'--tasks={settings["tasks"]}', '--batch_size=16',  # time,
             f'--output={args.out}/eval-new.json', '--block_size=128', *(f'--{k}={settings[k]}' for k in ('limit', 'val_windows') if settings[k]))
-        results.update(json.load(open(os.path.join(out, 'eval-new.json')))['results'])
+        results.update(json.load(open(os.path.join(out, 'eval-new.json')))['results'])  # each kept as it is done)
         json.dump({'settings': settings, 'results': results}, open(eval_file + '.tmp', 'w'), indent=2)
         os.replace(eval_file + '.tmp', eval_file)
         os.remove(os.path.join(out, 'eval-new.json'))
