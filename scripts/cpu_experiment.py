@@ -100,15 +100,15 @@ def main():
     models = {'teacher': teacher, 'pruned': f'{args.out}/pruned', **{n: f'{args.out}/{n}' for n in runs.values()}}
     settings = {'tasks': ','.join(tasks), 'limit': args.limit, 'val_windows': val_windows, 'block_size': 128}
     eval_file = os.path.join(out, 'eval.json')
-    results = json.load(open(eval_file)) if os.path.exists(eval_file) else {}
-    results = {k: v for k, v in results.get('results', {}).items() if k in models.values()} \
-        if results.get('settings') == settings else {}
-    results = {k: v for k, v in results.items() if k not in {models[n] for n in retrained}}
+    saved = json.load(open(eval_file)) if os.path.exists(eval_file) else {}
+    results = {k: v for k, v in saved.get('results', {}).items() if saved['settings'] == settings and k in models.values()
+               and k not in {models[n] for n in retrained}}
     missing = [spec for spec in models.values() if spec not in results]
-    for group in ([missing] if args.short else [[spec] for spec in missing]) if missing else []:  # (long: one model at a
-        run('eval.py', *group, f'--teacher={teacher}', '--data=data/demo', f'--tasks={settings["tasks"]}', '--batch_size=16',  # time,
+    # a long experiment scores one model per call and keeps each row as it is done; the quick start, all in one call
+    for group in [missing] if args.short and missing else [[spec] for spec in missing]:
+        run('eval.py', *group, f'--teacher={teacher}', '--data=data/demo', f'--tasks={settings["tasks"]}', '--batch_size=16',
             f'--output={args.out}/eval-new.json', '--block_size=128', *(f'--{k}={settings[k]}' for k in ('limit', 'val_windows') if settings[k]))
-        results.update(json.load(open(os.path.join(out, 'eval-new.json')))['results'])  # each kept as it is done)
+        results.update(json.load(open(os.path.join(out, 'eval-new.json')))['results'])
         json.dump({'settings': settings, 'results': results}, open(eval_file + '.tmp', 'w'), indent=2)
         os.replace(eval_file + '.tmp', eval_file)
         os.remove(os.path.join(out, 'eval-new.json'))
@@ -125,8 +125,9 @@ def main():
     print(f'{"model":10s}' + ''.join(f'{heads.get(c, c.split("/")[0]):>18s}' for c in columns))
     for label, r in table.items():
         print(f'{label:10s}' + ''.join(f'{cell(c, r):>18s}' for c in columns))
+    accuracy = 'mean_acc_norm' if len(tasks) > 1 else f'{tasks[0]}/acc_norm' if tasks else 'none'
     for method in args.methods[1:]:  # against the first (SFT): a difference is resolved when it exceeds twice its standard error
-        for c in [c for c in ('val_loss', 'mean_acc_norm' if len(tasks) > 1 else f'{tasks[0]}/acc_norm' if tasks else None) if c]:
+        for c in ('val_loss', accuracy):
             a, b = table[method], table[args.methods[0]]
             if c + '_se' in a:
                 d, se = a[c] - b[c], math.hypot(a[c + '_se'], b[c + '_se'])
