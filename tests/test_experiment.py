@@ -44,3 +44,21 @@ def test_summary_against_numpy(seeds):
         assert got['mean_acc_norm_se'] == pytest.approx(math.sqrt(sum(ses)) / len(docs), rel=1e-12)
         assert got['retained'] == pytest.approx(mean / teacher_mean, rel=1e-12)
     assert table['teacher']['gap_closed'] == 1 and table['pruned']['gap_closed'] == 0 and table['teacher']['retained'] == 1
+
+def test_overlap_finds_a_benchmark_document_in_the_data(tmp_path):
+    spec = importlib.util.spec_from_file_location('overlap', os.path.join(ROOT, 'scripts', 'overlap.py'))
+    overlap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overlap)
+    import json, prepare_data
+    question = 'Which of these would let the most heat travel through it when a pan is on the stove?'
+    task = tmp_path / 'task.jsonl'
+    task.write_text(''.join(json.dumps({'query': q, 'choices': ['a steel spoon', 'a wooden spoon'], 'gold': 0}) + '\n' for q in
+                            ('Question: ' + question + '\nAnswer:', 'Question: Why do the leaves of some trees turn red in autumn?\nAnswer:')))
+    texts = ['Shall I compare thee to a summer day? Thou art more lovely and more temperate.'] * 3
+    for name, extra in (('clean', []), ('dirty', ['Notes. ' + question + ' A steel spoon.'])):
+        data = tmp_path / f'{name}.jsonl'
+        data.write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts + extra))
+        assert prepare_data.main([str(data), '--tokenizer', 'bytes', '--val_fraction', '0', '--out_root', str(tmp_path / 'data')]) == 0
+    assert overlap.overlaps(str(tmp_path / 'data' / 'clean'), [str(task)]) == {str(task): (2, [])}
+    assert overlap.overlaps(str(tmp_path / 'data' / 'dirty'), [str(task)]) == {str(task): (2, [0])}  # 18 words shared
+    assert overlap.overlaps(str(tmp_path / 'data' / 'dirty'), [str(task)], n=19) == {str(task): (2, [])}

@@ -176,6 +176,23 @@ def test_demo_dataset(tmp_path, smol_tok):
     chats = [(ids[a:c], mask[a:c]) for a, c in zip(idx[:-1], idx[1:]) if ids[a] == 1]  # starts with <|im_start|>
     assert chats and all(m[-1] == 0 and t[-2] == 2 and m[-2] == 1 for t, m in chats)  # ... reply<|im_end|>\n
 
+def test_fortunes(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / 'fortunes'
+    folder.mkdir()
+    (folder / 'science').write_text('E = mc^2\n\t-- Einstein\n%\n' + 'x' * 30 + '\n%\nshort\n%\n')
+    (folder / 'science.dat').write_bytes(b'\0\1')  # fortune's index: not text
+    (folder / 'ascii-art').write_text('/\\_/\\\n%\n')  # pictures: left out
+    records = P.fortune_records(str(folder), chars=40)
+    assert records == [{'text': 'E = mc^2\n\t-- Einstein'}, {'text': 'x' * 30 + '\n\nshort'}]  # joined up to ~chars, then a new record
+    monkeypatch.setattr(P, 'demo_records', lambda: [{'text': 'a scene ' * 50}] * 20)
+    monkeypatch.setattr(P, 'FORTUNES', str(folder))
+    assert P.main(['--fortunes', '--tokenizer', 'bytes', '--out_root', str(tmp_path / 'data')]) == 0
+    meta = json.load(open(tmp_path / 'data' / 'demo-fortunes' / 'meta.json'))
+    assert meta['records_read'] == 20 + 1 and meta['records_used'] == 21  # the demo's records + the fortunes' (chars=2000: one)
+    monkeypatch.setattr(P, 'FORTUNES', str(tmp_path / 'none'))
+    assert P.main(['--fortunes', '--out_root', str(tmp_path / 'data2')]) == 1
+    assert "has none: apt-get install fortunes" in capsys.readouterr().err and not (tmp_path / 'data2').exists()
+
 @pytest.mark.parametrize('option,message', [
     (('--val_fraction', '1.5'), '--val_fraction must be in [0, 1), got 1.5'),
     (('--max_examples', '-3'), '--max_examples must be >= 1, got -3'),
