@@ -1,6 +1,7 @@
 """
 Does distillation beat fine-tuning here? One pruned student, one dataset, identical steps and schedule, trained
-as SFT, logit KD and hidden-state KD (and both), once per seed; then eval.py on every model; then a table and a plot.
+as SFT, logit KD and hidden-state KD (and both), once per seed, each seed's runs then scored by eval.py (with the
+teacher and the pruned start); then a table and a plot.
 
     python prepare_data.py && python scripts/cpu_experiment.py            # the full run (5,156 s measured on 2 CPU cores)
     python scripts/cpu_experiment.py --short                              # the quick start (README: its time, its table)
@@ -9,8 +10,9 @@ as SFT, logit KD and hidden-state KD (and both), once per seed; then eval.py on 
 
 Prints the comparison (held-out loss, KL to and top-1 agreement with the teacher, the tasks' acc_norm, the
 fraction of the pruned -> teacher held-out-loss gap each method closes; over several seeds the mean and its
-standard error, an accuracy with its binomial standard error) and writes it to <out>/results.json. A rerun reuses
-finished runs and evaluations and resumes a killed run from its checkpoint (deleted once the run is done).
+standard error, an accuracy with its binomial standard error), each run's steps' time and tokens, and writes them
+to <out>/results.json. A rerun reuses finished runs and evaluations and resumes a killed run from its checkpoint
+(deleted once the run is done).
 --short: 15 steps per method in the fastest dtype, held-out figures on 40 validation windows (distill.py's own on
 8 documents), no benchmark (at 15 steps every student sits at chance there), no checkpoints.
 """
@@ -81,37 +83,41 @@ def main():
     # the untrained pruned student: iteration 0, exported as is
     if not os.path.exists(os.path.join(out, 'pruned', 'student', 'config.json')):
         run('distill.py', config, '--max_iters=0', '--distill=none', f'--out_dir={args.out}/pruned', '--checkpoint=False')
-    previous = os.path.join(out, 'results.json')  # training times of runs a rerun skips
-    seconds = json.load(open(previous)).get('train_seconds', {}) if os.path.exists(previous) else {}
-    retrained = set()
-    for (method, seed), name in runs.items():
-        done = os.path.exists(os.path.join(out, name, 'student', 'config.json')) and \
-            any(r.get('iter') == steps and 'val_ce' in r for r in log(name))
-        if done:
-            print(f'{name}: already trained for {steps} steps in {args.out}/{name}')
-            continue
-        t0, resume = time.time(), os.path.isdir(os.path.join(out, name, 'ckpt')) and not args.short
-        run('distill.py', config, *methods[method], f'--max_iters={steps}', f'--seed={seed}', f'--out_dir={args.out}/{name}',
-            *(['--checkpoint=False', '--dtype=auto', f'--eval_docs={eval_docs}'] if args.short else []), *(['--init_from=resume'] if resume else []))
-        shutil.rmtree(os.path.join(out, name, 'ckpt'), ignore_errors=True)  # (done: nothing to resume; 12 B per parameter)
-        seconds[name], retrained = seconds.get(name, 0) * resume + time.time() - t0, retrained | {name}
-
-    # every model through eval.py once: rows already in eval.json (same settings, model not retrained since) are kept
     models = {'teacher': teacher, 'pruned': f'{args.out}/pruned', **{n: f'{args.out}/{n}' for n in runs.values()}}
     settings = {'tasks': ','.join(tasks), 'limit': args.limit, 'val_windows': val_windows, 'block_size': 128}
     eval_file = os.path.join(out, 'eval.json')
     saved = json.load(open(eval_file)) if os.path.exists(eval_file) else {}
-    results = {k: v for k, v in saved.get('results', {}).items() if saved['settings'] == settings and k in models.values()
-               and k not in {models[n] for n in retrained}}
-    missing = [spec for spec in models.values() if spec not in results]
-    # a long experiment scores one model per call and keeps each row as it is done; the quick start, all in one call
-    for group in [missing] if args.short and missing else [[spec] for spec in missing]:
-        run('eval.py', *group, f'--teacher={teacher}', '--data=data/demo', f'--tasks={settings["tasks"]}', '--batch_size=16',
-            f'--output={args.out}/eval-new.json', '--block_size=128', *(f'--{k}={settings[k]}' for k in ('limit', 'val_windows') if settings[k]))
-        results.update(json.load(open(os.path.join(out, 'eval-new.json')))['results'])
-        json.dump({'settings': settings, 'results': results}, open(eval_file + '.tmp', 'w'), indent=2)
-        os.replace(eval_file + '.tmp', eval_file)
-        os.remove(os.path.join(out, 'eval-new.json'))
+    results = {k: v for k, v in saved.get('results', {}).items() if saved['settings'] == settings and k in models.values()}
+
+    def train(method, seed, name):
+        done = os.path.exists(os.path.join(out, name, 'student', 'config.json')) and \
+            any(r.get('iter') == steps and 'val_ce' in r for r in log(name))
+        if done:
+            return print(f'{name}: already trained for {steps} steps in {args.out}/{name}')
+        resume = os.path.isdir(os.path.join(out, name, 'ckpt')) and not args.short
+        run('distill.py', config, *methods[method], f'--max_iters={steps}', f'--seed={seed}', f'--out_dir={args.out}/{name}',
+            *(['--checkpoint=False', '--dtype=auto', f'--eval_docs={eval_docs}'] if args.short else []), *(['--init_from=resume'] if resume else []))
+        shutil.rmtree(os.path.join(out, name, 'ckpt'), ignore_errors=True)  # (done: nothing to resume; 12 B per parameter)
+        results.pop(models[name], None)  # (its row, if any, was of an earlier model)
+
+    def evaluate(specs):
+        """eval.py on the models without a row in eval.json (same settings): a long experiment scores one model per
+        call and keeps each row as it is done; the quick start, all in one call."""
+        missing = [spec for spec in specs if spec not in results]
+        for group in [missing] if args.short and missing else [[spec] for spec in missing]:
+            run('eval.py', *group, f'--teacher={teacher}', '--data=data/demo', f'--tasks={settings["tasks"]}', '--batch_size=16',
+                f'--output={args.out}/eval-new.json', '--block_size=128', *(f'--{k}={settings[k]}' for k in ('limit', 'val_windows') if settings[k]))
+            results.update(json.load(open(os.path.join(out, 'eval-new.json')))['results'])
+            json.dump({'settings': settings, 'results': results}, open(eval_file + '.tmp', 'w'), indent=2)
+            os.replace(eval_file + '.tmp', eval_file)
+            os.remove(os.path.join(out, 'eval-new.json'))
+
+    for seed in seeds:  # a seed's runs, then their evaluation: a session cut short leaves whole seeds scored
+        for method in args.methods:
+            train(method, seed, runs[method, seed])
+        if not args.short:
+            evaluate([teacher, models['pruned']] + [models[runs[m, seed]] for m in args.methods])
+    evaluate(models.values())
 
     # the table
     table = summarize(results, teacher, models['pruned'], {m: [models[runs[m, s]] for s in seeds] for m in args.methods}, tasks)
@@ -132,7 +138,13 @@ def main():
             if c + '_se' in a:
                 d, se = a[c] - b[c], math.hypot(a[c + '_se'], b[c + '_se'])
                 print(f'{method} - {args.methods[0]}: {c} {d:+.4f} (2 SE {2 * se:.4f}: ' + ('resolved)' if abs(d) > 2 * se else 'within the noise)'))
-    json.dump({'steps': steps, 'seeds': seeds, 'eval_settings': settings, 'table': table, 'train_seconds': seconds,
+    cost = {}  # each run's steps: their time and tokens, from its log (a resumed run logged the steps after its checkpoint again)
+    for name in runs.values():
+        last = {r['iter']: r for r in log(name) if 'ms' in r}
+        cost[name] = {'logged_steps': len(last), 'seconds': round(sum(r['ms'] for r in last.values()) / 1000, 1),
+                      'tokens': round(sum(r['tokens_per_s'] * r['ms'] / 1000 for r in last.values()))}
+    print('steps (time, tokens): ' + ', '.join(f'{n} {c["seconds"]:,.0f} s {c["tokens"]:,}' for n, c in cost.items()))
+    json.dump({'steps': steps, 'seeds': seeds, 'eval_settings': settings, 'table': table, 'runs': cost,
                'seconds': time.time() - t_start}, open(os.path.join(out, 'results.json'), 'w'), indent=2)
     try:  # the loss curves (matplotlib is a dev-only extra)
         import matplotlib

@@ -62,3 +62,47 @@ def test_overlap_finds_a_benchmark_document_in_the_data(tmp_path):
     assert overlap.overlaps(str(tmp_path / 'data' / 'clean'), [str(task)]) == {str(task): (2, [])}
     assert overlap.overlaps(str(tmp_path / 'data' / 'dirty'), [str(task)]) == {str(task): (2, [0])}  # 18 words shared
     assert overlap.overlaps(str(tmp_path / 'data' / 'dirty'), [str(task)], n=19) == {str(task): (2, [])}
+
+def test_driver_trains_then_scores_seed_by_seed_and_keeps_what_is_done(tmp_path, monkeypatch, capsys):
+    """The driver's flow with distill.py and eval.py replaced by fakes that write what they would: every run once,
+    a seed's runs scored before the next seed trains, nothing redone on a rerun, a lost row re-scored alone."""
+    import json, sys
+    calls = []
+    def fake(cmd, check, cwd):
+        script, args = cmd[1], cmd[2:]
+        opt = {a.split('=')[0]: a.split('=', 1)[1] for a in args if a.startswith('--') and '=' in a}
+        if script == 'distill.py':
+            folder = tmp_path / opt['--out_dir']
+            calls.append(('train', folder.name, '--init_from=resume' in args))
+            (folder / 'student').mkdir(parents=True, exist_ok=True)
+            (folder / 'student' / 'config.json').write_text('{}')
+            steps = int(opt['--max_iters'])
+            (folder / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in [{'iter': i, 'ms': 1000.0, 'tokens_per_s': 500.0, 'ce': 3.0}
+                                                                                    for i in range(steps)] + [{'iter': steps, 'val_ce': 3.0}]))
+        else:
+            specs = [a for a in args if not a.startswith('--')]
+            calls.append(('eval', *[os.path.basename(s) for s in specs]))
+            rows = {s: {'val_loss': 4.0 + len(s) % 3, 'kl_to_teacher': 1.0, 'top1_agreement': 0.5, 'arc_easy/acc_norm': 0.5,
+                        'arc_easy/documents': 570} for s in specs}
+            (tmp_path / opt['--output']).write_text(json.dumps({'results': rows}))
+    monkeypatch.setattr(cpu_experiment.subprocess, 'run', fake)
+    argv = ['cpu_experiment.py', '--config=configs/heal.py', f'--out={tmp_path / "out"}', '--seeds=1,2', '--methods=sft,logits']
+    monkeypatch.setattr(sys, 'argv', argv)
+    cpu_experiment.main()
+    gguf = os.path.basename(cpu_experiment.prepare_data.demo_tokenizer())
+    assert calls == [('train', 'pruned', False), ('train', 'sft-1', False), ('train', 'logits-1', False),
+                     ('eval', gguf), ('eval', 'pruned'), ('eval', 'sft-1'), ('eval', 'logits-1'),
+                     ('train', 'sft-2', False), ('train', 'logits-2', False), ('eval', 'sft-2'), ('eval', 'logits-2')]
+    results = json.load(open(tmp_path / 'out' / 'results.json'))
+    assert results['runs']['sft-1'] == {'logged_steps': 300, 'seconds': 300.0, 'tokens': 150_000}
+    calls.clear()
+    cpu_experiment.main()
+    assert calls == []
+    saved = json.load(open(tmp_path / 'out' / 'eval.json'))
+    del saved['results'][f'{tmp_path / "out"}/logits-1']
+    (tmp_path / 'out' / 'eval.json').write_text(json.dumps(saved))
+    (tmp_path / 'out' / 'sft-2' / 'log.jsonl').write_text('')  # a run killed before its end, with a checkpoint
+    (tmp_path / 'out' / 'sft-2' / 'ckpt').mkdir()
+    cpu_experiment.main()
+    assert calls == [('eval', 'logits-1'), ('train', 'sft-2', True), ('eval', 'sft-2')]
+    assert not (tmp_path / 'out' / 'sft-2' / 'ckpt').exists()
