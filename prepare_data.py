@@ -638,7 +638,9 @@ def main(argv=None):
         for bad, message in ((not 0 <= args.val_fraction < 1, f'--val_fraction must be in [0, 1), got {args.val_fraction}'),
                              (args.max_examples is not None and args.max_examples < 1, f'--max_examples must be >= 1, got {args.max_examples}'),
                              (args.max_length < 0, f'--max_length must be >= 0 (0: no limit), got {args.max_length}'),
-                             (args.num_proc < 1, f'--num_proc must be >= 1, got {args.num_proc}')):
+                             (args.num_proc < 1, f'--num_proc must be >= 1, got {args.num_proc}'),
+                             ((args.demo or args.fortunes) and bool(args.inputs or args.dataset),
+                              '--demo and --fortunes prepare the packaged data: drop them, or the input files and --dataset')):
             if bad:
                 raise DataError(message)
         if os.path.exists(args.out_root) and not os.path.isdir(args.out_root):
