@@ -159,10 +159,10 @@ def main():
             b.plot([r['iter'] for r in val], [r['val_ce'] for r in val], marker='o', label=label, color=color)
         l_teacher = table['teacher']['val_loss']
         b.axhline(l_teacher, color='k', ls='--', label=f'teacher ({val_windows or "all"} val windows of 128 tokens)')
-        top = l_teacher + 5  # (the pruned start, off the scale, is in the table)
-        a.set(title='training CE (supervised tokens)', xlabel='step', ylabel='nats/token', ylim=(l_teacher - 0.5, top + 1))
-        b.set(title=f'held-out CE (distill.py: {eval_docs} val documents)',
-              xlabel='step', ylim=(l_teacher - 0.5, top))
+        val = [r['val_ce'] for name in runs.values() for r in log(name) if 'val_ce' in r] + [l_teacher]
+        low, top = min(val) - 0.3, min(max(val) + 0.3, l_teacher + 5)  # (a pruned start far above is in the table)
+        a.set(title='training CE (supervised tokens)', xlabel='step', ylabel='nats/token', ylim=(low - 0.5, top + 1))
+        b.set(title=f'held-out CE (distill.py: {eval_docs} val documents)', xlabel='step', ylim=(low, top))
         a.legend(); b.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out, 'loss_curves.png'), dpi=110)
