@@ -444,7 +444,7 @@ def demo_records():
 FORTUNES = '/usr/share/games/fortunes'  # where Debian's `fortunes` package puts its files
 
 def fortune_records(folder=None, chars=2000):
-    """Debian's fortunes (apt-get install fortunes): ~15k quotations, jokes, definitions and verses filed under 40
+    """Debian's fortunes (apt-get install fortunes): ~15k quotations, jokes, definitions and verses filed under 41
     topics (art, computers, law, literature, medicine, politics, science, ...), 2.5 MB. Consecutive fortunes of a topic
     are joined into records of about `chars` characters (~500 tokens), so that they fill training windows."""
     folder = folder or FORTUNES
@@ -619,7 +619,7 @@ def main(argv=None):
     p.add_argument('--dataset', help='a Hugging Face dataset id (needs the optional `datasets` library)')
     p.add_argument('--demo', action='store_true', help='the embedded default dataset (also when no input is given)')
     p.add_argument('--fortunes', action='store_true', help="the demo and Debian's fortunes (apt-get install fortunes): "
-                   '15k short texts on 40 topics, broader than the demo alone')
+                   '15k short texts on 41 topics, broader than the demo alone')
     p.add_argument('--tokenizer', help="hub id, folder, .gguf file, 'tiktoken:<encoding>' or 'bytes'")
     p.add_argument('--teacher_tokenizer', help='for hidden-state distillation across tokenizers: also tokenize every '
                    'document with this one and record the positions where both tokenizations end at the same byte')
