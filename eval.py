@@ -120,19 +120,20 @@ def loglikelihoods(model, tok, requests, batch_size, device, max_length, progres
 
 def accuracy(docs, lls):
     """lm-evaluation-harness's rule: acc = the gold choice has the largest summed log-likelihood, acc_norm = the
-    largest per character of the choice. lls: (log-likelihood, greedy) per request, the documents' in order."""
-    acc = acc_norm = k = 0
+    largest per character of the choice. lls: (log-likelihood, greedy) per request, the documents' in order.
+    Returns acc, acc_norm and, per document, whether acc_norm counted it ('0'/'1', for paired comparisons)."""
+    acc, norm, k = 0, [], 0
     for d in docs:
         scores = [ll for ll, _ in lls[k:k + len(d['requests'])]]
         k += len(d['requests'])
         acc += max(range(len(scores)), key=lambda j: scores[j]) == d['gold']
-        acc_norm += max(range(len(scores)), key=lambda j: scores[j] / len(d['choices'][j])) == d['gold']
-    return acc / len(docs), acc_norm / len(docs)
+        norm.append(max(range(len(scores)), key=lambda j: scores[j] / len(d['choices'][j])) == d['gold'])
+    return acc / len(docs), sum(norm) / len(docs), ''.join('01'[c] for c in norm)
 
 def multiple_choice(model, tok, docs, batch_size, device, max_length, progress=None):
     lls = loglikelihoods(model, tok, [r for d in docs for r in d['requests']], batch_size, device, max_length, progress)
-    acc, acc_norm = accuracy(docs, lls)
-    return {'acc': acc, 'acc_norm': acc_norm, 'documents': len(docs)}
+    acc, acc_norm, correct = accuracy(docs, lls)
+    return {'acc': acc, 'acc_norm': acc_norm, 'documents': len(docs), 'correct_norm': correct}
 
 # -----------------------------------------------------------------------------
 # held-out loss and agreement with a teacher, over supervised tokens (prepare_data.py's mask)
@@ -202,8 +203,7 @@ def score(spec, tok, tasks, teacher, args, progress):
     for task, docs in tasks.items():
         t1, progress.where = time.time(), f'{progress.model} {task}'
         r = multiple_choice(model, tok, docs, args.batch_size, args.device, max_length, progress)
-        row.update({f'{task}/acc': r['acc'], f'{task}/acc_norm': r['acc_norm'], f'{task}/documents': r['documents'],
-                    f'{task}/seconds': time.time() - t1})
+        row.update({f'{task}/{k}': v for k, v in r.items()}, **{f'{task}/seconds': time.time() - t1})
     row['samples'] = {q: generate(model, tok, q, args.max_new_tokens, args.device) for q in args.prompts}
     row['seconds'] = time.time() - t0
     return row

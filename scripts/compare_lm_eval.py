@@ -20,7 +20,7 @@ folder = support.model_path(args.model or prepare_data.demo_tokenizer())
 docs = ev.load_documents(ev.task_path(args.task))[:args.limit]
 requests = [r for d in docs for r in d['requests']]
 
-scores = lambda lls: ev.accuracy(docs, lls)  # eval.py's rule, applied to both harnesses' log-likelihoods
+scores = lambda lls: ev.accuracy(docs, lls)[:2]  # eval.py's rule, applied to both harnesses' log-likelihoods
 
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM

@@ -55,9 +55,9 @@ def test_acc_and_acc_norm(bytes_tok, monkeypatch):
             {'requests': [('q', ' a'), ('q', ' bbbb')], 'choices': ['a', 'bbbb'], 'gold': 0}]
     # log-likelihoods -2 ('a', 1 char) and -3 ('bbbb', 4 chars): acc picks 'a', acc_norm picks 'bbbb' (-0.75 > -2)
     monkeypatch.setattr(ev, 'loglikelihoods', lambda *a, **k: [(-2.0, False), (-3.0, False)] * 2)
-    assert ev.multiple_choice(None, bytes_tok, docs, 4, 'cpu', 512) == {'acc': 0.5, 'acc_norm': 0.5, 'documents': 2}
+    assert ev.multiple_choice(None, bytes_tok, docs, 4, 'cpu', 512) == {'acc': 0.5, 'acc_norm': 0.5, 'documents': 2, 'correct_norm': '10'}
     docs[1]['gold'] = 1
-    assert ev.multiple_choice(None, bytes_tok, docs, 4, 'cpu', 512) == {'acc': 0.0, 'acc_norm': 1.0, 'documents': 2}
+    assert ev.multiple_choice(None, bytes_tok, docs, 4, 'cpu', 512) == {'acc': 0.0, 'acc_norm': 1.0, 'documents': 2, 'correct_norm': '11'}
 
 def test_request_file_and_plain_jsonl(tmp_path):
     lines = [{'request_type': 'loglikelihood', 'doc_id': d, 'label': 1, 'doc': {'query': 'Q', 'choices': ['x', 'y'], 'gold': 1},
