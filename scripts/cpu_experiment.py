@@ -10,7 +10,8 @@ teacher and the pruned start); then a table and a plot.
 
 Prints the comparison (held-out loss, KL to and top-1 agreement with the teacher, the tasks' acc_norm, the
 fraction of the pruned -> teacher held-out-loss gap each method closes; over several seeds the mean and its
-standard error, an accuracy with its binomial standard error), each run's steps' time and tokens, and writes them
+standard error, an accuracy with its binomial standard error; each method's mean accuracy against SFT's also paired
+over the same documents), each run's steps' time and tokens, and writes them
 to <out>/results.json. A rerun reuses finished runs and evaluations and resumes a killed run from its checkpoint
 (deleted once the run is done).
 --short: 15 steps per method in the fastest dtype, held-out figures on 40 validation windows (distill.py's own on
@@ -47,6 +48,20 @@ def summarize(results, teacher, pruned, groups, tasks):
         if len(tasks) > 1:
             r['retained'] = r['mean_acc_norm'] / table['teacher']['mean_acc_norm']
     return table
+
+def paired(results, a, b, tasks):
+    """The mean-over-tasks acc_norm difference of runs a and b (lists of eval.py rows' specs, one per seed) scored
+    on the same documents, and its paired standard error: per task, d_i = (a's mean over seeds) - (b's) on document
+    i, se = std(d) / sqrt(n); over tasks, sqrt(sum se^2) / tasks. None when a row lacks the per-document outcomes."""
+    if not tasks or any(f'{t}/correct_norm' not in results[s] for s in a + b for t in tasks):
+        return None
+    d, var = 0.0, 0.0
+    for t in tasks:
+        mean = lambda specs: [statistics.mean(int(results[s][f'{t}/correct_norm'][i]) for s in specs)
+                              for i in range(len(results[specs[0]][f'{t}/correct_norm']))]
+        diff = [x - y for x, y in zip(mean(a), mean(b))]
+        d, var = d + statistics.mean(diff), var + statistics.variance(diff) / len(diff)
+    return d / len(tasks), math.sqrt(var) / len(tasks)
 
 def main():
     p = argparse.ArgumentParser(formatter_class=prepare_data.HelpFormatter)
@@ -138,6 +153,12 @@ def main():
             if c + '_se' in a:
                 d, se = a[c] - b[c], math.hypot(a[c + '_se'], b[c + '_se'])
                 print(f'{method} - {args.methods[0]}: {c} {d:+.4f} (2 SE {2 * se:.4f}: ' + ('resolved)' if abs(d) > 2 * se else 'within the noise)'))
+        pair = paired(results, [models[runs[method, s]] for s in seeds], [models[runs[args.methods[0], s]] for s in seeds], tasks)
+        if pair:  # the same documents: their paired differences are far less noisy than two independent binomials
+            d, se = pair
+            table[method]['paired_vs_' + args.methods[0]] = {'mean_acc_norm': d, 'se': se}
+            print(f'{method} - {args.methods[0]}: mean acc_norm {d:+.4f}, paired over documents (2 SE {2 * se:.4f}: '
+                  + ('resolved)' if abs(d) > 2 * se else 'within the noise)'))
     cost = {}  # each run's steps: their time and tokens, from its log (a resumed run logged the steps after its checkpoint again)
     for name in runs.values():
         last = {r['iter']: r for r in log(name) if 'ms' in r}

@@ -83,7 +83,7 @@ def test_driver_trains_then_scores_seed_by_seed_and_keeps_what_is_done(tmp_path,
             specs = [a for a in args if not a.startswith('--')]
             calls.append(('eval', *[os.path.basename(s) for s in specs]))
             rows = {s: {'val_loss': 4.0 + len(s) % 3, 'kl_to_teacher': 1.0, 'top1_agreement': 0.5, 'arc_easy/acc_norm': 0.5,
-                        'arc_easy/documents': 570} for s in specs}
+                        'arc_easy/documents': 570, 'arc_easy/correct_norm': ('01' if 'logits' in s else '00') * 285} for s in specs}
             (tmp_path / opt['--output']).write_text(json.dumps({'results': rows}))
     monkeypatch.setattr(cpu_experiment.subprocess, 'run', fake)
     argv = ['cpu_experiment.py', '--config=configs/heal.py', f'--out={tmp_path / "out"}', '--seeds=1,2', '--methods=sft,logits']
@@ -95,6 +95,7 @@ def test_driver_trains_then_scores_seed_by_seed_and_keeps_what_is_done(tmp_path,
                      ('train', 'sft-2', False), ('train', 'logits-2', False), ('eval', 'sft-2'), ('eval', 'logits-2')]
     results = json.load(open(tmp_path / 'out' / 'results.json'))
     assert results['runs']['sft-1'] == {'logged_steps': 300, 'seconds': 300.0, 'tokens': 150_000}
+    assert results['table']['logits']['paired_vs_sft']['mean_acc_norm'] == 0.5 and 'arc_easy/correct_norm' not in results['table']['sft']
     calls.clear()
     cpu_experiment.main()
     assert calls == []
@@ -106,3 +107,15 @@ def test_driver_trains_then_scores_seed_by_seed_and_keeps_what_is_done(tmp_path,
     cpu_experiment.main()
     assert calls == [('eval', 'logits-1'), ('train', 'sft-2', True), ('eval', 'sft-2')]
     assert not (tmp_path / 'out' / 'sft-2' / 'ckpt').exists()
+
+def test_paired_difference_against_numpy():
+    rng = np.random.default_rng(0)
+    docs = {'arc_easy': 57, 'boolq': 100}
+    outcomes = {m: {t: rng.integers(0, 2, n) for t, n in docs.items()} for m in ('a1', 'a2', 'b1', 'b2')}
+    results = {m: {f'{t}/correct_norm': ''.join(map(str, o)) for t, o in per.items()} for m, per in outcomes.items()}
+    d, se = cpu_experiment.paired(results, ['a1', 'a2'], ['b1', 'b2'], list(docs))
+    diffs = [(outcomes['a1'][t] + outcomes['a2'][t]) / 2 - (outcomes['b1'][t] + outcomes['b2'][t]) / 2 for t in docs]
+    assert d == pytest.approx(np.mean([x.mean() for x in diffs]))
+    assert se == pytest.approx(np.sqrt(sum(x.var(ddof=1) / len(x) for x in diffs)) / 2)
+    del results['b2']['boolq/correct_norm']
+    assert cpu_experiment.paired(results, ['a1', 'a2'], ['b1', 'b2'], list(docs)) is None  # (a row scored before they were kept)
