@@ -82,9 +82,10 @@ def main():
     steps, val_windows, eval_docs = (15, 40, 8) if args.short else (cfg['max_iters'], None, cfg['eval_docs'])  # (None: all)
     methods = {'sft': ['--distill=none'], 'logits': ['--distill=logits'], 'hidden': ['--distill=hidden'],
                'mix': ['--distill=logits', '--ce_weight=0.5', '--kd_weight=0.5', '--hidden_weight=0.5']}
-    runs = {(m, s): f'{m}-{s}' if len(seeds) > 1 else m for s in seeds for m in args.methods}  # -> out/<name>
-    teacher = prepare_data.demo_tokenizer()
     out = os.path.join(ROOT, args.out)
+    runs = {(m, s): f'{m}-{s}' if len(seeds) > 1 or os.path.isdir(os.path.join(out, f'{m}-{s}')) else m
+            for s in seeds for m in args.methods}  # -> out/<name> (one seed: <method>, unless a many-seed run left <method>-<seed>)
+    teacher = prepare_data.demo_tokenizer()
     t_start = time.time()
 
     def run(*cmd):

@@ -99,6 +99,10 @@ def test_driver_trains_then_scores_seed_by_seed_and_keeps_what_is_done(tmp_path,
     calls.clear()
     cpu_experiment.main()
     assert calls == []
+    monkeypatch.setattr(sys, 'argv', argv[:-2] + ['--seeds=2', '--methods=sft,logits'])
+    cpu_experiment.main()  # one of the seeds: its runs are found under their seed's names
+    assert calls == [] and json.load(open(tmp_path / 'out' / 'results.json'))['table']['sft']['seeds'] == [4.0 + len(f'{tmp_path}/out/sft-2') % 3]
+    monkeypatch.setattr(sys, 'argv', argv)
     saved = json.load(open(tmp_path / 'out' / 'eval.json'))
     del saved['results'][f'{tmp_path / "out"}/logits-1']
     (tmp_path / 'out' / 'eval.json').write_text(json.dumps(saved))
