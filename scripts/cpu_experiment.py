@@ -11,7 +11,7 @@ teacher and the pruned start); then a table and a plot.
 Prints the comparison (held-out loss, KL to and top-1 agreement with the teacher, the tasks' acc_norm, the
 fraction of the pruned -> teacher held-out-loss gap each method closes; over several seeds the mean and its
 standard error, an accuracy with its binomial standard error; each method's mean accuracy against SFT's also paired
-over the same documents), each run's steps' time and tokens, and writes them
+over the same documents), each run's steps' time and input positions, and writes them
 to <out>/results.json. A rerun reuses finished runs and evaluations and resumes a killed run from its checkpoint
 (deleted once the run is done).
 --short: 15 steps per method in the fastest dtype, held-out figures on 40 validation windows (distill.py's own on
@@ -160,12 +160,12 @@ def main():
             table[method]['paired_vs_' + args.methods[0]] = {'mean_acc_norm': d, 'se': se}
             print(f'{method} - {args.methods[0]}: mean acc_norm {d:+.4f}, paired over documents (2 SE {2 * se:.4f}: '
                   + ('resolved)' if abs(d) > 2 * se else 'within the noise)'))
-    cost = {}  # each run's steps: their time and tokens, from its log (a resumed run logged the steps after its checkpoint again)
+    cost = {}  # each run's steps: their time and input positions (padding included), from its log (a resumed run logged the steps after its checkpoint again)
     for name in runs.values():
         last = {r['iter']: r for r in log(name) if 'ms' in r}
         cost[name] = {'logged_steps': len(last), 'seconds': round(sum(r['ms'] for r in last.values()) / 1000, 1),
-                      'tokens': round(sum(r['tokens_per_s'] * r['ms'] / 1000 for r in last.values()))}
-    print('steps (time, tokens): ' + ', '.join(f'{n} {c["seconds"]:,.0f} s {c["tokens"]:,}' for n, c in cost.items()))
+                      'positions': round(sum(r['tokens_per_s'] * r['ms'] / 1000 for r in last.values()))}
+    print('steps (time, input positions): ' + ', '.join(f'{n} {c["seconds"]:,.0f} s {c["positions"]:,}' for n, c in cost.items()))
     json.dump({'steps': steps, 'seeds': seeds, 'eval_settings': settings, 'table': table, 'runs': cost,
                'seconds': time.time() - t_start}, open(os.path.join(out, 'results.json'), 'w'), indent=2)
     try:  # the loss curves (matplotlib is a dev-only extra)

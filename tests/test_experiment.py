@@ -94,7 +94,7 @@ def test_driver_trains_then_scores_seed_by_seed_and_keeps_what_is_done(tmp_path,
                      ('eval', gguf), ('eval', 'pruned'), ('eval', 'sft-1'), ('eval', 'logits-1'),
                      ('train', 'sft-2', False), ('train', 'logits-2', False), ('eval', 'sft-2'), ('eval', 'logits-2')]
     results = json.load(open(tmp_path / 'out' / 'results.json'))
-    assert results['runs']['sft-1'] == {'logged_steps': 300, 'seconds': 300.0, 'tokens': 150_000}
+    assert results['runs']['sft-1'] == {'logged_steps': 300, 'seconds': 300.0, 'positions': 150_000}
     assert results['table']['logits']['paired_vs_sft']['mean_acc_norm'] == 0.5 and 'arc_easy/correct_norm' not in results['table']['sft']
     calls.clear()
     cpu_experiment.main()
