@@ -203,7 +203,8 @@ def score(spec, tok, tasks, teacher, args, progress):
     for task, docs in tasks.items():
         t1, progress.where = time.time(), f'{progress.model} {task}'
         r = multiple_choice(model, tok, docs, args.batch_size, args.device, max_length, progress)
-        row.update({f'{task}/{k}': v for k, v in r.items()}, **{f'{task}/seconds': time.time() - t1})
+        row.update({f'{task}/{k}': v for k, v in r.items()})
+        row[f'{task}/seconds'] = time.time() - t1
     row['samples'] = {q: generate(model, tok, q, args.max_new_tokens, args.device) for q in args.prompts}
     row['seconds'] = time.time() - t0
     return row

@@ -57,9 +57,8 @@ def paired(results, a, b, tasks):
         return None
     d, var = 0.0, 0.0
     for t in tasks:
-        mean = lambda specs: [statistics.mean(int(results[s][f'{t}/correct_norm'][i]) for s in specs)
-                              for i in range(len(results[specs[0]][f'{t}/correct_norm']))]
-        diff = [x - y for x, y in zip(mean(a), mean(b))]
+        per_doc = lambda specs: [statistics.mean(map(int, o)) for o in zip(*(results[s][f'{t}/correct_norm'] for s in specs))]
+        diff = [x - y for x, y in zip(per_doc(a), per_doc(b))]  # (per document: the mean over seeds)
         d, var = d + statistics.mean(diff), var + statistics.variance(diff) / len(diff)
     return d / len(tasks), math.sqrt(var) / len(tasks)
 
@@ -160,9 +159,10 @@ def main():
             table[method]['paired_vs_' + args.methods[0]] = {'mean_acc_norm': d, 'se': se}
             print(f'{method} - {args.methods[0]}: mean acc_norm {d:+.4f}, paired over documents (2 SE {2 * se:.4f}: '
                   + ('resolved)' if abs(d) > 2 * se else 'within the noise)'))
-    cost = {}  # each run's steps: their time and input positions (padding included), from its log (a resumed run logged the steps after its checkpoint again)
+    logs = {name: log(name) for name in runs.values()}
+    cost = {}  # each run's steps: their time and input positions (padding included), from its log
     for name in runs.values():
-        last = {r['iter']: r for r in log(name) if 'ms' in r}
+        last = {r['iter']: r for r in logs[name] if 'ms' in r}  # (a resumed run logged the steps after its checkpoint again)
         cost[name] = {'logged_steps': len(last), 'seconds': round(sum(r['ms'] for r in last.values()) / 1000, 1),
                       'positions': round(sum(r['tokens_per_s'] * r['ms'] / 1000 for r in last.values()))}
     print('steps (time, input positions): ' + ', '.join(f'{n} {c["seconds"]:,.0f} s {c["positions"]:,}' for n, c in cost.items()))
@@ -174,14 +174,14 @@ def main():
         import matplotlib.pyplot as plt
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
         for (method, seed), name in runs.items():
-            train, val = [r for r in log(name) if 'ce' in r], [r for r in log(name) if 'val_ce' in r]
+            train, val = [r for r in logs[name] if 'ce' in r], [r for r in logs[name] if 'val_ce' in r]
             label = name if seed == seeds[0] or len(seeds) == 1 else None
             color = f'C{args.methods.index(method)}'
             a.plot([r['iter'] for r in train], [r['ce'] for r in train], label=label, color=color, alpha=0.6)
             b.plot([r['iter'] for r in val], [r['val_ce'] for r in val], marker='o', label=label, color=color)
         l_teacher = table['teacher']['val_loss']
         b.axhline(l_teacher, color='k', ls='--', label=f'teacher ({val_windows or "all"} val windows of 128 tokens)')
-        val = [r['val_ce'] for name in runs.values() for r in log(name) if 'val_ce' in r] + [l_teacher]
+        val = [r['val_ce'] for rows in logs.values() for r in rows if 'val_ce' in r] + [l_teacher]
         low, top = min(val) - 0.3, min(max(val) + 0.3, l_teacher + 5)  # (a pruned start far above is in the table)
         a.set(title='training CE (supervised tokens)', xlabel='step', ylabel='nats/token', ylim=(low - 0.5, top + 1))
         b.set(title=f'held-out CE (distill.py: {eval_docs} val documents)', xlabel='step', ylim=(low, top))
