@@ -36,11 +36,12 @@ def summarize(results, teacher, pruned, groups, tasks):
             r.update({f'{c}_se': statistics.stdev(x[c] for x in rows) / math.sqrt(len(rows)) for c in
                       ('val_loss', 'kl_to_teacher', 'top1_agreement')})
         for t in tasks:
-            p, n = r[f'{t}/acc_norm'], r[f'{t}/documents']
-            r[f'{t}/acc_norm_se'] = math.sqrt(p * (1 - p) / n)
-        if len(tasks) > 1:
-            r['mean_acc_norm'] = statistics.mean(r[f'{t}/acc_norm'] for t in tasks)
-            r['mean_acc_norm_se'] = math.sqrt(sum(r[f'{t}/acc_norm_se'] ** 2 for t in tasks)) / len(tasks)
+            for a in ('acc', 'acc_norm'):
+                p, n = r[f'{t}/{a}'], r[f'{t}/documents']
+                r[f'{t}/{a}_se'] = math.sqrt(p * (1 - p) / n)
+        for a in ('acc', 'acc_norm') if len(tasks) > 1 else ():
+            r[f'mean_{a}'] = statistics.mean(r[f'{t}/{a}'] for t in tasks)
+            r[f'mean_{a}_se'] = math.sqrt(sum(r[f'{t}/{a}_se'] ** 2 for t in tasks)) / len(tasks)
         r['seeds'] = [x['val_loss'] for x in rows]
         return r
     table = {'teacher': mean_row([teacher]), 'pruned': mean_row([pruned]), **{m: mean_row(g) for m, g in groups.items()}}
@@ -173,18 +174,22 @@ def main():
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        val = {name: {r['iter']: r['val_ce'] for r in logs[name] if 'val_ce' in r} for name in runs.values()}
+        base = args.methods[0]
         for (method, seed), name in runs.items():
-            train, val = [r for r in logs[name] if 'ce' in r], [r for r in logs[name] if 'val_ce' in r]
-            label = name if seed == seeds[0] or len(seeds) == 1 else None
-            color = f'C{args.methods.index(method)}'
-            a.plot([r['iter'] for r in train], [r['ce'] for r in train], label=label, color=color, alpha=0.6)
-            b.plot([r['iter'] for r in val], [r['val_ce'] for r in val], marker='o', label=label, color=color)
+            label = method if seed == seeds[0] else None
+            color, its = f'C{args.methods.index(method)}', sorted(val[name])
+            a.plot(its, [val[name][i] for i in its], marker='o', label=label, color=color, alpha=0.8)
+            if method != base:  # against the first method (SFT) of the same seed: the same documents, the same data order
+                ref = val[runs[base, seed]]
+                b.plot([i for i in its if i in ref], [val[name][i] - ref[i] for i in its if i in ref], marker='o', label=label, color=color, alpha=0.8)
         l_teacher = table['teacher']['val_loss']
-        b.axhline(l_teacher, color='k', ls='--', label=f'teacher ({val_windows or "all"} val windows of 128 tokens)')
-        val = [r['val_ce'] for rows in logs.values() for r in rows if 'val_ce' in r] + [l_teacher]
-        low, top = min(val) - 0.3, min(max(val) + 0.3, l_teacher + 5)  # (a pruned start far above is in the table)
-        a.set(title='training CE (supervised tokens)', xlabel='step', ylabel='nats/token', ylim=(low - 0.5, top + 1))
-        b.set(title=f'held-out CE (distill.py: {eval_docs} val documents)', xlabel='step', ylim=(low, top))
+        a.axhline(l_teacher, color='k', ls='--', label=f'teacher (eval.py: {val_windows or "all"} val windows of 128 tokens)')
+        b.axhline(0, color='C0', ls='--', label=base)
+        flat = [v for rows in val.values() for v in rows.values()] + [l_teacher]
+        low, top = min(flat) - 0.3, min(max(flat) + 0.3, l_teacher + 5)  # (a pruned start far above is in the table)
+        a.set(title=f'held-out CE (distill.py: {eval_docs} val documents)', xlabel='step', ylabel='nats/token', ylim=(low, top))
+        b.set(title=f'held-out CE minus {base}\'s, same seed (one line per seed)', xlabel='step', ylabel='nats/token')
         a.legend(); b.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out, 'loss_curves.png'), dpi=110)
