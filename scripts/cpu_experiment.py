@@ -11,8 +11,9 @@ teacher and the pruned start); then a table and a plot.
 Prints the comparison (held-out loss, KL to and top-1 agreement with the teacher, the tasks' acc_norm, the
 fraction of the pruned -> teacher held-out-loss gap each method closes; over several seeds the mean and its
 standard error, an accuracy with its binomial standard error; each method's mean accuracy against SFT's also paired
-over the same documents), each run's steps' time and input positions, and writes them
-to <out>/results.json. A rerun reuses finished runs and evaluations and resumes a killed run from its checkpoint
+over the same documents) and each run's steps' time and input positions; writes them, acc beside acc_norm, to
+<out>/results.json, and the held-out curves (each method's, and minus SFT's) to <out>/loss_curves.png. A rerun
+reuses finished runs and evaluations and resumes a killed run from its checkpoint
 (deleted once the run is done).
 --short: 15 steps per method in the fastest dtype, held-out figures on 40 validation windows (distill.py's own on
 8 documents), no benchmark (at 15 steps every student sits at chance there), no checkpoints.
