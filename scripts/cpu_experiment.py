@@ -149,18 +149,18 @@ def main():
     for label, r in table.items():
         print(f'{label:10s}' + ''.join(f'{cell(c, r):>18s}' for c in columns))
     accuracy = 'mean_acc_norm' if len(tasks) > 1 else f'{tasks[0]}/acc_norm' if tasks else 'none'
+    verdict = lambda d, se: f'(2 SE {2 * se:.4f}: ' + ('resolved)' if abs(d) > 2 * se else 'within the noise)')
     for method in args.methods[1:]:  # against the first (SFT): a difference is resolved when it exceeds twice its standard error
         for c in ('val_loss', accuracy):
             a, b = table[method], table[args.methods[0]]
             if c + '_se' in a:
                 d, se = a[c] - b[c], math.hypot(a[c + '_se'], b[c + '_se'])
-                print(f'{method} - {args.methods[0]}: {c} {d:+.4f} (2 SE {2 * se:.4f}: ' + ('resolved)' if abs(d) > 2 * se else 'within the noise)'))
+                print(f'{method} - {args.methods[0]}: {c} {d:+.4f} {verdict(d, se)}')
         pair = paired(results, [models[runs[method, s]] for s in seeds], [models[runs[args.methods[0], s]] for s in seeds], tasks)
         if pair:  # the same documents: their paired differences are far less noisy than two independent binomials
             d, se = pair
             table[method]['paired_vs_' + args.methods[0]] = {'mean_acc_norm': d, 'se': se}
-            print(f'{method} - {args.methods[0]}: mean acc_norm {d:+.4f}, paired over documents (2 SE {2 * se:.4f}: '
-                  + ('resolved)' if abs(d) > 2 * se else 'within the noise)'))
+            print(f'{method} - {args.methods[0]}: mean acc_norm {d:+.4f}, paired over documents {verdict(d, se)}')
     logs = {name: log(name) for name in runs.values()}
     cost = {}  # each run's steps: their time and input positions (padding included), from its log
     for name in runs.values():
@@ -183,7 +183,8 @@ def main():
             a.plot(its, [val[name][i] for i in its], marker='o', label=label, color=color, alpha=0.8)
             if method != base:  # against the first method (SFT) of the same seed: the same documents, the same data order
                 ref = val[runs[base, seed]]
-                b.plot([i for i in its if i in ref], [val[name][i] - ref[i] for i in its if i in ref], marker='o', label=label, color=color, alpha=0.8)
+                both = [i for i in its if i in ref]
+                b.plot(both, [val[name][i] - ref[i] for i in both], marker='o', label=label, color=color, alpha=0.8)
         l_teacher = table['teacher']['val_loss']
         a.axhline(l_teacher, color='k', ls='--', label=f'teacher (eval.py: {val_windows or "all"} val windows of 128 tokens)')
         b.axhline(0, color='C0', ls='--', label=base)
