@@ -4,6 +4,7 @@ Speed and memory of distillation, plain (full logits) vs chunked (loss_chunk), a
     python prepare_data.py && python bench.py            # both parts below
     python bench.py --part=loss                           # the loss alone: peak memory and time
     python bench.py --part=step                           # 4 x 512 tokens, distill.py's defaults
+    python bench.py --part=step --profile                 # and where a step's time goes, by kind of op
 
 --part=loss: forward + backward of CE + forward KL at T=2 from final hidden states, for V = 49,152 and
 151,936, hidden 576 and 1,536, 8,192 positions; each case in a fresh process, peak memory = its peak RSS
@@ -18,7 +19,7 @@ import argparse, contextlib, json, os, resource, statistics, subprocess, sys, ti
 import torch
 import distill, prepare_data
 from distill import ChunkedHeadLoss, Trainable, loss_sums
-from support import cast_parameters, flops_per_token, keep_freed_memory, load_model, measure_matmul_flops, student_from_teacher_layers
+from support import cast_parameters, cpu_name, flops_per_token, keep_freed_memory, load_model, measure_matmul_flops, student_from_teacher_layers
 
 p = argparse.ArgumentParser()
 p.add_argument('--part', default='all', choices=['all', 'loss', 'step'])
@@ -31,6 +32,7 @@ p.add_argument('--block_size', type=int, default=512)
 p.add_argument('--steps', type=int, default=5)
 p.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'], help='--part=step: autocast dtypes, one row set each')
 p.add_argument('--compile', action='store_true', help='--part=step: also the chunked path with compile=True (minutes to compile)')
+p.add_argument('--profile', action='store_true', help='--part=step: also where one more step spends its time, by kind of op')
 p.add_argument('--dataset', default='data/demo')
 p.add_argument('--case', help=argparse.SUPPRESS)  # internal: one loss case in this process
 p.add_argument('--row', help=argparse.SUPPRESS)  # internal: one step row in this process
@@ -71,10 +73,7 @@ if args.case:
     sys.exit(0)
 
 if not args.row:
-    cpu = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
-    name = next((l.split(':', 1)[1].strip() for l in cpu.splitlines() if l.startswith('model name')), 'unknown CPU')
-    units = [f for f in ('amx_bf16', 'avx512_bf16') if f in cpu.split()]
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {name}, bf16 instructions: {", ".join(units) or "none"}')
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}')
 if args.part in ('all', 'loss'):
     print(f'\nloss alone (CE + forward KL, T=2), {args.positions} positions, chunk {args.chunk}: forward + backward')
     print(f'{"V":>8s} {"hidden":>6s} {"plain s":>8s} {"plain GB":>9s} {"chunked s":>10s} {"chunked GB":>11s} {"time ratio":>11s} '
@@ -128,6 +127,26 @@ def loss_alone(model, batch, t_out, kind='fkl', beta=0.5):
         W.grad = None
     return sum(times[1:]) / args.steps
 
+OP_KINDS = (('matmul', ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm')), ('attention', ('flash_attention',)),
+            ('dtype casts', ('aten::copy_', 'aten::_to_copy')), ('optimizer', ('_fused_adamw',)))
+
+def profile_step(step, step_s):
+    """Self CPU time of one more step by kind of op (torch.profiler), beside the step's time unprofiled: the profiler
+    slows some ops down (fresh large tensors most), so its shares are a guide only where the two times agree."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        wall = time.perf_counter() - t0
+    kinds = dict.fromkeys([k for k, _ in OP_KINDS] + ['everything else (elementwise, reductions, indexing)'], 0.0)
+    for e in prof.key_averages():
+        kind = next((k for k, names in OP_KINDS if any(n in e.key for n in names)), 'everything else (elementwise, reductions, indexing)')
+        kinds[kind] += e.self_cpu_time_total / 1e6
+    total = sum(kinds.values())
+    print(f'  profiled step: {wall * 1000:.0f} ms (unprofiled {step_s * 1000:.0f} ms); self CPU time by kind of op:')
+    for k, v in kinds.items():
+        print(f'    {k:52s} {v * 1000:8.0f} ms  {v / total:6.1%}')
+
 if args.part in ('all', 'step'):
     torch.manual_seed(0)
     meta = json.load(open(os.path.join(args.dataset, 'meta.json')))
@@ -163,26 +182,30 @@ if args.part in ('all', 'step'):
     if compiled:  # as distill.py --compile=True: both transformer stacks and the loss
         student.base_model.compile()
         teacher.base_model.compile()
-    parts = dict.fromkeys(('data', 'teacher forward', 'student forward + loss', 'backward', 'optimizer'), 0.0)
-    t_compile, ratios = 0.0, []
-    for step in range(args.steps + 1 + compiled):  # step 0 warms up (and compiles, and recompiles)
-        # the machine's speed drifts: its peak right before each timed step (warm-up steps need none)
-        peak = measure_matmul_flops('cpu', dtype) if step > compiled else None
+    def step():
+        """One KD step as distill.py takes it; the times at its part boundaries."""
         t = [time.perf_counter()]
         batch = distill.make_batch(split, [(d, 0) for d in long_docs], args.block_size, meta['pad_id'], 'cpu')
-        X, M = batch.X, batch.M
         t.append(time.perf_counter())
         with ctx:
             t_out = model.teacher_forward(teacher, batch)
             t.append(time.perf_counter())
-            out = model(batch, t_out, M.sum().item())
+            out = model(batch, t_out, batch.M.sum().item())
         t.append(time.perf_counter())
         out.loss.backward()
         t.append(time.perf_counter())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t.append(time.perf_counter())
-        if step <= compiled:
+        return t, batch, t_out, out
+    parts = dict.fromkeys(('data', 'teacher forward', 'student forward + loss', 'backward', 'optimizer'), 0.0)
+    t_compile, ratios = 0.0, []
+    for i in range(args.steps + 1 + compiled):  # step 0 warms up (and compiles, and recompiles)
+        # the machine's speed drifts: its peak right before each timed step (warm-up steps need none)
+        peak = measure_matmul_flops('cpu', dtype) if i > compiled else None
+        t, batch, t_out, out = step()
+        X, M = batch.X, batch.M
+        if i <= compiled:
             t_compile += t[-1] - t[0]
             continue
         for k, a, b in zip(parts, t[:-1], t[1:]):
@@ -202,3 +225,5 @@ if args.part in ('all', 'step'):
         print(f'  of which the loss alone (its forward + backward from the final hidden states, heads included): '
               f'{loss_alone(model, batch, t_out) * 1000:.0f} ms' + (f'; with forward KL by autograd (jsd at beta 0) '
               f'instead of its closed form: {loss_alone(model, batch, t_out, "jsd", 0.0) * 1000:.0f} ms' if chunk else ''))
+    if args.profile:
+        profile_step(step, step_s)

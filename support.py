@@ -196,6 +196,13 @@ def choose_dtype(dtype, device):
     pick = 'bfloat16' if rates['bfloat16'] > 1.5 * rates['float32'] else 'float32'
     return pick, (f"bf16 matmul {rates['bfloat16'] / 1e9:.0f} vs fp32 {rates['float32'] / 1e9:.0f} GFLOP/s on this CPU"), rates[pick]
 
+def cpu_name():
+    """This CPU's model name and its bf16 instructions, for benchmark headers: figures are only comparable on one kind."""
+    info = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
+    name = next((l.split(':', 1)[1].strip() for l in info.splitlines() if l.startswith('model name')), 'unknown CPU')
+    units = [f for f in ('amx_bf16', 'avx512_bf16') if f in info.split()]
+    return f'{name}, bf16 instructions: {", ".join(units) or "none"}'
+
 def keep_freed_memory():
     """On a CPU, PyTorch has no caching allocator: glibc returns every freed block above 32 MB to the OS, and
     each fresh (chunk, V) tensor of the chunked loss is paged in again (measured: ~14% of a KD step here).

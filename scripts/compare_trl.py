@@ -5,8 +5,8 @@ models, data and batch: tokens/s and peak memory, each in its own fresh process.
     python prepare_data.py && python scripts/compare_trl.py
 
 Teacher: the packaged SmolLM2-135M-Instruct; student: its 10-layer copy (blocks 0, 3, ..., 27); 4 documents of
-the demo data at 512 tokens (distill.py's batch_size and block_size defaults), on the CPU in fp32 or, with
---dtype=bfloat16, both steps in torch.autocast bf16 (distill.py's teacher in bf16 weights, as it runs it); forward KL at
+the demo data at 512 tokens (distill.py's batch_size and block_size defaults), on the CPU in fp32 and in bf16 (both
+tools' steps in torch.autocast bf16; distill.py's teacher in bf16 weights, as it runs it), in the same run; forward KL at
 T=2 on the supervised tokens, learning rate 0 (every step sees the same weights). TRL's trainer generates its
 completions on-policy; here it is handed the documents' own tokens as completions (prompt = the first token,
 completion mask = distill's loss mask), and its compute_loss, backward and optimizer step are timed: the work
@@ -25,14 +25,15 @@ p.add_argument('--block_size', type=int, default=512)
 p.add_argument('--steps', type=int, default=4)
 p.add_argument('--chunk', type=int, default=256, help="distill.py's loss_chunk")
 p.add_argument('--dataset', default='data/demo')
-p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='both tools in this autocast dtype')
+p.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'], choices=['float32', 'bfloat16'],
+               help='both tools in each of these dtypes (bf16: autocast)')
 p.add_argument('--tool', help=argparse.SUPPRESS)  # internal: run one tool in this process
 args = p.parse_args()
 
 def rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
 
-def one_tool(tool):
+def one_tool(tool, dtype):
     """Builds the models and the batch, runs steps + 1 steps (the first warms up), prints one JSON line."""
     if tool != 'trl':
         support.keep_freed_memory()  # distill.py's CPU allocator setting (see support.keep_freed_memory)
@@ -45,11 +46,11 @@ def one_tool(tool):
     docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
     batch = distill.make_batch(split, [(d, 0) for d in docs], args.block_size, meta['pad_id'], 'cpu')
     X, Y, M = batch.X, batch.Y, batch.M
-    bf16 = args.dtype == 'bfloat16'
+    bf16 = dtype == 'bfloat16'
     if tool == 'distill':  # distill.py's defaults: alpha 0.5, forward KL at T = 2
         model = distill.Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=args.chunk)
         optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))
-        support.cast_parameters(teacher, getattr(torch, args.dtype))  # as distill.py: the frozen teacher in the compute dtype
+        support.cast_parameters(teacher, getattr(torch, dtype))  # as distill.py: the frozen teacher in the compute dtype
         ctx = torch.autocast('cpu', torch.bfloat16) if bf16 else contextlib.nullcontext()
         def step():
             with ctx:
@@ -90,20 +91,22 @@ def one_tool(tool):
                       'step_peak_gb': rss_gb() - base, 'kd': kd}))
 
 if args.tool:
-    one_tool(args.tool)
+    one_tool(*args.tool.split(','))
     sys.exit(0)
 
-res = {}
-for tool in ('distill', 'trl', 'trl+allocator'):
-    out = subprocess.run([sys.executable, __file__, f'--tool={tool}'] + sys.argv[1:], capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f'{tool} failed:\n{out.stderr[-3000:]}')
-    res[tool] = json.loads(out.stdout.strip().splitlines()[-1])
-print(f'KD step, {args.batch_size} x {args.block_size} tokens, {args.dtype}, {torch.get_num_threads()} threads')
-for tool, r in res.items():
-    print(f'{tool:14s} {r["ms"]:8.0f} ms  {r["tokens_per_s"]:7.1f} tokens/s  peak RSS {r["peak_gb"]:.2f} GB '
-          f'(+{r["step_peak_gb"]:.2f} GB in the steps)  forward KL {r["kd"]:.4f}')
-d = res['distill']
-for tool in ('trl', 'trl+allocator'):
-    t = res[tool]
-    print(f'distill / {tool}: {d["tokens_per_s"] / t["tokens_per_s"]:.2f}x the tokens/s, {d["peak_gb"] / t["peak_gb"]:.2f}x the peak memory')
+print(f'KD step, {args.batch_size} x {args.block_size} tokens, {torch.get_num_threads()} threads, {support.cpu_name()}')
+for dtype in args.dtypes:
+    res = {}
+    for tool in ('distill', 'trl', 'trl+allocator'):
+        out = subprocess.run([sys.executable, __file__, f'--tool={tool},{dtype}'] + sys.argv[1:], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f'{tool} ({dtype}) failed:\n{out.stderr[-3000:]}')
+        res[tool] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f'\n{dtype}:')
+    for tool, r in res.items():
+        print(f'{tool:14s} {r["ms"]:8.0f} ms  {r["tokens_per_s"]:7.1f} tokens/s  peak RSS {r["peak_gb"]:.2f} GB '
+              f'(+{r["step_peak_gb"]:.2f} GB in the steps)  forward KL {r["kd"]:.4f}')
+    d = res['distill']
+    for tool in ('trl', 'trl+allocator'):
+        t = res[tool]
+        print(f'distill / {tool}: {d["tokens_per_s"] / t["tokens_per_s"]:.2f}x the tokens/s, {d["peak_gb"] / t["peak_gb"]:.2f}x the peak memory')
