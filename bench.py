@@ -128,7 +128,8 @@ def loss_alone(model, batch, t_out, kind='fkl', beta=0.5):
     return sum(times[1:]) / args.steps
 
 OP_KINDS = (('matmul', ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm')), ('attention', ('flash_attention',)),
-            ('dtype casts', ('aten::copy_', 'aten::_to_copy')), ('optimizer', ('_fused_adamw',)))
+            ('copies and dtype casts', ('aten::copy_', 'aten::_to_copy')), ('optimizer', ('_fused_adamw',)))
+OTHER_OPS = 'everything else (elementwise, reductions, indexing)'
 
 def profile_step(step, step_s):
     """Self CPU time of one more step by kind of op (torch.profiler), beside the step's time unprofiled: the profiler
@@ -138,9 +139,9 @@ def profile_step(step, step_s):
         t0 = time.perf_counter()
         step()
         wall = time.perf_counter() - t0
-    kinds = dict.fromkeys([k for k, _ in OP_KINDS] + ['everything else (elementwise, reductions, indexing)'], 0.0)
+    kinds = dict.fromkeys([k for k, _ in OP_KINDS] + [OTHER_OPS], 0.0)
     for e in prof.key_averages():
-        kind = next((k for k, names in OP_KINDS if any(n in e.key for n in names)), 'everything else (elementwise, reductions, indexing)')
+        kind = next((k for k, names in OP_KINDS if any(n in e.key for n in names)), OTHER_OPS)
         kinds[kind] += e.self_cpu_time_total / 1e6
     total = sum(kinds.values())
     print(f'  profiled step: {wall * 1000:.0f} ms (unprofiled {step_s * 1000:.0f} ms); self CPU time by kind of op:')
