@@ -198,7 +198,10 @@ def choose_dtype(dtype, device):
 
 def cpu_name():
     """This CPU's model name and its bf16 instructions, for benchmark headers: figures are only comparable on one kind."""
-    info = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
+    info = ''
+    if os.path.exists('/proc/cpuinfo'):  # Linux
+        with open('/proc/cpuinfo') as f:
+            info = f.read()
     name = next((l.split(':', 1)[1].strip() for l in info.splitlines() if l.startswith('model name')), 'unknown CPU')
     units = [f for f in ('amx_bf16', 'avx512_bf16') if f in info.split()]
     return f'{name}, bf16 instructions: {", ".join(units) or "none"}'
