@@ -17,9 +17,10 @@ measured but not stepped.
 """
 import argparse, contextlib, json, os, resource, statistics, subprocess, sys, time
 import torch
-import distill, prepare_data
-from distill import ChunkedHeadLoss, Trainable, loss_sums
-from support import cast_parameters, cpu_name, flops_per_token, keep_freed_memory, load_model, measure_matmul_flops, student_from_teacher_layers
+from data import load_split, make_batch
+from distill import ChunkedHeadLoss, Trainable, configure_optimizer, loss_sums
+from machine import cpu_name, flops_per_token, keep_freed_memory, measure_matmul_flops
+from models import cast_parameters, demo_tokenizer, load_model, student_from_teacher_layers
 
 p = argparse.ArgumentParser()
 p.add_argument('--part', default='all', choices=['all', 'loss', 'step'])
@@ -113,15 +114,15 @@ def loss_alone(model, batch, t_out, kind='fkl', beta=0.5):
     with torch.no_grad():
         h = model.model.base_model(input_ids=X).last_hidden_state
     keep, W, n, times = M.bool(), model.model.get_output_embeddings().weight, M.sum().item(), []
-    coef = (model.w_ce / n, model.w_kd * model.temperature ** 2 / n)
+    coef = model.coefficients(n)[:2]  # the loss's own weights, T^2 included
     for _ in range(args.steps + 1):
         hs = h.detach().requires_grad_()
         t0 = time.perf_counter()
         if model.chunk:
-            ce, kd = ChunkedHeadLoss.apply(hs[keep], W, Y[keep], t_out.final[keep], t_out.head, coef, model.vocab, kind,
+            ce, kd = ChunkedHeadLoss.apply(hs[keep], W, Y[keep], t_out.last_hidden[keep], t_out.head, coef, model.vocab, kind,
                                            model.temperature, beta, model.chunk, model.chunk_fn)
         else:
-            ce, kd = loss_sums(model.model.lm_head(hs)[keep], Y[keep], t_out.final[keep], model.vocab, kind, model.temperature, beta)
+            ce, kd = loss_sums(model.model.lm_head(hs)[keep], Y[keep], t_out.logits[keep], model.vocab, kind, model.temperature, beta)
         (coef[0] * ce + coef[1] * kd).backward()
         times.append(time.perf_counter() - t0)
         W.grad = None
@@ -151,7 +152,7 @@ def profile_step(step, step_s):
 if args.part in ('all', 'step'):
     torch.manual_seed(0)
     meta = json.load(open(os.path.join(args.dataset, 'meta.json')))
-    split = distill.load_split(args.dataset, 'train')
+    split = load_split(args.dataset, 'train')
     idx = split['idx']
     long_docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
     rows = [('plain', 0, False), (f'chunked (loss_chunk={args.chunk})', args.chunk, False)]
@@ -172,21 +173,21 @@ if args.part in ('all', 'step'):
     dtype = getattr(torch, dtype)
     ctx = torch.autocast('cpu', dtype) if dtype != torch.float32 else contextlib.nullcontext()
     label, chunk, compiled = rows[int(row)]
-    teacher = load_model(prepare_data.demo_tokenizer()).eval().requires_grad_(False)
+    teacher = load_model(demo_tokenizer()).eval().requires_grad_(False)
     student = student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
     cast_parameters(teacher, dtype)  # frozen: in the compute dtype, as distill.py does (after the student's copy)
     model = Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=chunk, compile=compiled)  # the defaults
     flops = flops_per_token(student, args.block_size, True) + flops_per_token(teacher, args.block_size, False)
     if chunk:
         keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0 (process-wide from here on)
-    optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))  # lr 0: every row sees the same weights
+    optimizer = configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))  # lr 0: every row sees the same weights
     if compiled:  # as distill.py --compile=True: both transformer stacks and the loss
         student.base_model.compile()
         teacher.base_model.compile()
     def step():
         """One KD step as distill.py takes it; the times at its part boundaries."""
         t = [time.perf_counter()]
-        batch = distill.make_batch(split, [(d, 0) for d in long_docs], args.block_size, meta['pad_id'], 'cpu')
+        batch = make_batch(split, [(d, 0) for d in long_docs], args.block_size, meta['pad_id'], 'cpu')
         t.append(time.perf_counter())
         with ctx:
             t_out = model.teacher_forward(teacher, batch)

@@ -23,26 +23,16 @@ half of one; the next run starts over. The draws are seeded per window: any numb
 import argparse, contextlib, os, sys, time, zlib
 import numpy as np
 import torch
-import torch.nn.functional as F
-import distill, prepare_data
-from configurator import ConfigError
-from support import cast_parameters, check_vocabularies, choose_dtype, load_model, model_tokenizer
-
-def top_k(logits, k, temperatures, samples=0, generator=None):
-    """(ids (n, k + samples), their T = 1 log-probabilities, (n, len(temperatures)) log sum_tail p^(1/T)) from logits
-    (n, V) of the real vocabulary, in fp32 (fp64 stays): the k most likely tokens, then samples tokens drawn from the
-    tail (the others) with probabilities proportional to p^(1/T) at the highest T."""
-    logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
-    values, ids = logp.topk(k, dim=-1)
-    tail = logp.scatter(-1, ids, -float('inf'))
-    if samples:
-        drawn = torch.multinomial(F.softmax(tail / max(temperatures), dim=-1), samples, replacement=True, generator=generator)
-        ids, values = torch.cat([ids, drawn], -1), torch.cat([values, logp.gather(-1, drawn)], -1)
-    return ids, values, torch.stack([torch.logsumexp(tail / t, dim=-1) for t in temperatures], -1)
+import torch.distributed as dist
+from checkpoint import remove_stale, seal, swap_in
+from configurator import ConfigError, exit_on_error
+from data import cache_rows, check_dataset, data_hash, load_split, make_batch, top_k
+from machine import choose_dtype, init_distributed
+from models import cast_parameters, check_vocabularies, load_model, model_tokenizer
 
 def write_split(teacher, split, folder, name, args, rank, world, ctx, device, pad_id, vocab):
     """This rank's share of a split's rows, written into the (pre-sized) files in folder."""
-    windows, _, first, counts = distill.cache_rows(split, args.block_size)
+    windows, _, first, counts = cache_rows(split, args.block_size)
     rows = int(counts.sum())
     if not rows:
         return
@@ -55,7 +45,7 @@ def write_split(teacher, split, folder, name, args, rank, world, ctx, device, pa
     done = tokens = 0
     for a in range(0, len(share), args.batch_size):
         w = share[a:a + args.batch_size]
-        b = distill.make_batch(split, windows[w], args.block_size, pad_id, device)
+        b = make_batch(split, windows[w], args.block_size, pad_id, device)
         with torch.no_grad(), ctx:
             logits = teacher(input_ids=b.X).logits[b.M.bool()][:, :vocab]
         r0, r = int(first[w[0]]), 0
@@ -90,58 +80,46 @@ def main(argv=None):
     p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'], help="the teacher's compute dtype, chosen as distill.py does")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda, cuda:1, ...')
     args = p.parse_args(argv)
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    if ddp:
-        import torch.distributed as dist
-        dist.init_process_group(backend='nccl' if 'cuda' in args.device else 'gloo')
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if 'cuda' in args.device:
-            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(args.device)
-    else:
-        rank, world = 0, 1
+    ddp, rank, _, world, args.device = init_distributed(args.device)
     try:
         args.temperatures = [float(t) for t in args.temperatures.split(',')]
-        if args.k < 1 or args.block_size < 1 or args.batch_size < 1 or args.samples < 0 or min(args.temperatures) <= 0:
-            raise ValueError
     except ValueError:
-        return fail('--k, --block_size and --batch_size must be positive integers, --samples >= 0, --temperatures positive numbers (e.g. 1,2)')
-    try:
-        meta = prepare_data.check_dataset(args.dataset)
-    except prepare_data.DataError as e:
-        return fail(e)
-    if 'teacher_tokenizer' in meta:
-        return fail(f'{args.dataset} pairs two tokenizers: a cache serves logit distillation, which needs one shared tokenizer')
+        args.temperatures = [0.0]
+    if args.k < 1 or args.block_size < 1 or args.batch_size < 1 or args.samples < 0 or min(args.temperatures) <= 0:
+        raise ConfigError('--k, --block_size and --batch_size must be positive integers, --samples >= 0, '
+                          '--temperatures positive numbers (e.g. 1,2)')
+    meta = check_dataset(args.dataset)
     vocab = meta['vocab_size']
-    if args.k > vocab:
-        return fail(f'--k={args.k} is more than the vocabulary ({vocab} tokens)')
-    if args.k < vocab and not args.samples:
-        return fail(f'--samples=0 with --k={args.k} of {vocab} tokens leaves the tail unrepresented: pass --samples=32 (or --k={vocab})')
-    if args.k == vocab and args.samples:
-        return fail(f'--samples={args.samples} with --k={vocab}, the whole vocabulary: there is no tail to draw from; pass --samples=0')
+    for bad, message in (
+            ('teacher_tokenizer' in meta, f'{args.dataset} pairs two tokenizers: a cache serves logit distillation, '
+                                          'which needs one shared tokenizer'),
+            (args.k > vocab, f'--k={args.k} is more than the vocabulary ({vocab} tokens)'),
+            (args.k < vocab and not args.samples, f'--samples=0 with --k={args.k} of {vocab} tokens leaves the tail '
+                                                  f'unrepresented: pass --samples=32 (or --k={vocab})'),
+            (args.k == vocab and args.samples, f'--samples={args.samples} with --k={vocab}, the whole vocabulary: '
+                                               'there is no tail to draw from; pass --samples=0'),
+            (any(s not in meta['splits'] for s in args.splits.split(',')),
+             f"--splits: {args.dataset} has the splits {', '.join(meta['splits'])}")):
+        if bad:
+            raise ConfigError(message)
     args.ids_dtype = 'uint16' if vocab <= 2 ** 16 else 'int32'
     splits = args.splits.split(',')
-    if any(s not in meta['splits'] for s in splits):
-        return fail(f"--splits: {args.dataset} has the splits {', '.join(meta['splits'])}")
     folder = os.path.join(args.dataset, args.name or f'teacher_k{args.k}_b{args.block_size}')
-    try:
-        if ddp and rank:
-            dist.barrier()  # rank 0 converts a .gguf once
-        teacher = load_model(args.teacher)
-        if ddp and not rank:
-            dist.barrier()
-        check_vocabularies(meta, args.dataset, None, None, teacher, model_tokenizer(args.teacher))
-    except ConfigError as e:
-        return fail(e)
+    if ddp and rank:
+        dist.barrier()  # rank 0 converts a .gguf once
+    teacher = load_model(args.teacher)
+    if ddp and not rank:
+        dist.barrier()
+    check_vocabularies(meta, args.dataset, None, None, teacher, model_tokenizer(args.teacher))
     dtype, why, _ = choose_dtype(args.dtype, args.device)
     ptdtype = getattr(torch, dtype)
     cast_parameters(teacher.to(args.device).eval().requires_grad_(False), torch.float32 if dtype == 'float16' else ptdtype)
     ctx = torch.autocast(args.device.split(':')[0], ptdtype) if dtype != 'float32' else contextlib.nullcontext()
-    data = {s: distill.load_split(args.dataset, s) for s in splits}
+    data = {s: load_split(args.dataset, s) for s in splits}
     rows = {s: int(np.asarray(data[s]['mask']).sum()) for s in splits}  # (every supervised target lies in a window)
     tmp = None
     if rank == 0:
-        prepare_data.remove_stale(folder)
+        remove_stale(folder)
         tmp = f'{folder}.tmp{os.getpid()}'
         os.makedirs(tmp)
         for s in splits:  # sized once: every rank writes its rows in place
@@ -163,21 +141,18 @@ def main(argv=None):
         dist.barrier()
     if rank == 0:
         entry = (np.dtype(args.values).itemsize + np.dtype(args.ids_dtype).itemsize) * (args.k + args.samples) + 4 * len(args.temperatures)
-        prepare_data.seal(tmp, 'meta.json', {
+        seal(tmp, 'meta.json', {
             'teacher': args.teacher, 'teacher_vocab_fingerprint': meta['vocab_fingerprint'], 'k': args.k, 'samples': args.samples,
             'sample_temperature': max(args.temperatures), 'seed': args.seed, 'temperatures': args.temperatures,
             'block_size': args.block_size, 'dtype': dtype, 'ids_dtype': args.ids_dtype, 'values_dtype': args.values,
-            'bytes_per_row': entry, 'splits': {s: {'rows': rows[s], 'data_hash': distill.data_hash(args.dataset, s)} for s in splits},
+            'bytes_per_row': entry, 'splits': {s: {'rows': rows[s], 'data_hash': data_hash(args.dataset, s)} for s in splits},
             'command': 'python ' + ' '.join(sys.argv)})
-        prepare_data.swap_in(tmp, folder)
+        swap_in(tmp, folder)
         print(f'wrote {folder}: {sum(rows.values()):,} rows of {entry} bytes in {time.time() - t0:,.0f} s')
     if ddp:
         dist.destroy_process_group()
     return 0
 
-def fail(message):
-    print(f'error: {message}', file=sys.stderr)
-    return 2
-
 if __name__ == '__main__':
+    exit_on_error()  # a ConfigError or DataError: one line `error: ...` on stderr, exit status 2
     sys.exit(main())

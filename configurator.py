@@ -1,12 +1,33 @@
 """
-distill.py's configuration plumbing: a config file (Python, assignments only), then --key=value overrides, each
-checked against the defaults at the top of distill.py; `--help` lists them with their comments. A mistake is one
-line (ConfigError): the config file's own line, or the closest valid key.
+Settings and mistakes: distill.py's config file (Python, assignments only), then --key=value overrides, each checked
+against the defaults at the top of distill.py; `--help` lists them with their comments. A mistake in a setting or
+an input is one line (ConfigError, DataError): the config file's own line, the data file's, or the closest valid key.
 """
-import ast, builtins, difflib, os, re, traceback
+import argparse, ast, builtins, difflib, os, re, sys, traceback
 
 class ConfigError(Exception):
-    pass
+    """A setting, a model, a checkpoint or a run that cannot go on: one line says what and how to fix it."""
+
+class DataError(Exception):
+    """An input file or a prepared dataset that cannot be used: one line says where and how to fix it."""
+
+def exit_on_error(code=2):
+    """The one error path of an entry point: a ConfigError or DataError raised anywhere in the run ends it with
+    `error: ...` on stderr and exit status `code`, not a traceback; any other exception keeps its traceback. (os._exit:
+    an excepthook cannot set the exit status; what is open is flushed first. The line goes to the process's own
+    stderr: torch.distributed's hook, which calls this one, captures sys.stderr to prefix each rank's lines.)"""
+    def hook(kind, value, tb):
+        if not issubclass(kind, (ConfigError, DataError)):
+            return sys.__excepthook__(kind, value, tb)
+        sys.stdout.flush()
+        print(f'error: {value}', file=sys.__stderr__, flush=True)
+        os._exit(code)
+    sys.excepthook = hook
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The entry points' --help: the description as written, every option's default (where it has one) by its help."""
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 def default_comments(path):
     """key -> the inline comment of its default in the file at path (what --help prints)."""
@@ -26,7 +47,8 @@ def parse_config(argv, defaults, types=None):
     def setkey(key, value, where):
         if key not in defaults:
             close = difflib.get_close_matches(key, defaults, n=1)
-            raise ConfigError(f"unknown config key '{key}' ({where})" + (f"; did you mean '{close[0]}'?" if close else ''))
+            hint = f"; did you mean '{close[0]}'?" if close else ''
+            raise ConfigError(f"unknown config key '{key}' ({where}){hint}")
         old = defaults[key]
         kinds = types.get(key, type(old))  # a type, or a tuple of them
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
@@ -38,7 +60,8 @@ def parse_config(argv, defaults, types=None):
             pass  # a name or explicit pairs
         elif value is not None and (not isinstance(value, kinds) or isinstance(value, bool) != (bool in kinds)):
             example = f'like its default {old!r}' if old is not None else 'or None (its default)'
-            raise ConfigError(f"{key} must be {' or '.join(k.__name__ for k in kinds)} {example}, got {value!r} ({where})")
+            names = ' or '.join(k.__name__ for k in kinds)
+            raise ConfigError(f"{key} must be {names} {example}, got {value!r} ({where})")
         config[key] = value
 
     for arg in argv:
@@ -56,7 +79,8 @@ def parse_config(argv, defaults, types=None):
                 raise ConfigError(f"config file '{arg}' not found")
             scope = {}
             try:
-                exec(builtins.compile(open(arg).read(), arg, 'exec'), {'__file__': arg}, scope)  # (compile is a config key)
+                code = builtins.compile(open(arg).read(), arg, 'exec')  # (compile is a config key)
+                exec(code, {'__file__': arg}, scope)
             except SyntaxError as e:
                 raise ConfigError(f'{arg}:{e.lineno}: syntax error: {e.msg}')
             except Exception as e:  # a NameError, a failed import, ...: the config file's own line
@@ -72,9 +96,10 @@ def check_config(c, choices, cuda_available):
     for key, allowed in choices.items():
         if c[key] not in allowed:
             close = difflib.get_close_matches(str(c[key]), allowed, n=1)
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {c[key]!r}" + (f" (did you mean '{close[0]}'?)" if close else ''))
-    for key in ('block_size', 'batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'temperature',
-                'epochs', 'stop_iter'):
+            hint = f" (did you mean '{close[0]}'?)" if close else ''
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {c[key]!r}{hint}")
+    for key in ('block_size', 'batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
+                'temperature', 'epochs', 'stop_iter'):
         if c[key] is not None and c[key] <= 0:
             raise ConfigError(f'{key} must be > 0, got {c[key]}')
     for key in ('alpha', 'beta', 'warmup_frac'):
@@ -86,6 +111,7 @@ def check_config(c, choices, cuda_available):
     if not re.fullmatch(r'cpu|cuda(:\d+)?', c['device']):
         raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got '{c['device']}'")
     if 'cuda' in c['device'] and not cuda_available:
-        raise ConfigError(f"device='{c['device']}' but this torch sees no CUDA device: pass --device=cpu, or install a CUDA build of torch")
+        raise ConfigError(f"device='{c['device']}' but this torch sees no CUDA device: pass --device=cpu, or install a "
+                          'CUDA build of torch')
     if os.path.exists(c['out_dir']) and not os.path.isdir(c['out_dir']):
         raise ConfigError(f"out_dir '{c['out_dir']}' is a file: pass a folder (it holds ckpt/, student/ and log.jsonl)")

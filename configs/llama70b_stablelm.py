@@ -6,7 +6,7 @@
 #   SLURM, 2 nodes x 8 GPUs, one torchrun per node (data, out_dir and the models on a shared filesystem):
 #   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 bash -c 'torchrun --nnodes=2 --node_rank=$SLURM_NODEID --nproc_per_node=8
 #     --master_addr=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1) --master_port=29500 distill.py configs/llama70b_stablelm.py'
-# Sized for 8 x 80 GB GPUs, bf16 autocast. Not run here. Per GPU by support.memory_estimate (distill.py prints it at
+# Sized for 8 x 80 GB GPUs, bf16 autocast. Not run here. Per GPU by machine.memory_estimate (distill.py prints it at
 # start; tests/test_memory.py holds its parts against what runs here hold and recomputes these figures): the teacher's
 # 70.6B parameters in bf16 / 8 = 17.6 GB, + 5.5 GB gathered (two blocks with the prefetch, its embeddings); the student
 # (1.64B + 6 projections 2,048 -> 8,192, 0.10B) in fp32 with gradients and AdamW / 8 = 3.5 GB, + 4.9 GB gathered (its

@@ -21,16 +21,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import torch
 import torch.nn.functional as F
-import cache_teacher, distill, prepare_data
-from distill import TopK, Trainable
-from support import cast_parameters, choose_dtype, keep_freed_memory, load_model, student_from_teacher_layers
+from data import TopK, attach_topk, block_windows, load_split, make_batch, top_k
+from distill import KD_KINDS, Trainable, configure_optimizer, kd_divergence
+from machine import choose_dtype, keep_freed_memory
+from models import cast_parameters, demo_tokenizer, load_model, student_from_teacher_layers
 
 p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument('--dataset', default='data/demo', help='a folder written by prepare_data.py')
 p.add_argument('--shapes', nargs='+', default=['8,32', '16,16', '16,32', '32,32', '128,32'], help='cache shapes k,m to measure')
 p.add_argument('--k', type=int, default=16, help='the cache the step uses (written for the validation split)')
 p.add_argument('--samples', type=int, default=32, help='its draws per position')
-p.add_argument('--kinds', nargs='+', default=list(distill.KD_KINDS), help='divergences measured at --k, --samples')
+p.add_argument('--kinds', nargs='+', default=list(KD_KINDS), help='divergences measured at --k, --samples')
 p.add_argument('--batch_targets', type=int, default=1000, help="targets per batch for the per-batch error (the CPU experiment's step has <= 1,024 tokens)")
 p.add_argument('--temperature', type=float, default=2.0)
 p.add_argument('--block_size', type=int, default=512)
@@ -42,11 +43,11 @@ p.add_argument('--trained', help="also measure the error for this student: disti
 p.add_argument('--parts', type=int, nargs='+', default=[1, 2, 3], help='which of the three measurements to run')
 p.add_argument('--row', help=argparse.SUPPRESS)  # internal: one step row in this process
 args = p.parse_args()
-teacher_path = prepare_data.demo_tokenizer()
+teacher_path = demo_tokenizer()
 meta = json.load(open(os.path.join(args.dataset, 'meta.json')))
 name = f'teacher_k{args.k}_m{args.samples}_b{args.block_size}'
-split = distill.load_split(args.dataset, 'val')
-windows = distill.block_windows(split, args.block_size)
+split = load_split(args.dataset, 'val')
+windows = block_windows(split, args.block_size)
 
 def models(dtype):
     teacher = load_model(teacher_path).eval().requires_grad_(False)
@@ -61,14 +62,14 @@ if args.row:  # one step row: 'online' or 'cache', in dtype
     teacher, student = models(dtype)
     if mode == 'cache':
         teacher = None  # (only its blocks, copied into the student, were needed)
-        distill.attach_topk(split, 'val', os.path.join(args.dataset, name), args.dataset, args.block_size, args.temperature)
+        attach_topk(split, 'val', os.path.join(args.dataset, name), args.dataset, args.block_size, args.temperature)
     model = Trainable(student.train(), meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', args.temperature, chunk=256)
     keep_freed_memory()
-    optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))
+    optimizer = configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))
     times = []
     for step in range(args.steps + 1):
         t0 = time.perf_counter()
-        b = distill.make_batch(split, windows[step * args.batch_size:(step + 1) * args.batch_size], args.block_size, meta['pad_id'], 'cpu')
+        b = make_batch(split, windows[step * args.batch_size:(step + 1) * args.batch_size], args.block_size, meta['pad_id'], 'cpu')
         with ctx:
             out = model(b, model.teacher_forward(teacher, b), b.M.sum().item())
         out.loss.backward()
@@ -126,21 +127,21 @@ def bucket(z, ids, logp, tail):
 for label, student in students.items() if 2 in args.parts else ():
     rows, gradient_errors = {}, {}  # (kind, k, m) -> per-position online and cached divergences; (k, m) -> per batch
     for a in range(0, min(args.windows, len(windows)), args.batch_size):
-        b = distill.make_batch(split, windows[a:a + args.batch_size], args.block_size, meta['pad_id'], 'cpu')
+        b = make_batch(split, windows[a:a + args.batch_size], args.block_size, meta['pad_id'], 'cpu')
         keep = b.M.bool()
         with torch.no_grad(), ctx:
             zt, z = teacher(input_ids=b.X).logits[keep][:, :V].float(), student(input_ids=b.X).logits[keep][:, :V].float()
         log_p = F.log_softmax(zt / T, -1)
         for k, m in shapes + [(k, 0) for k in sorted({k for k, _ in shapes})]:
-            ids, logp, tail = cache_teacher.top_k(zt, k, [1.0, T], m, g)
+            ids, logp, tail = top_k(zt, k, [1.0, T], m, g)
             logp = logp.half().float()
             for kind in (args.kinds if (k, m) == (args.k, args.samples) else ['fkl']):
-                online = distill.kd_divergence(z, zt, kind, T)
-                cached = distill.kd_divergence(z, TopK.from_rows(ids, logp, tail[:, 1], tail[:, 1], m, T), kind, T) if m else bucket(z, ids, logp, tail[:, 1])
+                online = kd_divergence(z, zt, kind, T)
+                cached = kd_divergence(z, TopK.from_rows(ids, logp, tail[:, 1], tail[:, 1], m, T), kind, T) if m else bucket(z, ids, logp, tail[:, 1])
                 rows.setdefault((kind, k, m), []).append(torch.stack([online, cached]))
             if m and kind == 'fkl':  # the gradient w.r.t. the student's logits of a batch's summed fkl: its relative error
                 n_b = min(args.batch_targets, len(z))
-                grads = [torch.autograd.grad(distill.kd_divergence(zz, target, 'fkl', T).sum(), zz)[0] for zz, target in
+                grads = [torch.autograd.grad(kd_divergence(zz, target, 'fkl', T).sum(), zz)[0] for zz, target in
                          ((z[:n_b].clone().requires_grad_(), zt[:n_b]),
                           (z[:n_b].clone().requires_grad_(), TopK.from_rows(ids, logp, tail[:, 1], tail[:, 1], m, T)[:n_b]))]
                 gradient_errors.setdefault((k, m), []).append(((grads[1] - grads[0]).norm() / grads[0].norm()).item())

@@ -8,7 +8,8 @@ Prints both harnesses' acc and acc_norm, the largest per-request log-likelihood 
 import argparse, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
-import eval as ev, prepare_data, support
+from benchmarks import accuracy, load_documents, loglikelihoods, task_path
+from models import demo_tokenizer, load_model, model_path, model_tokenizer
 
 p = argparse.ArgumentParser()
 p.add_argument('--model', default=None, help='default: the packaged SmolLM2-135M-Instruct (converted HF folder)')
@@ -16,11 +17,11 @@ p.add_argument('--task', default='arc_easy')
 p.add_argument('--limit', type=int)
 p.add_argument('--batch_size', type=int, default=16)
 args = p.parse_args()
-folder = support.model_path(args.model or prepare_data.demo_tokenizer())
-docs = ev.load_documents(ev.task_path(args.task))[:args.limit]
+folder = model_path(args.model or demo_tokenizer())
+docs = load_documents(task_path(args.task))[:args.limit]
 requests = [r for d in docs for r in d['requests']]
 
-scores = lambda lls: ev.accuracy(docs, lls)[:2]  # eval.py's rule, applied to both harnesses' log-likelihoods
+scores = lambda lls: accuracy(docs, lls)[:2]  # eval.py's rule, applied to both harnesses' log-likelihoods
 
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
@@ -28,9 +29,9 @@ lm = HFLM(pretrained=folder, device='cpu', dtype=torch.float32, batch_size=args.
 t0 = time.time()
 theirs = lm.loglikelihood([Instance('loglikelihood', {}, r, i) for i, r in enumerate(requests)], disable_tqdm=True)
 t_theirs = time.time() - t0
-model, tok = ev.load(folder, 'cpu'), ev.load_tokenizer(folder, None)
+model, tok = load_model(folder).eval(), model_tokenizer(folder)
 t0 = time.time()
-ours = ev.loglikelihoods(model, tok, requests, args.batch_size, 'cpu', model.config.max_position_embeddings)
+ours = loglikelihoods(model, tok, requests, args.batch_size, 'cpu', model.config.max_position_embeddings)
 t_ours = time.time() - t0
 diff = max(abs(a[0] - b[0]) for a, b in zip(ours, theirs))
 greedy_same = sum(a[1] == b[1] for a, b in zip(ours, theirs))

@@ -12,12 +12,15 @@ completions on-policy; here it is handed the documents' own tokens as completion
 completion mask = distill's loss mask), and its compute_loss, backward and optimizer step are timed: the work
 both tools share, generation left out. Its gradient checkpointing, which would slow it down, is turned off.
 distill.py's step also computes the CE term; TRL's loss has none.
-'trl+allocator' is TRL with distill.py's CPU allocator setting (support.keep_freed_memory), 'trl' as shipped.
+'trl+allocator' is TRL with distill.py's CPU allocator setting (machine.keep_freed_memory), 'trl' as shipped.
 """
 import argparse, contextlib, json, os, resource, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
-import distill, prepare_data, support
+import distill
+from data import load_split, make_batch
+from machine import cpu_name, keep_freed_memory
+from models import cast_parameters, demo_tokenizer, load_model, model_tokenizer, student_from_teacher_layers
 
 p = argparse.ArgumentParser()
 p.add_argument('--batch_size', type=int, default=4)  # distill.py's defaults
@@ -36,21 +39,21 @@ def rss_gb():
 def one_tool(tool, dtype):
     """Builds the models and the batch, runs steps + 1 steps (the first warms up), prints one JSON line."""
     if tool != 'trl':
-        support.keep_freed_memory()  # distill.py's CPU allocator setting (see support.keep_freed_memory)
+        keep_freed_memory()  # distill.py's CPU allocator setting (see machine.keep_freed_memory)
     torch.manual_seed(0)
-    teacher = support.load_model(prepare_data.demo_tokenizer()).eval().requires_grad_(False)
-    student = support.student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
+    teacher = load_model(demo_tokenizer()).eval().requires_grad_(False)
+    student = student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
     meta = json.load(open(os.path.join(args.dataset, 'meta.json')))
-    split = distill.load_split(args.dataset, 'train')
+    split = load_split(args.dataset, 'train')
     idx = split['idx']
     docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
-    batch = distill.make_batch(split, [(d, 0) for d in docs], args.block_size, meta['pad_id'], 'cpu')
+    batch = make_batch(split, [(d, 0) for d in docs], args.block_size, meta['pad_id'], 'cpu')
     X, Y, M = batch.X, batch.Y, batch.M
     bf16 = dtype == 'bfloat16'
     if tool == 'distill':  # distill.py's defaults: alpha 0.5, forward KL at T = 2
         model = distill.Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=args.chunk)
         optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))
-        support.cast_parameters(teacher, getattr(torch, dtype))  # as distill.py: the frozen teacher in the compute dtype
+        cast_parameters(teacher, getattr(torch, dtype))  # as distill.py: the frozen teacher in the compute dtype
         ctx = torch.autocast('cpu', torch.bfloat16) if bf16 else contextlib.nullcontext()
         def step():
             with ctx:
@@ -67,7 +70,7 @@ def one_tool(tool, dtype):
                                     learning_rate=0.0, report_to=[], max_completion_length=args.block_size)
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
                                       train_dataset=Dataset.from_dict({'prompt': ['hi'] * args.batch_size}),
-                                      processing_class=support.model_tokenizer(prepare_data.demo_tokenizer()))
+                                      processing_class=model_tokenizer(demo_tokenizer()))
         trainer.create_optimizer_and_scheduler(num_training_steps=args.steps + 1)
         rows = torch.cat([X, Y[:, -1:]], 1)  # the whole document row: X plus its last target
         inputs = {'prompt_ids': rows[:, :1], 'prompt_mask': torch.ones_like(rows[:, :1]),
@@ -94,7 +97,7 @@ if args.tool:
     one_tool(*args.tool.split(','))
     sys.exit(0)
 
-print(f'KD step, {args.batch_size} x {args.block_size} tokens, {torch.get_num_threads()} threads, {support.cpu_name()}')
+print(f'KD step, {args.batch_size} x {args.block_size} tokens, {torch.get_num_threads()} threads, {cpu_name()}')
 for dtype in args.dtypes:
     res = {}
     for tool in ('distill', 'trl', 'trl+allocator'):

@@ -21,7 +21,8 @@ reuses finished runs and evaluations and resumes a killed run from its checkpoin
 import argparse, json, math, os, runpy, shutil, statistics, subprocess, sys, time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import prepare_data
+from configurator import HelpFormatter
+from models import demo_tokenizer
 
 def summarize(results, teacher, pruned, groups, tasks):
     """The table: teacher, pruned start and each method (groups: method -> its runs' eval.py rows, one per seed):
@@ -65,7 +66,7 @@ def paired(results, a, b, tasks):
     return d / len(tasks), math.sqrt(var) / len(tasks)
 
 def main():
-    p = argparse.ArgumentParser(formatter_class=prepare_data.HelpFormatter)
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter)
     p.add_argument('--short', action='store_true', help='SFT, logits and hidden for 15 steps each; 40 validation windows, no benchmark')
     p.add_argument('--config', default=os.path.join('configs', 'cpu_experiment.py'), help='the runs\' distill.py config')
     p.add_argument('--out', default=None, help='default: out-cpu-experiment (out-cpu-experiment-short with --short)')
@@ -86,7 +87,7 @@ def main():
     out = os.path.join(ROOT, args.out)
     runs = {(m, s): f'{m}-{s}' if len(seeds) > 1 or os.path.isdir(os.path.join(out, f'{m}-{s}')) else m
             for s in seeds for m in args.methods}  # -> out/<name> (one seed: <method>, unless a many-seed run left <method>-<seed>)
-    teacher = prepare_data.demo_tokenizer()
+    teacher = demo_tokenizer()
     t_start = time.time()
 
     def run(*cmd):

@@ -11,7 +11,7 @@ import argparse, os, sys
 import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from cache_teacher import top_k
+from data import top_k
 
 p = argparse.ArgumentParser()
 p.add_argument('--k', type=int, default=16)
@@ -29,7 +29,7 @@ def sampled_forward(trainable, teacher, batch, TopK, TeacherOut):
     ids, logp, tail = top_k(logits.reshape(-1, vocab), args.k, [trainable.temperature], args.samples, generator)
     shape = lambda t: t.reshape(rows, length, *t.shape[1:])
     tail = shape(tail[:, 0])
-    return TeacherOut(final=TopK.from_rows(shape(ids), shape(logp.half().float()), tail, tail, args.samples, trainable.temperature))
+    return TeacherOut(topk=TopK.from_rows(shape(ids), shape(logp.half().float()), tail, tail, args.samples, trainable.temperature))
 
 source = open(os.path.join(ROOT, 'distill.py')).read()
 call = 'raw_model.teacher_forward(teacher_model, b)'

@@ -4,21 +4,21 @@ import pytest, torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import prepare_data  # noqa: E402
+import models  # noqa: E402
 
-BYTES_VOCAB = 256 + len(prepare_data.BYTES_SPECIALS)  # 259 real tokens
+BYTES_VOCAB = 256 + len(models.BYTES_SPECIALS)  # 259 real tokens
 
 @pytest.fixture(scope='session')
 def bytes_tok():
-    return prepare_data.load_tokenizer('bytes')
+    return models.load_tokenizer('bytes')
 
 @pytest.fixture(scope='session')
 def smol_gguf():
-    return prepare_data.demo_tokenizer()
+    return models.demo_tokenizer()
 
 @pytest.fixture(scope='session')
 def smol_tok(smol_gguf):
-    return prepare_data.load_tokenizer(smol_gguf)
+    return models.load_tokenizer(smol_gguf)
 
 def tiny_model(arch='llama', vocab=BYTES_VOCAB, hidden=32, layers=2, heads=4, seed=0):
     """A randomly initialised causal LM small enough for CPU tests (fp32)."""

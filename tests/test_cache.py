@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from conftest import ROOT, save_tiny_model, tiny_model, write_jsonl
 from test_distill import command, run, train_log, weights
 from test_losses import divergence64, divergence_of64, softmax64
-import cache_teacher, distill, prepare_data
-from distill import KD_KINDS, ChunkedHeadLoss, TopK, loss_sums
+import data, distill, models, prepare_data
+from data import TopK
+from distill import KD_KINDS, ChunkedHeadLoss, loss_sums
 
 def estimate64(s, t, ids, k, kind, T, beta, Ts):
     """One position in plain float64, from the definitions: the divergence's terms at the teacher's k tokens, plus
@@ -20,7 +21,7 @@ def estimate64(s, t, ids, k, kind, T, beta, Ts):
     return sum(term(j) for j in ids[:k]) + sum(term(x) / (m * r[x]) for x in ids[k:])
 
 def cached(t, k, T, samples=0, Ts=2.0, seed=0):
-    ids, logp, tail = cache_teacher.top_k(t, k, [T, Ts], samples, torch.Generator().manual_seed(seed))
+    ids, logp, tail = data.top_k(t, k, [T, Ts], samples, torch.Generator().manual_seed(seed))
     return TopK.from_rows(ids, logp, tail[:, 0], tail[:, 1], samples, Ts)
 
 def numeric64(f, s, h=1e-6):
@@ -60,7 +61,7 @@ def test_sparse_divergence_is_unbiased(kind, T):
     V, k, beta = 9, 3, 0.3
     t = torch.randn(4, V, generator=g, dtype=torch.float64) * 3
     s = (torch.randn(4, V, generator=g, dtype=torch.float64) * 2).requires_grad_()
-    ids, logp, tail = cache_teacher.top_k(t, k, [T, 2.0])
+    ids, logp, tail = data.top_k(t, k, [T, 2.0])
     expected = torch.zeros(4, dtype=torch.float64)
     for x in range(V):  # one draw of x, weighted by its chance r_x (0 for the top k)
         drawn = torch.full((4, 1), x)
@@ -77,10 +78,10 @@ def test_sparse_divergence_is_unbiased(kind, T):
     assert (one - torch.tensor([full(i, row) for i, row in enumerate(s.tolist())], dtype=torch.float64)).abs().max() > 1e-3
 
 def test_draws_follow_the_tail_at_the_highest_temperature():
-    """cache_teacher.top_k draws from the tokens outside the top k, in proportion to p^(1/Ts), Ts the highest T."""
+    """data.top_k draws from the tokens outside the top k, in proportion to p^(1/Ts), Ts the highest T."""
     g = torch.Generator().manual_seed(4)
     t = torch.randn(1, 12, generator=g, dtype=torch.float64) * 2
-    ids, _, _ = cache_teacher.top_k(t, 4, [1.0, 3.0], 20000, g)
+    ids, _, _ = data.top_k(t, 4, [1.0, 3.0], 20000, g)
     counts = torch.bincount(ids[0, 4:], minlength=12).double()
     r = F.softmax(t.scatter(-1, ids[:, :4], -float('inf'))[0] / 3.0, -1)
     assert counts[ids[0, :4]].sum() == 0
@@ -137,18 +138,18 @@ def test_written_rows_read_back_bit_for_bit(work):
     out = write(work, '--k=5', '--samples=4', '--temperatures=1,2', '--batch_size=3', '--name=k5')
     assert out.returncode == 0, out.stderr
     folder, data_dir = work / 'data' / 'tiny' / 'k5', str(work / 'data' / 'tiny')
-    teacher = distill.load_model(str(work / 'teacher')).eval()
+    teacher = models.load_model(str(work / 'teacher')).eval()
     meta = json.load(open(os.path.join(data_dir, 'meta.json')))
     for name in ('train', 'val'):
-        split = distill.load_split(data_dir, name)
-        distill.attach_topk(split, name, str(folder), data_dir, 48, 2.0)
-        windows, n = distill.block_windows(split, 48), 0
+        split = data.load_split(data_dir, name)
+        data.attach_topk(split, name, str(folder), data_dir, 48, 2.0)
+        windows, n = data.block_windows(split, 48), 0
         for a in range(0, len(windows), 3):  # the writer's batches (the same shapes: the same round-off)
-            b = distill.make_batch(split, windows[a:a + 3], 48, meta['pad_id'], 'cpu')
+            b = data.make_batch(split, windows[a:a + 3], 48, meta['pad_id'], 'cpu')
             keep = b.M.bool()
             with torch.no_grad():
                 logits = teacher(input_ids=b.X).logits[keep][:, :meta['vocab_size']]
-            rows = [cache_teacher.top_k(z, 5, [1.0, 2.0], 4, torch.Generator().manual_seed(zlib.crc32(f'0 {name} {i}'.encode())))
+            rows = [data.top_k(z, 5, [1.0, 2.0], 4, torch.Generator().manual_seed(zlib.crc32(f'0 {name} {i}'.encode())))
                     for i, z in zip(range(a, a + 3), logits.split(b.M.sum(1).tolist()))]  # each window's draws from its own seed
             ids, logp, tail = (torch.cat(x) for x in zip(*rows))
             assert torch.equal(b.topk.ids[keep], ids)
@@ -171,7 +172,9 @@ def test_full_cache_trains_like_the_online_teacher(work):
             for key in ('loss', 'ce', 'kd', 'grad_norm'):
                 assert ra[key] == pytest.approx(rb[key], rel=1e-5), (key, ra, rb)
         wa, wb = weights(work / f'online{chunk}'), weights(work / f'cached{chunk}')
-        assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5) for k in wa)
+        # (AdamW's normalised step turns fp32 round-off in tiny gradients into weight differences of ~1e-5: 1.007e-5
+        # measured on an EPYC without bf16 units, with the sums of both paths equal to 1e-5 relative above)
+        assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=3e-5) for k in wa)
         val = lambda out: [r for r in map(json.loads, open(out / 'log.jsonl')) if 'val_kd' in r]
         assert [r['val_kd'] for r in val(work / f'online{chunk}')] == pytest.approx([r['val_kd'] for r in val(work / f'cached{chunk}')], rel=1e-5)
     # and it can fail: top-3 and 8 draws give an estimate of the divergence, near the full one but not equal
@@ -231,7 +234,7 @@ def test_killed_write_leaves_nothing_taken_for_complete(work):
     assert fail.returncode == 2 and 'not a complete cache' in fail.stderr
     tmp = work / 'data' / 'tiny' / leftovers[0]
     with pytest.raises(Exception, match='not a complete cache'):  # nor is the half-written folder itself
-        distill.attach_topk(distill.load_split(str(work / 'data' / 'tiny'), 'train'), 'train', str(tmp), str(work / 'data' / 'tiny'), 48, 1.0)
+        data.attach_topk(data.load_split(str(work / 'data' / 'tiny'), 'train'), 'train', str(tmp), str(work / 'data' / 'tiny'), 48, 1.0)
     assert write(work, '--k=4', '--name=killed').returncode == 0
     assert sorted(p for p in os.listdir(work / 'data' / 'tiny') if p.startswith('killed')) == ['killed']
 

@@ -2,7 +2,8 @@
 padded vocabularies and chunk sizes that do not divide the number of positions; also in real DDP runs."""
 import pytest, torch
 from conftest import BYTES_VOCAB, tiny_model
-from distill import KD_KINDS, ChunkedHeadLoss, TeacherOut, Trainable, chunk_loss, loss_sums
+import distill
+from distill import KD_KINDS, ChunkedHeadLoss, Trainable, chunk_loss, loss_sums
 from test_losses import tiny_batch
 from test_distill import assert_same_run, run, work  # noqa: F401 (the shared fixture)
 
@@ -23,6 +24,28 @@ def test_chunk_gradient(kind, beta, temperature):
     ce, kd, dz = chunk_loss(z, y, zt, 36, (0.3, 1.7), kind, temperature, beta)
     assert ce.item() == pytest.approx(ce64.item(), rel=1e-6) and kd.item() == pytest.approx(kd64.item(), rel=1e-5, abs=1e-6)
     assert torch.allclose(dz.double(), z64.grad, rtol=1e-4, atol=1e-6)
+
+def test_an_edited_divergence_entry_is_what_the_chunked_loss_takes(monkeypatch):
+    """A fork that replaces DIVERGENCES['fkl'] gets what it wrote on the default (chunked) path too, value and
+    gradient: here reverse KL's terms under the name 'fkl', against float64 autograd through loss_sums with 'rkl'."""
+    torch.manual_seed(3)
+    h, W = torch.randn(12, 8, requires_grad=True), (torch.randn(30, 8) * 0.5).requires_grad_()
+    t_h, t_W, Y = torch.randn(12, 8), torch.randn(30, 8), torch.randint(0, 30, (12,))
+
+    def chunked(kind):
+        ce, kd = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, (0.5, 2.0), 30, kind, 2.0, 0.5, 5)
+        (0.5 * ce + 2.0 * kd).backward()
+        grads = h.grad.clone(), W.grad.clone()
+        h.grad = W.grad = None
+        return kd, grads
+    h64, W64 = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    ce64, kd64 = loss_sums(h64 @ W64.T, Y, t_h.double() @ t_W.double().T, 30, 'rkl', 2.0)
+    (0.5 * ce64 + 2.0 * kd64).backward()
+    shipped, _ = chunked('fkl')
+    monkeypatch.setitem(distill.DIVERGENCES, 'fkl', distill.DIVERGENCES['rkl'])
+    edited, (dh, dW) = chunked('fkl')
+    assert edited.item() == pytest.approx(kd64.item(), rel=1e-5) and abs(edited.item() - shipped.item()) > 1e-2
+    assert close(dh.double(), h64.grad, 1e-4) and close(dW.double(), W64.grad, 1e-4)
 
 @pytest.mark.parametrize('kind', KD_KINDS)
 @pytest.mark.parametrize('chunk', [1, 5, 64])
@@ -74,7 +97,7 @@ def test_trainable_chunked_equals_plain_with_masks(kind):
         student = tiny_model(vocab=280, hidden=16, layers=2, heads=2, seed=5)  # untied head, padded rows
         model = Trainable(student, BYTES_VOCAB, (0.5, 0.5, 0.0), kind, 2.0, 0.4, chunk)
         t_out = model.teacher_forward(teacher, batch)
-        assert (t_out.head is not None) == bool(chunk) and t_out.final.shape[-1] == (24 if chunk else 300)
+        assert (t_out.head is not None) == bool(chunk) and (t_out.last_hidden if chunk else t_out.logits).shape[-1] == (24 if chunk else 300)
         with torch.no_grad():  # evaluation: values only (no gradient work), the same ones
             values = model(batch, t_out, n_targets=5.0)
         out = model(batch, t_out, n_targets=5.0)

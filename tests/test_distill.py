@@ -4,7 +4,7 @@ import pytest, torch
 from safetensors.torch import load_file
 from conftest import BYTES_VOCAB, ROOT, save_tiny_model, tiny_model, write_jsonl
 import prepare_data
-from support import student_from_teacher_layers
+from models import student_from_teacher_layers
 
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):
@@ -240,14 +240,14 @@ def test_no_config_key_is_reassigned_after_parsing():
 
 def test_auto_dtype_rule(monkeypatch):
     """'auto': bf16 autocast only where this CPU's bf16 matmul is clearly (1.5x) faster than fp32, as measured."""
-    import support
+    import machine
     for rates, expected in (({'float32': 2e11, 'bfloat16': 8e11}, 'bfloat16'),   # AMX: 3-4x
                             ({'float32': 2e11, 'bfloat16': 3e11}, 'float32'),    # not clearly faster
                             ({'float32': 2e11, 'bfloat16': 3e8}, 'float32')):    # emulated: hundreds of times slower
-        monkeypatch.setattr(support, 'measure_matmul_flops', lambda device, dtype: rates[str(dtype)[6:]])
-        dtype, why, rate = support.choose_dtype('auto', 'cpu')
+        monkeypatch.setattr(machine, 'measure_matmul_flops', lambda device, dtype: rates[str(dtype)[6:]])
+        dtype, why, rate = machine.choose_dtype('auto', 'cpu')
         assert (dtype, rate) == (expected, rates[expected]) and 'GFLOP/s' in why
-    assert support.choose_dtype('float16', 'cpu') == ('float16', 'as set', None)
+    assert machine.choose_dtype('float16', 'cpu') == ('float16', 'as set', None)
 
 def test_auto_dtype_run_says_what_it_chose(work):
     """The default dtype on this machine, whichever kind it is: the start line names the choice and the measured rates
@@ -266,7 +266,7 @@ def test_mfu_never_above_one(work, tmp_path):
     """The matmul rate measured at start can read low (a loaded machine): a step faster than it raises the MFU
     denominator to at least what the step achieved, so MFU never prints above 100%. Here the measurement is made
     absurdly low (1 kFLOP/s) in the subprocess."""
-    (tmp_path / 'sitecustomize.py').write_text('import support\nsupport.measure_matmul_flops = lambda *a, **k: 1e3\n')
+    (tmp_path / 'sitecustomize.py').write_text('import machine\nmachine.measure_matmul_flops = lambda *a, **k: 1e3\n')
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
     proc = subprocess.run(command(work, work / 'mfu', '--peak_flops=0', '--max_iters=3'), capture_output=True,
                           text=True, env=env, cwd=work, timeout=300)

@@ -4,17 +4,17 @@ import pytest, torch
 import torch.nn.functional as F
 from conftest import BYTES_VOCAB, ROOT, save_tiny_model, tiny_model, write_jsonl
 import eval as ev
-import prepare_data
+import benchmarks, configurator, prepare_data
 
 def test_encode_pair_conventions(bytes_tok, smol_tok):
     # trailing spaces of the context move to the continuation
-    ctx, cont = ev.encode_pair(bytes_tok, 'Answer: ', 'yes')
+    ctx, cont = benchmarks.encode_pair(bytes_tok, 'Answer: ', 'yes')
     assert bytes(ctx) == b'Answer:' and bytes(cont) == b' yes'
     # an empty context becomes the BOS token, or end-of-text where there is none (lm-eval >= 0.4)
-    assert ev.encode_pair(bytes_tok, '', 'hi') == ([256], list(b'hi'))
-    assert ev.encode_pair(smol_tok, '', 'hi')[0] == [smol_tok.bos_token_id] != [smol_tok.eos_token_id]
+    assert benchmarks.encode_pair(bytes_tok, '', 'hi') == ([256], list(b'hi'))
+    assert benchmarks.encode_pair(smol_tok, '', 'hi')[0] == [smol_tok.bos_token_id] != [smol_tok.eos_token_id]
     # tokenized together: the continuation is what follows the context's own tokens
-    ctx, cont = ev.encode_pair(smol_tok, 'Question: 2+2=?\nAnswer:', ' four')
+    ctx, cont = benchmarks.encode_pair(smol_tok, 'Question: 2+2=?\nAnswer:', ' four')
     whole = smol_tok('Question: 2+2=?\nAnswer: four', add_special_tokens=False)['input_ids']
     assert ctx + cont == whole and ctx == smol_tok('Question: 2+2=?\nAnswer:', add_special_tokens=False)['input_ids']
     assert smol_tok.decode(cont) == ' four'
@@ -29,9 +29,9 @@ def test_batched_loglikelihoods_match_one_at_a_time(bytes_tok):
     model = tiny_model(hidden=32, layers=2).eval()
     requests = [('Question: what?\nAnswer:', ' a cat'), ('Q:', ' no'), ('', 'start'), ('Long context ' * 5, ' end.'),
                 ('Answer: ', 'yes'), ('Yes or no?', ' y'), ('Yes or no?', ' n')]  # (the last two: one input, ' ')
-    got = ev.loglikelihoods(model, bytes_tok, requests, batch_size=3, device='cpu', max_length=512)
+    got = benchmarks.loglikelihoods(model, bytes_tok, requests, batch_size=3, device='cpu', max_length=512)
     for (c, x), (ll, greedy) in zip(requests, got):
-        ctx, cont = ev.encode_pair(bytes_tok, c, x)
+        ctx, cont = benchmarks.encode_pair(bytes_tok, c, x)
         assert ll == pytest.approx(reference_ll(model, ctx, cont), rel=1e-5)
         assert isinstance(greedy, bool)
     class Plain(torch.nn.Module):  # a model whose forward has no logits_to_keep (remote code): the head on every position
@@ -42,22 +42,22 @@ def test_batched_loglikelihoods_match_one_at_a_time(bytes_tok):
             return self.m(input_ids=input_ids)
     rows = []
     model.register_forward_pre_hook(lambda m, a, kw: rows.append(len(kw['input_ids'])), with_kwargs=True)
-    plain = ev.loglikelihoods(Plain(model), bytes_tok, requests, batch_size=3, device='cpu', max_length=512)
+    plain = benchmarks.loglikelihoods(Plain(model), bytes_tok, requests, batch_size=3, device='cpu', max_length=512)
     assert sum(rows) == len(requests) - 1  # the shared input ran once
     assert [ll for ll, _ in plain] == pytest.approx([ll for ll, _ in got], rel=1e-5) and [g for _, g in plain] == [g for _, g in got]
     # left truncation to the model's length, as lm-eval does: only the last max_length + 1 tokens count
-    (ll, _), = ev.loglikelihoods(model, bytes_tok, [('x' * 40, ' yz')], 1, 'cpu', max_length=10)
-    ctx, cont = ev.encode_pair(bytes_tok, 'x' * 40, ' yz')
+    (ll, _), = benchmarks.loglikelihoods(model, bytes_tok, [('x' * 40, ' yz')], 1, 'cpu', max_length=10)
+    ctx, cont = benchmarks.encode_pair(bytes_tok, 'x' * 40, ' yz')
     assert ll == pytest.approx(reference_ll(model, ctx[-8:], cont), rel=1e-5)
 
 def test_acc_and_acc_norm(bytes_tok, monkeypatch):
     docs = [{'requests': [('q', ' a'), ('q', ' bbbb')], 'choices': ['a', 'bbbb'], 'gold': 1},
             {'requests': [('q', ' a'), ('q', ' bbbb')], 'choices': ['a', 'bbbb'], 'gold': 0}]
     # log-likelihoods -2 ('a', 1 char) and -3 ('bbbb', 4 chars): acc picks 'a', acc_norm picks 'bbbb' (-0.75 > -2)
-    monkeypatch.setattr(ev, 'loglikelihoods', lambda *a, **k: [(-2.0, False), (-3.0, False)] * 2)
-    assert ev.multiple_choice(None, bytes_tok, docs, 4, 'cpu', 512) == {'acc': 0.5, 'acc_norm': 0.5, 'documents': 2, 'correct_norm': '10'}
+    monkeypatch.setattr(benchmarks, 'loglikelihoods', lambda *a, **k: [(-2.0, False), (-3.0, False)] * 2)
+    assert benchmarks.multiple_choice(None, bytes_tok, docs, 4, 'cpu', 512) == {'acc': 0.5, 'acc_norm': 0.5, 'documents': 2, 'correct_norm': '10'}
     docs[1]['gold'] = 1
-    assert ev.multiple_choice(None, bytes_tok, docs, 4, 'cpu', 512) == {'acc': 0.0, 'acc_norm': 1.0, 'documents': 2, 'correct_norm': '11'}
+    assert benchmarks.multiple_choice(None, bytes_tok, docs, 4, 'cpu', 512) == {'acc': 0.0, 'acc_norm': 1.0, 'documents': 2, 'correct_norm': '11'}
 
 def test_request_file_and_plain_jsonl(tmp_path):
     lines = [{'request_type': 'loglikelihood', 'doc_id': d, 'label': 1, 'doc': {'query': 'Q', 'choices': ['x', 'y'], 'gold': 1},
@@ -67,10 +67,10 @@ def test_request_file_and_plain_jsonl(tmp_path):
     path = tmp_path / 'r.jsonl.gz'
     with gzip.open(path, 'wt') as f:
         f.write('\n'.join(json.dumps(l) for l in lines))
-    docs = ev.load_documents(str(path))
+    docs = benchmarks.load_documents(str(path))
     assert len(docs) == 2 and docs[1] == {'requests': [('Q1', ' x'), ('Q1', ' y')], 'choices': ['x', 'y'], 'gold': 1}
     plain = write_jsonl(tmp_path / 'p.jsonl', [{'query': f'Q{i}:', 'choices': ['no', 'yes'], 'gold': i % 2} for i in range(3)])
-    docs = ev.load_documents(plain, num_fewshot=2)
+    docs = benchmarks.load_documents(plain, num_fewshot=2)
     assert docs[0]['requests'][1] == ('Q1: yes\n\nQ2: no\n\nQ0:', ' yes') and docs[0]['gold'] == 0
 
 @pytest.mark.parametrize('content,message', [
@@ -81,14 +81,14 @@ def test_request_file_and_plain_jsonl(tmp_path):
 def test_bad_documents(tmp_path, content, message):
     path = tmp_path / 'bad.jsonl'
     path.write_text(content)
-    with pytest.raises(ev.EvalError, match=message):
-        ev.load_documents(str(path))
+    with pytest.raises(configurator.DataError, match=message):
+        benchmarks.load_documents(str(path))
 
 def test_packaged_arc_easy_documents():
-    docs = ev.load_documents(ev.task_path('arc_easy'))
+    docs = benchmarks.load_documents(benchmarks.task_path('arc_easy'))
     assert len(docs) == 570 and all(len(d['requests']) == len(d['choices']) for d in docs)
     assert docs[0]['requests'][0] == ('Question: Which technology was developed most recently?\nAnswer:', ' cellular telephone')
-    assert len(ev.load_documents(ev.task_path('arc_easy:5'))) == 570
+    assert len(benchmarks.load_documents(benchmarks.task_path('arc_easy:5'))) == 570
 
 @pytest.fixture(scope='module')
 def evalwork(tmp_path_factory):
@@ -106,8 +106,8 @@ def test_heldout_loss_and_teacher_agreement(evalwork):
     data = str(evalwork / 'data' / 'e')
     got = ev.heldout(model, data, batch_size=3, block_size=512, device='cpu', teacher=other)
     # brute force, one document at a time, float64, supervised targets only
-    import distill
-    split = distill.load_split(data, 'val')
+    from data import load_split
+    split = load_split(data, 'val')
     ce = kl = agree = n = 0.0
     for d in range(len(split['idx']) - 1):
         tokens = split['tokens'][split['idx'][d]:split['idx'][d + 1]].astype('int64')

@@ -83,14 +83,15 @@ def test_driver_trains_then_scores_seed_by_seed_and_keeps_what_is_done(tmp_path,
         else:
             specs = [a for a in args if not a.startswith('--')]
             calls.append(('eval', *[os.path.basename(s) for s in specs]))
-            rows = {s: {'val_loss': 4.0 + len(s) % 3, 'kl_to_teacher': 1.0, 'top1_agreement': 0.5, 'arc_easy/acc': 0.5, 'arc_easy/acc_norm': 0.5,
+            rows = {s: {'val_loss': 4.0 + len(os.path.basename(s)) % 3,  # (by name: never the checkout's path)
+                         'kl_to_teacher': 1.0, 'top1_agreement': 0.5, 'arc_easy/acc': 0.5, 'arc_easy/acc_norm': 0.5,
                         'arc_easy/documents': 570, 'arc_easy/correct_norm': ('01' if 'logits' in s else '00') * 285} for s in specs}
             (tmp_path / opt['--output']).write_text(json.dumps({'results': rows}))
     monkeypatch.setattr(cpu_experiment.subprocess, 'run', fake)
     argv = ['cpu_experiment.py', '--config=configs/heal.py', f'--out={tmp_path / "out"}', '--seeds=1,2', '--methods=sft,logits']
     monkeypatch.setattr(sys, 'argv', argv)
     cpu_experiment.main()
-    gguf = os.path.basename(cpu_experiment.prepare_data.demo_tokenizer())
+    gguf = os.path.basename(cpu_experiment.demo_tokenizer())
     assert calls == [('train', 'pruned', False), ('train', 'sft-1', False), ('train', 'logits-1', False),
                      ('eval', gguf), ('eval', 'pruned'), ('eval', 'sft-1'), ('eval', 'logits-1'),
                      ('train', 'sft-2', False), ('train', 'logits-2', False), ('eval', 'sft-2'), ('eval', 'logits-2')]
@@ -102,7 +103,7 @@ def test_driver_trains_then_scores_seed_by_seed_and_keeps_what_is_done(tmp_path,
     assert calls == []
     monkeypatch.setattr(sys, 'argv', argv[:-2] + ['--seeds=2', '--methods=sft,logits'])
     cpu_experiment.main()  # one of the seeds: its runs are found under their seed's names
-    assert calls == [] and json.load(open(tmp_path / 'out' / 'results.json'))['table']['sft']['seeds'] == [4.0 + len(f'{tmp_path}/out/sft-2') % 3]
+    assert calls == [] and json.load(open(tmp_path / 'out' / 'results.json'))['table']['sft']['seeds'] == [4.0 + len('sft-2') % 3]
     monkeypatch.setattr(sys, 'argv', argv)
     saved = json.load(open(tmp_path / 'out' / 'eval.json'))
     del saved['results'][f'{tmp_path / "out"}/logits-1']

@@ -4,8 +4,10 @@ import json, os
 import numpy as np
 import pytest, torch
 from conftest import BYTES_VOCAB, tiny_model, write_jsonl, save_tiny_model
-import prepare_data
-from distill import Align, Batch, ConfigError, TeacherOut, Trainable, hidden_distance, make_layer_pairs
+import models, prepare_data
+from configurator import ConfigError
+from data import Align, Batch
+from distill import TeacherOut, Trainable, hidden_distance, make_layer_pairs
 from test_distill import assert_same_run, run, train_log, weights, work  # noqa: F401 (the shared fixture)
 
 def test_layer_maps():
@@ -131,15 +133,15 @@ def test_align_positions_hand_worked():
     assert align([], [1]) == []
 
 def test_byte_ends(bytes_tok, smol_tok):
-    ids, starts, ends = prepare_data.encode(bytes_tok, 'aé<|im_end|>')
+    ids, starts, ends = models.encode(bytes_tok, 'aé<|im_end|>')
     assert ids == [97, 195, 169, 258] and list(ends) == [1, 2, 3, 13]
-    ids, starts, ends = prepare_data.encode(smol_tok, 'Hi  é<|im_end|>')
+    ids, starts, ends = models.encode(smol_tok, 'Hi  é<|im_end|>')
     pieces = [smol_tok.decode(ids[:k + 1]).encode() for k in range(len(ids))]
     assert list(ends) == [len(p) for p in pieces] and ends[-1] == len('Hi  é<|im_end|>'.encode())
 
 def token_bytes(tok, ids):
     """The bytes each token stands for; eos stands for none (it is appended, not text)."""
-    if prepare_data.is_tiktoken(tok):
+    if models.is_tiktoken(tok):
         return [b'' if i == tok.eot_token else tok.decode_single_token_bytes(i) for i in ids]
     # SmolLM2's BPE is byte-level, GPT-2 style: printable bytes stand for themselves, the others for chr(256 + n)
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]

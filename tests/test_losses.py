@@ -2,7 +2,8 @@
 import math
 import pytest, torch
 from conftest import tiny_model
-from distill import KD_KINDS, Align, Batch, TeacherOut, Trainable, kd_divergence, loss_sums
+from data import Align, Batch
+from distill import KD_KINDS, TeacherOut, Trainable, kd_divergence, loss_sums
 
 def kd_loss(s, t, mask, kind='fkl', T=1.0, beta=0.5):
     """Mean over masked positions of kd_divergence: only supervised positions are computed."""
@@ -116,7 +117,7 @@ def test_t_squared_keeps_gradient_scale():
     norms = {}
     for T in (8.0, 16.0):
         model = Trainable(tiny_model(vocab=40, hidden=16, layers=1, seed=5), 40, (0.0, 1.0, 0.0), 'fkl', T)
-        model(batch, TeacherOut(final=teacher_logits)).loss.backward()
+        model(batch, TeacherOut(logits=teacher_logits)).loss.backward()
         norms[T] = model.model.lm_head.weight.grad.norm().item()
     assert norms[16.0] / norms[8.0] == pytest.approx(1.0, rel=0.05)
 

@@ -1,12 +1,13 @@
-"""support.memory_estimate, the start-up memory line, held against what runs here hold: the bytes autograd saves for
+"""machine.memory_estimate, the start-up memory line, held against what runs here hold: the bytes autograd saves for
 backward (counted by storage, in one process), the parameters, gradients and AdamW moments after a step, the shards
 FSDP2 leaves on each of 2 ranks; and configs/llama70b_stablelm.py's figures, recomputed from the models' shapes."""
 import json, os, re, subprocess, sys, weakref
 import pytest, torch
 import transformers as T
 from conftest import ROOT
-import distill
-from support import block_activation_bytes, cast_parameters, memory_estimate
+import data, distill, machine
+from machine import block_activation_bytes, memory_estimate
+from models import cast_parameters
 
 def llama(d, f, h, kv, layers, vocab=300, arch=T.LlamaConfig, **kw):
     torch.manual_seed(0)
@@ -65,8 +66,8 @@ def setup(mode, dtype):
     rows, n = 2, 128
     X = torch.randint(0, 259, (rows, n))
     pos = torch.arange(n).repeat(rows)
-    align = distill.Align(None, torch.arange(rows).repeat_interleave(n), pos, pos)
-    b = distill.Batch(X, torch.randint(0, 259, (rows, n)), torch.ones(rows, n), align)
+    align = data.Align(None, torch.arange(rows).repeat_interleave(n), pos, pos)
+    b = data.Batch(X, torch.randint(0, 259, (rows, n)), torch.ones(rows, n), align)
     return model, teacher if weights[1] or pairs else None, b
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
@@ -135,12 +136,12 @@ FSDP_PROBE = r'''
 import json, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, os.path.join(sys.argv[1], 'tests'))
 dist.init_process_group('gloo')
-import distill
+import distill, machine
 from test_memory import setup
-from support import memory_estimate
+from machine import memory_estimate
 model, teacher, b = setup('hidden', 'float32')  # (odd first dimensions: a vocabulary of 300 rows, 96 = 48 + 48)
-est = memory_estimate(model, teacher, b.X.numel(), 'float32', dist.get_world_size(), True, distill.blocks)
-distill.shard(model, teacher)
+est = memory_estimate(model, teacher, b.X.numel(), 'float32', dist.get_world_size(), True)
+machine.shard(model, teacher)
 optimizer = distill.configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
 model(b, model.teacher_forward(teacher, b)).loss.backward()
 teacher.get_input_embeddings().reshard()  # (as distill.py's release_teacher)
@@ -173,9 +174,9 @@ dist.init_process_group('gloo')
 import distill
 from torch.nn.parallel import DistributedDataParallel as DDP
 from test_memory import setup
-from support import memory_estimate
+from machine import memory_estimate
 model, teacher, b = setup('hidden', 'float32')
-est = memory_estimate(model, teacher, b.X.numel(), 'float32', dist.get_world_size(), False, distill.blocks)
+est = memory_estimate(model, teacher, b.X.numel(), 'float32', dist.get_world_size(), False)
 ddp = DDP(model)
 ddp(b, model.teacher_forward(teacher, b)).loss.backward()
 held = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()) + int(ddp._get_ddp_logging_data()['bucket_sizes'])
@@ -212,7 +213,7 @@ def test_llama70b_config_figures():
     model, teacher = big_pair(config['layer_map'])
     assert sum(p.numel() for p in teacher.parameters()) == 70_553_706_496 and model.model.num_parameters() == 1_644_515_328
     tokens = config['batch_size'] * config['block_size']
-    peak = lambda world, n=tokens: memory_estimate(model, teacher, n, config['dtype'], world, True, distill.blocks)['peak']
+    peak = lambda world, n=tokens: memory_estimate(model, teacher, n, config['dtype'], world, True)['peak']
     fits = lambda world: max(n for n in range(1024, 200_000, 1024) if peak(world, n) <= 80e9)  # tokens per micro-batch
     text = ' '.join(line[1:].strip() for line in header.splitlines() if line.startswith('#'))
     figures = re.search(r'peak ~([\d.]+) GB per GPU at ([\d,]+) tokens on 8 GPUs \(~([\d.]+) GB on 16\); a micro-batch of up to '
@@ -225,9 +226,9 @@ def test_llama70b_config_figures():
 KEEP_AND_TRIM = r'''
 import os, sys, torch
 sys.path.insert(0, sys.argv[1])
-import support
+import machine
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-trim = support.keep_freed_memory()
+trim = machine.keep_freed_memory()
 base = rss()
 x = torch.ones(256 * 2 ** 20 // 4)  # 256 MB, touched
 del x

@@ -2,6 +2,7 @@ import json, os, signal, subprocess, sys, time
 import numpy as np
 import pytest
 from conftest import ROOT, write_jsonl
+import models
 import prepare_data as P
 
 def run(tmp_path, inputs, *args):
@@ -98,7 +99,7 @@ def test_meta_and_skips(tmp_path, bytes_tok):
     assert meta['splits']['train']['documents'] == 1 and meta['splits']['val']['documents'] == 1
     tokens = sum(s['tokens'] for s in meta['splits'].values())
     assert tokens == len(b('hello')) + 1 + len(b('User: q\n\nAssistant: a')) + 2
-    assert meta['vocab_fingerprint'] == P.vocab_fingerprint(bytes_tok) and meta['vocab_size'] == 259
+    assert meta['vocab_fingerprint'] == models.vocab_fingerprint(bytes_tok) and meta['vocab_size'] == 259
     assert meta['eos_id'] == EOT and meta['tokenizer'] == 'bytes' and '--seed 3' in meta['command']
 
 def test_max_examples_and_seed(tmp_path):
@@ -167,7 +168,7 @@ def test_demo_dataset(tmp_path, smol_tok):
     assert P.main(['--demo', '--out_root', str(tmp_path / 'data')]) == 0
     folder = tmp_path / 'data' / 'demo'
     meta = json.load(open(folder / 'meta.json'))
-    assert meta['vocab_fingerprint'] == P.vocab_fingerprint(smol_tok) and meta['records_skipped'] == {'unknown_shape': 1}  # a chat stored as a string
+    assert meta['vocab_fingerprint'] == models.vocab_fingerprint(smol_tok) and meta['records_skipped'] == {'unknown_shape': 1}  # a chat stored as a string
     assert meta['splits']['val']['documents'] > 0 and meta['splits']['train']['supervised_tokens'] > 1_000_000
     ids = np.fromfile(folder / 'train.bin', dtype=np.uint16)
     mask = np.fromfile(folder / 'train_mask.bin', dtype=np.uint8)
@@ -213,6 +214,6 @@ def test_gguf_conversion_cache_is_keyed_by_content(tmp_path):
     for p, content in zip(paths, (data, data, data[:-1] + bytes([data[-1] ^ 1]), data[:2 ** 20] + bytes([data[2 ** 20] ^ 1]) + data[2 ** 20 + 1:])):
         p.parent.mkdir()
         p.write_bytes(content)
-    a, b, changed_end, changed_middle = map(P.cache_dir, map(str, paths))
+    a, b, changed_end, changed_middle = map(models.cache_dir, map(str, paths))
     assert a == b != changed_end
     assert changed_middle == a  # (the middle is not read: size, first and last MiB)

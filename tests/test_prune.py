@@ -3,8 +3,8 @@ most (ShortGPT), checked against a float64 reference and on blocks that are the 
 import json
 import torch
 from conftest import tiny_model
-import distill
-from support import block_influence, choose_blocks
+import models
+from models import block_influence, choose_blocks
 from test_distill import run, work  # noqa: F401 (the fixture)
 
 def batches(vocab=259, seed=0):
@@ -20,7 +20,7 @@ def test_influence_is_one_minus_the_mean_cosine_float64():
     """Against the hidden states HF returns (the last block's output read where the final norm takes it: HF returns
     it normalised), the cosine written out."""
     model = tiny_model(layers=4, hidden=32).double().eval()
-    got = block_influence(model, batches(), distill.blocks(model))
+    got = block_influence(model, batches(), models.blocks(model))
     final = []
     model.model.norm.register_forward_hook(lambda m, args, out: final.append(args[0]))
     sums, count = torch.zeros(4, dtype=torch.float64), 0
@@ -40,7 +40,7 @@ def test_identity_blocks_are_the_ones_dropped():
         for i in (1, 4):  # no attention output, no MLP output: the block passes its input through
             model.model.layers[i].self_attn.o_proj.weight.zero_()
             model.model.layers[i].mlp.down_proj.weight.zero_()
-    layers, scores = choose_blocks('auto:4', model, batches(), distill.blocks(model))
+    layers, scores = choose_blocks('auto:4', model, batches(), models.blocks(model))
     assert layers == [0, 2, 3, 5]
     assert max(abs(scores[1]), abs(scores[4])) < 1e-6 < min(scores[i] for i in (0, 2, 3, 5))
 

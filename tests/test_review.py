@@ -4,7 +4,7 @@ import numpy as np
 import pytest, torch
 import transformers as T
 from conftest import ROOT, tiny_model
-import distill, support
+import data, models
 
 def granite(scaling=8.0):
     torch.manual_seed(0)
@@ -14,12 +14,12 @@ def granite(scaling=8.0):
 def test_plain_head_is_checked_on_a_probe():
     """Granite divides its logits by logits_scaling: the chunked path (h @ W.T) would train on 8x the logits."""
     probe = torch.arange(1, 17)[None]
-    assert not support.plain_head(granite(8.0), probe)
-    assert support.plain_head(granite(1.0), probe)
-    assert support.plain_head(tiny_model(), probe) and support.plain_head(tiny_model(arch='gpt2'), probe)
+    assert not models.plain_head(granite(8.0), probe)
+    assert models.plain_head(granite(1.0), probe)
+    assert models.plain_head(tiny_model(), probe) and models.plain_head(tiny_model(arch='gpt2'), probe)
     model = tiny_model()
     model.model.norm.register_forward_hook(lambda m, i, o: o)  # a hook that changes nothing: still plain
-    assert support.plain_head(model, probe)
+    assert models.plain_head(model, probe)
     scaled, forward = tiny_model(), None  # a multiplier applied in the causal-LM forward (Falcon-H1's lm_head_multiplier)
     forward = scaled.forward
     def multiplied(**kw):
@@ -27,7 +27,7 @@ def test_plain_head_is_checked_on_a_probe():
         out.logits = out.logits * 0.9
         return out
     scaled.forward = multiplied
-    assert not support.plain_head(scaled, probe)
+    assert not models.plain_head(scaled, probe)
 
 def test_rope_buffers_stay_fp32_in_a_bf16_teacher():
     """Far-position logits of a bf16 teacher stay close to fp32's only when inv_freq is not cast with the weights."""
@@ -42,7 +42,7 @@ def test_rope_buffers_stay_fp32_in_a_bf16_teacher():
     X = torch.randint(0, 280, (1, 2048))
     with torch.no_grad():
         z = ref(input_ids=X).logits[0, 1024:].float()
-        kept = support.cast_parameters(T.LlamaForCausalLM(cfg).eval(), torch.bfloat16)
+        kept = models.cast_parameters(T.LlamaForCausalLM(cfg).eval(), torch.bfloat16)
         kept.load_state_dict(ref.state_dict())
         cast = T.LlamaForCausalLM(cfg).eval().to(torch.bfloat16)  # what distill.py did: inv_freq in bf16 too
         cast.load_state_dict(ref.state_dict())
@@ -59,11 +59,11 @@ def test_windows_cover_every_target_once(tmp_path):
     recs = [{'text': 'x'}, {'text': 'a' * 9}, {'text': 'b' * 10}, {'question': 'q' * 30, 'answer': 'yes'}]
     assert P.main([write_jsonl(tmp_path / 'in.jsonl', recs), '--tokenizer=bytes', f'--out_root={tmp_path}', '--name=w',
                    '--val_fraction=0', '--max_length=0']) == 0
-    split = distill.load_split(str(tmp_path / 'w'), 'train')
+    split = data.load_split(str(tmp_path / 'w'), 'train')
     lengths = {int(n) for n in split['idx'][1:] - split['idx'][:-1]}
     assert lengths == {2, 10, 11, 54}  # text + eot; the chat in the fallback template (only "yes" + eot supervised)
-    windows = distill.block_windows(split, 4)
-    X, Y, M = distill.make_batch(split, windows, 4, 0, 'cpu')[:3]
+    windows = data.block_windows(split, 4)
+    X, Y, M = data.make_batch(split, windows, 4, 0, 'cpu')[:3]
     assert X.shape[1] == 4 and M.sum().item() == int(split['mask'].sum())  # every target once
     tokens = np.asarray(split['tokens'], dtype=np.int64)
     for (d, s), x, y, m in zip(windows, X, Y, M):
@@ -79,7 +79,7 @@ def test_windows_cover_every_target_once(tmp_path):
                    '--val_fraction=0.5', '--max_length=0', '--seed=3']) == 0
     import eval as ev
     short, whole = (ev.heldout(model, str(tmp_path / 'v'), 2, block, 'cpu') for block in (4, 512))
-    assert short['val_tokens'] == whole['val_tokens'] == int(distill.load_split(str(tmp_path / 'v'), 'val')['mask'].sum())
+    assert short['val_tokens'] == whole['val_tokens'] == int(data.load_split(str(tmp_path / 'v'), 'val')['mask'].sum())
 
 @pytest.mark.parametrize('reply', ['a', 'is', 'assistant', 'im_start', ' Paris.'])
 def test_short_replies_are_found_after_their_header(smol_tok, reply):
@@ -133,7 +133,7 @@ def test_a_template_error_skips_one_record(tmp_path, smol_tok):
         json.dump(config, open(folder / 'tokenizer_config.json', 'w'))
     if os.path.exists(folder / 'chat_template.jinja'):
         open(folder / 'chat_template.jinja', 'w').write(template)
-    assert P.load_tokenizer(str(folder)).chat_template == template
+    assert models.load_tokenizer(str(folder)).chat_template == template
     src = write_jsonl(tmp_path / 'in.jsonl', TOOL_RECORDS + [{'question': 'q?', 'answer': 'a.'}])
     assert P.main([src, f'--tokenizer={folder}', f'--out_root={tmp_path}', '--name=x', '--val_fraction=0']) == 0
     meta = json.load(open(tmp_path / 'x' / 'meta.json'))
@@ -155,10 +155,10 @@ def gpt2_byte(c):
 def test_byte_ends_of_a_tokenizer_that_trims_its_offsets(bytes_tok):
     """A byte-level BPE with trim_offsets reports 'ĊĠĠĠ' as ending after the newline; the ends come from the tokens
     themselves, so cross-tokenizer pairs really end at the same byte."""
-    from tokenizers import Tokenizer, models, trainers, pre_tokenizers, processors, decoders
+    from tokenizers import Tokenizer, models as bpe, trainers, pre_tokenizers, processors, decoders
     from transformers import PreTrainedTokenizerFast
     import prepare_data as P
-    backend = Tokenizer(models.BPE())
+    backend = Tokenizer(bpe.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.post_processor = processors.ByteLevel(trim_offsets=True)
     backend.decoder = decoders.ByteLevel()
@@ -167,20 +167,20 @@ def test_byte_ends_of_a_tokenizer_that_trims_its_offsets(bytes_tok):
                                                     special_tokens=['<|endoftext|>'], show_progress=False))
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token='<|endoftext|>')
     text = "def f(x):\n    return 'é'\n<|endoftext|>"
-    ids, starts, ends = P.encode(tok, text)
+    ids, starts, ends = models.encode(tok, text)
     pieces = [t.encode() if t == '<|endoftext|>' else bytes(gpt2_byte(c) for c in t) for t in tok.convert_ids_to_tokens(ids)]
     assert 'ĊĠĠĠ' in tok.convert_ids_to_tokens(ids)
     assert ends.tolist() == np.cumsum([len(p) for p in pieces]).tolist() and ends[-1] == len(text.encode())
     assert [text.encode()[:e].decode(errors='ignore')[s:] for s, e in zip(starts, ends)][:3] == ['def', ' f', '(']
-    s_ids, _, s_ends = P.encode(bytes_tok, text)
+    s_ids, _, s_ends = models.encode(bytes_tok, text)
     for i, j in P.align_positions(s_ends, ends):  # equal text before both tokens' ends
         assert bytes_tok.decode_bytes(s_ids[:i + 1]) == b''.join(pieces[:j + 1])
 
 def bos_tokenizer(folder):
     """A small byte-level BPE that, like Llama's, puts <s> before every sequence it encodes."""
-    from tokenizers import Tokenizer, models, trainers, pre_tokenizers, processors, decoders
+    from tokenizers import Tokenizer, models as bpe, trainers, pre_tokenizers, processors, decoders
     from transformers import PreTrainedTokenizerFast
-    backend = Tokenizer(models.BPE())
+    backend = Tokenizer(bpe.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.train_from_iterator(['the cat sat on the mat'] * 20, trainers.BpeTrainer(

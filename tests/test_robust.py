@@ -5,7 +5,8 @@ import numpy as np
 import pytest, torch
 from safetensors.torch import load_file
 from conftest import ROOT, save_tiny_model, tiny_model, write_jsonl
-import distill, eval as ev, support
+import checkpoint, configurator, data, models
+import eval as ev
 import prepare_data as P
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
@@ -59,7 +60,7 @@ def save_with_crash(folder, module, it, crash_at, monkeypatch):
     from safetensors import torch as st
     count, state = [0], {'manifest': False}
     real = {'makedirs': os.makedirs, 'replace': os.replace, 'rmtree': shutil.rmtree, 'fsync': os.fsync,
-            'save': torch.save, 'save_model': st.save_model, 'exchange': P.exchange}
+            'save': torch.save, 'save_model': st.save_model, 'exchange': checkpoint.exchange}
 
     def hook(name):
         def op(*a, **k):
@@ -81,10 +82,10 @@ def save_with_crash(folder, module, it, crash_at, monkeypatch):
     opt, scaler = torch.optim.SGD(module.parameters()), torch.amp.GradScaler('cpu', enabled=False)
     with monkeypatch.context() as m:
         for target, name in ((os, 'makedirs'), (os, 'replace'), (shutil, 'rmtree'), (os, 'fsync'), (torch, 'save'),
-                             (st, 'save_model'), (P, 'exchange')):
+                             (st, 'save_model'), (checkpoint, 'exchange')):
             m.setattr(target, name, hook(name))
         try:
-            support.save_checkpoint(folder, module, opt.state_dict(), scaler, it, it, [], {})
+            checkpoint.save_checkpoint(folder, module, opt.state_dict(), scaler, it, it, [], {})
         except Killed:
             return state['manifest'], False
     return state['manifest'], True
@@ -105,7 +106,7 @@ def test_every_crash_point_of_two_saves_keeps_the_newest_complete_checkpoint(tmp
     left): the newest complete checkpoint is found with its own weights, and a clean save 4 tidies everything. With
     the atomic exchange of two folders, and without it (other systems: the old folder renamed aside first)."""
     if not exchange:
-        monkeypatch.setattr(P, 'exchange', lambda a, b: False)
+        monkeypatch.setattr(checkpoint, 'exchange', lambda a, b: False)
     n_ops = 0
     while save_with_crash(str(tmp_path / 'count'), net(0.0), 1, n_ops + 1, monkeypatch)[1] is False:
         n_ops += 1
@@ -119,7 +120,7 @@ def test_every_crash_point_of_two_saves_keeps_the_newest_complete_checkpoint(tmp
             for it, crash in ((2, first), (3, second)):
                 manifest, done = save_with_crash(ckpt, net(float(it)), it, crash, monkeypatch)
                 newest = it if manifest or done else newest
-                path, found, _ = support.find_checkpoint(ckpt)
+                path, found, _ = checkpoint.find_checkpoint(ckpt)
                 assert found == newest and loaded_value(path) == float(newest), (first, second, it)
             assert save_with_crash(ckpt, net(4.0), 4, 0, monkeypatch)[1]
             assert os.listdir(os.path.dirname(ckpt)) == ['ckpt'] and loaded_value(ckpt) == 4.0
@@ -134,20 +135,18 @@ def test_truncated_checkpoint_falls_back_or_says_which_file(tmp_path, monkeypatc
     shutil.copytree(str(tmp_path / 'first'), ckpt + '.tmp.old')  # as a kill before the old one's removal leaves it
     with open(os.path.join(ckpt, 'model.safetensors'), 'r+b') as f:
         f.truncate(100)
-    path, it, problems = support.find_checkpoint(ckpt)
+    path, it, problems = checkpoint.find_checkpoint(ckpt)
     assert (path, it) == (ckpt + '.tmp.old', 1) and 'model.safetensors has 100 bytes' in problems[0]
     shutil.rmtree(ckpt + '.tmp.old')
-    with pytest.raises(distill.ConfigError, match=r"no complete checkpoint in .*model\.safetensors has 100 bytes"):
-        support.find_checkpoint(ckpt)
-    # a checkpoint saved before manifests existed (only finished saves were renamed into place) still resumes
+    with pytest.raises(configurator.ConfigError, match=r"no complete checkpoint in .*model\.safetensors has 100 bytes"):
+        checkpoint.find_checkpoint(ckpt)
     save_with_crash(ckpt, net(3.0), 3, 0, monkeypatch)
     shutil.copytree(ckpt, ckpt + '.tmp')
     for path in (ckpt, ckpt + '.tmp'):
         os.remove(os.path.join(path, 'manifest.json'))
-    assert support.find_checkpoint(ckpt)[:2] == (ckpt, 3)
     shutil.rmtree(ckpt)
-    with pytest.raises(distill.ConfigError, match=r"ckpt\.tmp has no manifest"):  # a leftover never counts
-        support.find_checkpoint(ckpt)
+    with pytest.raises(configurator.ConfigError, match=r"ckpt\.tmp has no manifest"):  # a leftover never counts
+        checkpoint.find_checkpoint(ckpt)
 
 HOOK = """
 import json, os, shutil, signal, sys
@@ -165,10 +164,10 @@ def hook(fn, callers=None):  # SIGKILL this process at the n-th call of the hook
 KILL = HOOK + """
 import runpy, torch
 from safetensors import torch as st
-import prepare_data as P
+import checkpoint
 callers = ('save_checkpoint', 'seal', 'swap_in')
-os.makedirs, os.replace, shutil.rmtree, os.fsync, torch.save, st.save_model, P.exchange = (hook(f, callers) for f in (
-    os.makedirs, os.replace, shutil.rmtree, os.fsync, torch.save, st.save_model, P.exchange))
+os.makedirs, os.replace, shutil.rmtree, os.fsync, torch.save, st.save_model, checkpoint.exchange = (hook(f, callers) for f in (
+    os.makedirs, os.replace, shutil.rmtree, os.fsync, torch.save, st.save_model, checkpoint.exchange))
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 """
@@ -265,9 +264,9 @@ def test_non_finite_weights_are_never_saved(work):
 # datasets: a killed re-run of prepare_data.py leaves the old dataset or the new one, never a mix
 
 PREP_KILL = HOOK + """
-import prepare_data as P
+import checkpoint, prepare_data as P
 os.makedirs, os.replace, shutil.rmtree, json.dump = map(hook, (os.makedirs, os.replace, shutil.rmtree, json.dump))
-P.write_ragged, P.swap_in, P.exchange = hook(P.write_ragged), hook(P.swap_in), hook(P.exchange)
+P.write_ragged, P.swap_in, checkpoint.exchange = hook(P.write_ragged), hook(P.swap_in), hook(checkpoint.exchange)
 sys.exit(P.main(sys.argv[1:]))
 """
 
@@ -281,7 +280,7 @@ def test_killed_prepare_data_keeps_a_whole_dataset(tmp_path):
     for n in range(1, 12):
         proc = subprocess.run([sys.executable, '-c', PREP_KILL, *cmd(new)], env=dict(ENV, KILL_AT=str(n)), cwd=ROOT,
                               capture_output=True, text=True)
-        meta = P.check_dataset(str(tmp_path / 'data' / 'd'))  # complete, whichever it is
+        meta = data.check_dataset(str(tmp_path / 'data' / 'd'))  # complete, whichever it is
         which = 'new' if meta['records_read'] == 50 else 'old'
         assert meta['records_read'] == (50 if which == 'new' else 30)
         sizes[which] = meta['splits']
@@ -296,8 +295,8 @@ def test_incomplete_dataset_is_named(work, tmp_path):
     shutil.copytree(work / 'data' / 'tiny', tmp_path / 'd')
     with open(tmp_path / 'd' / 'train.bin', 'r+b') as f:
         f.truncate(10)
-    with pytest.raises(P.DataError, match=r'd is incomplete: .*train\.bin has 10 bytes, not the [\d,]+ it was written'):
-        P.check_dataset(str(tmp_path / 'd'))
+    with pytest.raises(configurator.DataError, match=r'd is incomplete: .*train\.bin has 10 bytes, not the [\d,]+ it was written'):
+        data.check_dataset(str(tmp_path / 'd'))
 
 # -----------------------------------------------------------------------------
 # training signal: masks of the edge cases
@@ -441,7 +440,7 @@ EVAL = {  # eval.py: (arguments given the work folder, expected text)
     'truncated safetensors': (lambda w: [str(w / 'cut'), '--tokenizer=bytes'], "cannot load model '"),
     'empty validation split': (lambda w: [str(w / 'gpt2'), '--tokenizer=bytes', f'--data={w / "data" / "noval"}'],
                                'has no validation documents'),
-    'data of another tokenizer': (lambda w: [str(w / 'gpt2'), f'--tokenizer={P.demo_tokenizer()}', f'--data={w / "data" / "tiny"}'],
+    'data of another tokenizer': (lambda w: [str(w / 'gpt2'), f'--tokenizer={models.demo_tokenizer()}', f'--data={w / "data" / "tiny"}'],
                                   'differs from the one'),
     'an empty choice': (lambda w: [str(w / 'gpt2'), '--tokenizer=bytes', f'--tasks={write_jsonl(w / "t1.jsonl", [{"query": "q", "choices": ["a", ""], "gold": 0}])}'],
                         'document 0 has an empty choice'),

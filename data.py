@@ -1,0 +1,227 @@
+"""
+What training reads: a prepared dataset's splits (prepare_data.py), the windows and batches a step takes, and the
+teacher cache (cache_teacher.py): how its rows are drawn and laid out, and how a batch reads them (TopK).
+"""
+import json, math, os
+from typing import NamedTuple
+import numpy as np
+import torch
+import torch.nn.functional as F
+from checkpoint import content_hash, verify_files
+from configurator import ConfigError, DataError
+
+# -----------------------------------------------------------------------------
+# datasets
+
+def check_dataset(folder):
+    """meta.json of a complete prepared dataset (every file it lists, at its size), else DataError in one line."""
+    path = os.path.join(folder, 'meta.json')
+    if not os.path.isfile(path):
+        raise DataError(f'no prepared dataset in {folder}: run prepare_data.py first (python prepare_data.py for the '
+                        'demo)')
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as e:
+        raise DataError(f'{path} is unreadable ({e}): run prepare_data.py again')
+    problem = verify_files(folder, meta['files']) if 'files' in meta else f'{path} lists no files'
+    if problem:
+        raise DataError(f'{folder} is incomplete: {problem}; run prepare_data.py again')
+    return meta
+
+
+def load_split(folder, split):
+    """A split as a dict of arrays; with a cross-tokenizer dataset also the teacher's tokens and the aligned
+    position pairs (see prepare_data.py)."""
+    meta = json.load(open(os.path.join(folder, 'meta.json')))
+    path = lambda name: os.path.join(folder, f'{split}{name}.bin')
+    memmap = lambda f, dtype: np.memmap(f, dtype=dtype, mode='r') if os.path.getsize(f) else np.zeros(0, dtype)
+    data = {'tokens': memmap(path(''), meta['dtype']), 'mask': memmap(path('_mask'), np.uint8),
+            'idx': np.fromfile(path('_idx'), dtype=np.int64)}
+    if 'teacher_tokenizer' in meta:
+        data['teacher'] = memmap(path('_teacher'), meta['teacher_dtype'])
+        data['teacher_idx'] = np.fromfile(path('_teacher_idx'), dtype=np.int64)
+        data['align'] = np.fromfile(path('_align'), dtype=np.int32).reshape(-1, 2)
+        data['align_idx'] = np.fromfile(path('_align_idx'), dtype=np.int64)
+    return data
+
+def block_windows(split, block_size):
+    """(document, start) of every window that holds a supervised target. A document d of n tokens is read in
+    windows X = d[s:s + B], Y = d[s + 1:s + B + 1], s = 0, B, 2B, ..., so every target is trained on once and
+    no window crosses a document boundary (a later window's first targets see less context than one long pass)."""
+    idx = split['idx']
+    count = np.maximum(0, -(-(np.diff(idx) - 1) // block_size))  # ceil((n - 1) / B) windows per document
+    doc = np.repeat(np.arange(len(count)), count)
+    start = (np.arange(len(doc)) - np.repeat(np.cumsum(count) - count, count)) * block_size
+    if not len(doc):
+        return np.zeros((0, 2), np.int64)
+    # supervised targets per window: its targets idx[d] + s + 1 .. run up to the next window's (the gap between
+    # documents is a first token, never a target)
+    supervised = np.add.reduceat(np.asarray(split['mask']), idx[doc] + start + 1, dtype=np.int64)
+    return np.stack([doc, start], 1)[supervised > 0]
+
+def doc_order(position, count, n_docs, seed):
+    """Document ids at [position, position + count) of the stream: epoch e is a permutation seeded by seed + e."""
+    out = []
+    while len(out) < count:
+        epoch, k = divmod(position + len(out), n_docs)
+        out.extend(np.random.default_rng(seed + epoch).permutation(n_docs)[k:k + count - len(out)].tolist())
+    return out
+
+def step_doc_ids(iter_num, batch_size, grad_accum, rank, world, n_docs, seed):
+    """This rank's micro-batches of step iter_num: the step takes batch_size * grad_accum documents of the
+    stream, micro-batch j of them goes to rank j % world."""
+    step = doc_order(iter_num * batch_size * grad_accum, batch_size * grad_accum, n_docs, seed)
+    return [step[j * batch_size:(j + 1) * batch_size] for j in range(rank, grad_accum, world)]
+
+class TopK:
+    """A teacher's next-token distribution kept sparse (cache_teacher.py writes it): at each position the ids and
+    T = 1 log-probabilities of its k most likely tokens followed by m tokens drawn from the others (the tail), log
+    sum_tail p^(1/T) at the training T (-inf when k = V), and each drawn token's log weight, -log(m r) with r its
+    chance of being drawn. Indexed by positions like a tensor: [keep], [a:b]."""
+    def __init__(self, ids, logp, tail, logw):
+        self.ids, self.logp, self.tail, self.logw = ids, logp, tail, logw  # (..., k + m), (..., k + m), (...), (..., m)
+
+    def __getitem__(self, i):
+        return TopK(self.ids[i], self.logp[i], self.tail[i], self.logw[i])
+
+    @staticmethod
+    def from_rows(ids, logp, tail, drawn_tail, samples, sample_temperature):
+        """From a cache's rows: tail at the training T, drawn_tail at the temperature Ts the tokens were drawn at, where
+        a drawn token's chance is r = p^(1/Ts) / sum_tail p^(1/Ts)."""
+        log_r = logp[..., ids.shape[-1] - samples:] / sample_temperature - drawn_tail[..., None]
+        logw = -math.log(max(samples, 1)) - log_r
+        return TopK(ids, logp, tail, logw)
+
+class Align(NamedTuple):
+    """Where the hidden-state loss is taken: student position s of row b pairs with teacher position t, at supervised
+    positions only. XT is the teacher's own input across tokenizers, else None (it reads X)."""
+    XT: torch.Tensor
+    b: torch.Tensor
+    s: torch.Tensor
+    t: torch.Tensor
+
+class Batch(NamedTuple):
+    X: torch.Tensor  # (rows, L) input tokens, right-padded
+    Y: torch.Tensor  # (rows, L) targets
+    M: torch.Tensor  # (rows, L) 1 where Y is a supervised target
+    align: Align
+    topk: TopK = None  # the teacher's cached distribution at the supervised targets (teacher_cache), else None
+
+def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
+    """A Batch of some (document, start) windows (block_windows). No attention mask is needed: causal attention
+    never lets a real token see the padding after it, and M is 0 on padding."""
+    idx = split['idx']
+    spans = [(idx[d] + s, min(idx[d] + s + block_size + 1, idx[d + 1])) for d, s in windows]
+    docs = [(np.asarray(split['tokens'][a:b], dtype=np.int64), np.asarray(split['mask'][a:b], dtype=np.int64))
+            for a, b in spans]
+    L = max(len(t) for t, _ in docs) - 1
+    X = torch.full((len(docs), L), pad_id, dtype=torch.long)
+    Y = torch.zeros((len(docs), L), dtype=torch.long)
+    M = torch.zeros((len(docs), L), dtype=torch.long)
+    for i, (t, m) in enumerate(docs):
+        n = len(t) - 1
+        X[i, :n], Y[i, :n], M[i, :n] = torch.from_numpy(t[:-1]), torch.from_numpy(t[1:]), torch.from_numpy(m[1:])
+    if 'teacher' in split:
+        pairs, rows, ti = [], [], split['teacher_idx']
+        for i, (d, s) in enumerate(windows):
+            p = split['align'][split['align_idx'][d]:split['align_idx'][d + 1]].astype(np.int64)
+            # the teacher starts where the student's window does, or at the last shared boundary before it
+            before = p[p[:, 0] < s]
+            t0 = int(before[-1, 1]) + 1 if s and len(before) else 0
+            p = p[(p[:, 0] >= s) & (p[:, 0] < s + len(docs[i][0]) - 1)] - [s, t0]  # positions the student reads
+            p = p[M[i, p[:, 0]].numpy() == 1]
+            pairs.append(np.column_stack([np.full(len(p), i), p]))
+            length = int(p[:, 1].max()) + 1 if len(p) else 1
+            rows.append(np.asarray(split['teacher'][ti[d] + t0:ti[d] + t0 + length], dtype=np.int64))
+        XT = torch.full((len(docs), max(len(r) for r in rows)), teacher_pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            XT[i, :len(r)] = torch.from_numpy(r)
+        b, s, t = torch.from_numpy(np.concatenate(pairs)).T
+        align = Align(XT.to(device), b.to(device), s.to(device), t.to(device))
+    else:
+        b, s = M.nonzero(as_tuple=True)
+        align = Align(None, b.to(device), s.to(device), s.to(device))
+    topk = None
+    if 'topk' in split:  # a teacher cache: its rows are the split's supervised targets in order, a window's consecutive
+        c = split['topk']
+        rows = np.concatenate([c['first'][np.searchsorted(c['starts'], idx[d] + s)] + np.arange(n)
+                               for (d, s), n in zip(windows, M.sum(1).tolist())])
+        keep = M.bool()
+        t = TopK.from_rows(torch.from_numpy(c['ids'][rows].astype(np.int64)),
+                           torch.from_numpy(c['logp'][rows].astype(np.float32)), torch.from_numpy(c['tail'][rows]),
+                           torch.from_numpy(c['drawn_tail'][rows]), c['samples'], c['sample_temperature'])
+        laid_out = lambda x: torch.zeros(*M.shape, *x.shape[1:], dtype=x.dtype).index_put_((keep,), x).to(device)
+        topk = TopK(*map(laid_out, (t.ids, t.logp, t.tail, t.logw)))
+    return Batch(X.to(device), Y.to(device), M.to(device), align, topk)
+
+
+# -----------------------------------------------------------------------------
+# the teacher cache
+
+
+def top_k(logits, k, temperatures, samples=0, generator=None):
+    """(ids (n, k + samples), their T = 1 log-probabilities, (n, len(temperatures)) log sum_tail p^(1/T)) from logits
+    (n, V) of the real vocabulary, in fp32 (fp64 stays): the k most likely tokens, then samples tokens drawn from the
+    tail (the others) with probabilities proportional to p^(1/T) at the highest T."""
+    logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    values, ids = logp.topk(k, dim=-1)
+    tail = logp.scatter(-1, ids, -float('inf'))
+    if samples:
+        chances = F.softmax(tail / max(temperatures), dim=-1)
+        drawn = torch.multinomial(chances, samples, replacement=True, generator=generator)
+        ids, values = torch.cat([ids, drawn], -1), torch.cat([values, logp.gather(-1, drawn)], -1)
+    return ids, values, torch.stack([torch.logsumexp(tail / t, dim=-1) for t in temperatures], -1)
+
+
+def data_hash(folder, split):
+    """The fingerprint of a split's token, mask and offset arrays: what a teacher cache was computed from."""
+    return content_hash([os.path.join(folder, f'{split}{name}.bin') for name in ('', '_mask', '_idx')])
+
+def cache_rows(split, block_size):
+    """A teacher cache's row layout: the split's windows, each one's first token position, first row and row count
+    (its supervised targets; rows follow the split's order)."""
+    windows = block_windows(split, block_size)
+    starts = split['idx'][windows[:, 0]] + windows[:, 1]
+    counts = np.add.reduceat(np.asarray(split['mask']), starts + 1, dtype=np.int64) if len(starts) else \
+        np.zeros(0, np.int64)
+    return windows, starts, np.cumsum(counts) - counts, counts
+
+def attach_topk(split, name, folder, data_dir, block_size, temperature):
+    """Add a teacher cache's rows (cache_teacher.py) to a split loaded by load_split, after checking that they were
+    written for this split, its windows and this temperature; make_batch then reads them (Batch.topk)."""
+    cache = os.path.join(folder, 'meta.json')
+    try:
+        with open(cache) as f:
+            m = json.load(f)
+        problem = verify_files(folder, m['files'])
+    except (OSError, ValueError, KeyError) as e:
+        problem = f'{cache} is missing or unreadable ({type(e).__name__})'
+    if problem:
+        raise ConfigError(f'teacher_cache {folder} is not a complete cache: {problem}; write it with cache_teacher.py')
+    fix = f'write a cache for it with cache_teacher.py --dataset={data_dir} --block_size={block_size}'
+    if name not in m['splits']:
+        raise ConfigError(f'teacher_cache {folder} has no {name} split: {fix}')
+    if m['splits'][name]['data_hash'] != data_hash(data_dir, name):
+        raise ConfigError(f'teacher_cache {folder} was written for other data than {data_dir} ({name} split '
+                          f'differs): {fix}')
+    if m['block_size'] != block_size:
+        raise ConfigError(f"teacher_cache {folder} was written for block_size={m['block_size']}, not {block_size} "
+                          f"(the teacher's context differs): set block_size={m['block_size']} or {fix}")
+    if temperature not in m['temperatures']:
+        raise ConfigError(f"teacher_cache {folder} holds the tail for temperatures {m['temperatures']}, not "
+                          f"{temperature:g}: {fix} --temperatures="
+                          + ','.join(f'{t:g}' for t in m['temperatures'] + [temperature]))
+    rows, width, tails = m['splits'][name]['rows'], m['k'] + m['samples'], m['temperatures']
+    memmap = lambda f, dtype, shape: np.memmap(os.path.join(folder, f'{name}_{f}.bin'), dtype=dtype, mode='r',
+                                               shape=shape) if rows else np.zeros(shape, dtype)
+    _, starts, first, counts = cache_rows(split, block_size)
+    if counts.sum() != rows:
+        raise ConfigError(f'teacher_cache {folder} has {rows:,} rows for the {name} split, which has '
+                          f'{counts.sum():,} supervised targets: {fix}')
+    tail = memmap('tail', np.float32, (rows, len(tails)))
+    split['topk'] = dict(ids=memmap('ids', m['ids_dtype'], (rows, width)),
+                         logp=memmap('logp', m['values_dtype'], (rows, width)), tail=tail[:, tails.index(temperature)],
+                         drawn_tail=tail[:, tails.index(m['sample_temperature'])],
+                         samples=m['samples'], sample_temperature=m['sample_temperature'], starts=starts, first=first)
+    return m
