@@ -488,9 +488,12 @@ if __name__ == '__main__':
                       teacher_model.config.hidden_size if layer_pairs else 0, hidden_loss, hidden_rms_norm, proj_init,
                       compile)
     raw_model = model = model.to(torch_device).train()  # from_pretrained returns models in eval mode
+
+    # across processes: FSDP2 shards before the optimizer is made (it must hold the shards), DDP wraps after the
+    # resume (the checkpoint holds raw_model's names); the teacher is never wrapped, only sharded under fsdp
     fsdp = ddp and parallel == 'fsdp'  # (one process has nothing to shard)
     memory = memory_estimate(raw_model, teacher_model, batch_size * block_size, compute_dtype, world_size, fsdp)
-    if fsdp:  # before the optimizer, which must see the sharded parameters
+    if fsdp:
         if compute_dtype == 'float16':
             raise ConfigError("parallel='fsdp' trains in float32 or bfloat16: set dtype='bfloat16' (float16 needs a "
                               'loss scaler per shard)')
