@@ -51,8 +51,9 @@ def write_split(teacher, split, folder, name, args, rank, world, ctx, device, pa
         r0, r = int(first[w[0]]), 0
         for i in w:  # a window's draws depend on its seed alone
             g.manual_seed(zlib.crc32(f'{args.seed} {name} {i}'.encode()))
-            for c in range(r, r + int(counts[i]), 1024):  # fp32 log-probabilities a slice at a time
-                ids, logp, tail = top_k(logits[c:min(c + 1024, r + int(counts[i]))], args.k, args.temperatures, args.samples, g)
+            for c in range(r, r + int(counts[i]), 256):  # fp32 log-probabilities, fp64 draws, a slice at a time
+                ids, logp, tail = top_k(logits[c:min(c + 256, r + int(counts[i]))], args.k, args.temperatures,
+                                        args.samples, g)
                 for array, values in zip(out, (ids, logp, tail)):
                     array[r0 + c:r0 + c + len(values)] = values.cpu().numpy().astype(array.dtype)
             r += int(counts[i])
