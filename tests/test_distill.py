@@ -249,6 +249,27 @@ def test_auto_dtype_rule(monkeypatch):
         assert (dtype, rate) == (expected, rates[expected]) and 'GFLOP/s' in why
     assert machine.choose_dtype('float16', 'cpu') == ('float16', 'as set', None)
 
+DTYPE_PROBE = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import machine
+rank = int(os.environ['RANK'])  # rank 0 measures bf16 clearly faster, rank 1 not: near the threshold, ranks differ
+rates = [{'float32': 2e11, 'bfloat16': 4e11}, {'float32': 2e11, 'bfloat16': 2.5e11}][rank]
+machine.measure_matmul_flops = lambda device, dtype: rates[str(dtype)[6:]]
+machine.init_distributed('cpu')
+print(f'rank {rank} chose', *machine.choose_dtype('auto', 'cpu')[::2], flush=True)
+"""
+
+def test_auto_dtype_is_decided_once_for_all_ranks(tmp_path):
+    """Each rank measures its own matmul rates; rank 0's choice (and rate) is every rank's."""
+    (tmp_path / 'probe.py').write_text(DTYPE_PROBE)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(tmp_path / 'probe.py'), ROOT], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    chose = sorted(l for l in proc.stdout.splitlines() if ' chose ' in l)
+    assert chose == ['rank 0 chose bfloat16 400000000000.0', 'rank 1 chose bfloat16 400000000000.0'], proc.stdout
+
 def test_auto_dtype_run_says_what_it_chose(work):
     """The default dtype on this machine, whichever kind it is: the start line names the choice and the measured rates
     behind it, the choice follows the rule from those rates, and the run trains in it."""
