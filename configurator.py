@@ -105,6 +105,9 @@ def check_config(c, choices, cuda_available):
     for key in ('alpha', 'beta', 'warmup_frac'):
         if not 0 <= c[key] <= 1:
             raise ConfigError(f'{key} must be in [0, 1], got {c[key]}')
+    for key in ('beta1', 'beta2'):  # (AdamW's)
+        if not 0 <= c[key] < 1:
+            raise ConfigError(f'{key} must be in [0, 1), got {c[key]}')
     for key in ('loss_chunk', 'eval_docs', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'max_iters'):
         if c[key] is not None and c[key] < 0:  # (max_iters=0 exports the student as it starts)
             raise ConfigError(f'{key} must be >= 0, got {c[key]}')

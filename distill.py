@@ -489,6 +489,10 @@ if __name__ == '__main__':
                       compile)
     raw_model = model = model.to(torch_device).train()  # from_pretrained returns models in eval mode
     fsdp = ddp and parallel == 'fsdp'  # (one process has nothing to shard)
+    if master_process and w_hidden == 0 and layer_map != 'uniform':  # (a setting that changes nothing is said)
+        print(f'note: layer_map={layer_map!r} is unused: this loss has no hidden-state term')
+    if master_process and parallel == 'fsdp' and not ddp:
+        print("note: parallel='fsdp' is unused: one process has nothing to shard")
     memory = memory_estimate(raw_model, teacher_model, batch_size * block_size, compute_dtype, world_size, fsdp)
     if fsdp:  # before the optimizer, which must see the sharded parameters
         if compute_dtype == 'float16':

@@ -270,6 +270,13 @@ def test_auto_dtype_is_decided_once_for_all_ranks(tmp_path):
     chose = sorted(l for l in proc.stdout.splitlines() if ' chose ' in l)
     assert chose == ['rank 0 chose bfloat16 400000000000.0', 'rank 1 chose bfloat16 400000000000.0'], proc.stdout
 
+def test_settings_that_change_nothing_are_said(work):
+    """layer_map without a hidden-state term, parallel='fsdp' in one process: a note each, and the run as without them."""
+    out = run(work, work / 'unused', '--layer_map=last', '--parallel=fsdp', '--max_iters=1').stdout
+    assert "note: layer_map='last' is unused: this loss has no hidden-state term" in out
+    assert "note: parallel='fsdp' is unused: one process has nothing to shard" in out
+    assert 'is unused' not in run(work, work / 'used', '--max_iters=1').stdout
+
 def test_auto_dtype_run_says_what_it_chose(work):
     """The default dtype on this machine, whichever kind it is: the start line names the choice and the measured rates
     behind it, the choice follows the rule from those rates, and the run trains in it."""

@@ -404,6 +404,11 @@ CONFIG = {  # distill.py: (overrides given the work folder, expected text); each
     'dataset without train.bin': (lambda w: [f'--data_root={w / "broken"}'], 'is incomplete: '),
     'student_layers auto:9': (lambda w: ['--student_init=teacher_layers', '--student_layers=auto:9'],
                               "student_layers must be a list of teacher blocks or 'auto:N' with 0 < N <= 2"),
+    'student_layers repeated': (lambda w: ['--student_init=teacher_layers', '--student_layers=[1, 1]'],
+                                'student_layers must be a non-empty list of teacher blocks in [0, 2), increasing'),
+    'student_layers unsorted': (lambda w: ['--student_init=teacher_layers', '--student_layers=[1, 0]', '--layer_map=kept',
+                                           '--distill=hidden'], 'without repeats (the student keeps the teacher'),
+    'beta2 2': (lambda w: ['--beta2=2'], 'beta2 must be in [0, 1), got 2.0'),
     'resume with another batch_size': (lambda w: [f'--out_dir={w / "straight"}', '--init_from=resume', '--batch_size=1'],
                                        'batch_size was 2 when'),
 }
