@@ -425,6 +425,9 @@ def main(argv=None):
                              (args.max_examples is not None and args.max_examples < 1, f'--max_examples must be >= 1, got {args.max_examples}'),
                              (args.max_length < 0, f'--max_length must be >= 0 (0: no limit), got {args.max_length}'),
                              (args.num_proc < 1, f'--num_proc must be >= 1, got {args.num_proc}'),
+                             (args.name is not None and (args.name in ('', '.', '..') or os.sep in args.name
+                                                         or (os.altsep or os.sep) in args.name),
+                              f'--name must be one folder name inside --out_root, got {args.name!r}'),
                              ((args.demo or args.fortunes) and bool(args.inputs or args.dataset),
                               '--demo and --fortunes prepare the packaged data: drop them, or the input files and --dataset')):
             if bad:

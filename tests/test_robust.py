@@ -363,6 +363,8 @@ PREPARE = {  # name: (arguments given the work folder, setup, the line's expecte
     'everything skipped': (lambda d: [write_jsonl(d / 'a.jsonl', [{'foo': 1}])], 'every one of the 1 records was skipped'),
     '--val_fraction=1.5': (lambda d: [write_jsonl(d / 'a.jsonl', [{'text': 'x'}]), '--val_fraction=1.5'],
                            '--val_fraction must be in [0, 1), got 1.5'),
+    '--name=../escape': (lambda d: [write_jsonl(d / 'a.jsonl', [{'text': 'x'}]), '--name=../escape'],
+                         "--name must be one folder name inside --out_root, got '../escape'"),
 }
 
 @pytest.mark.parametrize('case', PREPARE)
