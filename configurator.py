@@ -24,6 +24,12 @@ def exit_on_error(code=2):
         os._exit(code)
     sys.excepthook = hook
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The entry points' command lines: a mistake is one line, `error: ...` and exit status 2, not a usage block."""
+    def error(self, message):
+        print(f'error: {message} (--help lists the options)', file=sys.stderr)
+        sys.exit(2)
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The entry points' --help: the description as written, every option's default (where it has one) by its help."""
     def _get_help_string(self, action):

@@ -367,6 +367,14 @@ PREPARE = {  # name: (arguments given the work folder, setup, the line's expecte
                          "--name must be one folder name inside --out_root, got '../escape'"),
 }
 
+@pytest.mark.parametrize('script,argv', [('prepare_data.py', ['--nope']), ('cache_teacher.py', ['--teacher=t', '--k=x']),
+                                         ('eval.py', [])])
+def test_command_line_mistakes_are_one_line(script, argv):
+    """argparse's own errors too: one line and exit status 2, not a usage block."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith('error: ') and '--help' in err[0], proc.stderr
+
 @pytest.mark.parametrize('case', PREPARE)
 def test_catalogue_prepare_data(tmp_path, capfd, case):
     (tmp_path / 'sub').mkdir()
