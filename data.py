@@ -147,8 +147,11 @@ def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
         c = split['topk']
         rows = np.concatenate([c['first'][np.searchsorted(c['starts'], idx[d] + s)] + np.arange(n)
                                for (d, s), n in zip(windows, M.sum(1).tolist())])
-        keep = M.bool()
-        t = TopK.from_rows(torch.from_numpy(c['ids'][rows].astype(np.int64)),
+        keep, ids = M.bool(), c['ids'][rows].astype(np.int64)
+        if ids.size and not 0 <= ids.min() <= ids.max() < c['vocab']:  # (a file changed in place at its size)
+            raise DataError(f"{c['ids_file']} holds token id {ids.max()} for a vocabulary of {c['vocab']}: the cache "
+                            'is damaged; write it again with cache_teacher.py')
+        t = TopK.from_rows(torch.from_numpy(ids),
                            torch.from_numpy(c['logp'][rows].astype(np.float32)), torch.from_numpy(c['tail'][rows]),
                            torch.from_numpy(c['drawn_tail'][rows]), c['samples'], c['sample_temperature'])
         laid_out = lambda x: torch.zeros(*M.shape, *x.shape[1:], dtype=x.dtype).index_put_((keep,), x).to(device)
@@ -226,5 +229,7 @@ def attach_topk(split, name, folder, data_dir, block_size, temperature):
     split['topk'] = dict(ids=memmap('ids', m['ids_dtype'], (rows, width)),
                          logp=memmap('logp', m['values_dtype'], (rows, width)), tail=tail[:, tails.index(temperature)],
                          drawn_tail=tail[:, tails.index(m['sample_temperature'])],
-                         samples=m['samples'], sample_temperature=m['sample_temperature'], starts=starts, first=first)
+                         samples=m['samples'], sample_temperature=m['sample_temperature'], starts=starts, first=first,
+                         vocab=json.load(open(os.path.join(data_dir, 'meta.json')))['vocab_size'],
+                         ids_file=os.path.join(folder, f'{name}_ids.bin'))
     return m

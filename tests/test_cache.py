@@ -233,6 +233,15 @@ def test_mismatched_cache_is_one_line(work, override, message):
     out = run(work, work / 'bad', '--max_iters=1', cache, override, check=False)
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
+def test_a_cache_damaged_at_its_size_is_one_line(work):
+    """Token ids past the vocabulary (a file changed in place, so its size still matches): one line naming the file."""
+    assert write(work, '--k=4', '--name=damaged').returncode == 0
+    ids = work / 'data' / 'tiny' / 'damaged' / 'train_ids.bin'
+    ids.write_bytes(np.full(os.path.getsize(ids) // 2, 60000, np.uint16).tobytes())
+    out = run(work, work / 'damaged_run', '--max_iters=1', '--teacher_cache=damaged', check=False)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1 and 'train_ids.bin holds token id 60000 for a vocabulary of 259' in err[0], out.stderr
+
 def test_killed_write_leaves_nothing_taken_for_complete(work):
     """SIGKILL after the first split's rows: no folder that distill.py reads; the next run clears it and completes."""
     folder = work / 'data' / 'tiny' / 'killed'
