@@ -136,8 +136,9 @@ def main(argv=None):
             meta = check_dataset(args.data)
             if os.path.getsize(os.path.join(args.data, 'val_idx.bin')) <= 8:  # one offset: no document
                 raise ConfigError(f'{args.data} has no validation documents (prepared with --val_fraction=0): prepare it with some')
-            for spec in args.models + ([args.teacher] if args.teacher else []):
-                tok = toks.get(spec) or load_tokenizer(spec, args.tokenizer)
+            for spec in args.models + ([args.teacher] if args.teacher else []):  # (a model's own tokenizer first:
+                tok = model_tokenizer(resolve(spec)) or toks.get(spec) or load_tokenizer(spec, args.tokenizer)  # --tokenizer
+                # stands in for one that ships none, never for one that differs)
                 if vocab_fingerprint(tok) != meta['vocab_fingerprint']:
                     raise ConfigError(f"the tokenizer of '{spec}' differs from the one {args.data} was prepared with "
                                     f"({meta['tokenizer']}): prepare the data with this model's tokenizer")
