@@ -105,6 +105,40 @@ def test_resume_is_bit_identical(work):
     wf = weights(work / 'fresh')
     assert not all(torch.equal(ws[k], wf[k]) for k in ws)
 
+def test_a_fresh_run_does_not_leave_an_older_checkpoint_to_resume(work):
+    """A run from scratch in a used out_dir removes the earlier run's checkpoint (said in a note): resuming it later
+    cannot continue the earlier run with the new settings (it did: the new run's iterations 0-1, then the old 4-10)."""
+    common = ['--batch_size=2', '--gradient_accumulation_steps=2', '--eval_interval=2']
+    run(work, work / 'used', *common, '--max_iters=4')
+    out = run(work, work / 'used', *common, '--max_iters=10', '--checkpoint=False', '--stop_iter=1').stdout
+    assert "note: init_from='scratch': removing the earlier run's checkpoint" in out and not (work / 'used' / 'ckpt').exists()
+    again = run(work, work / 'used', *common, '--max_iters=10', '--init_from=resume', check=False)
+    assert again.returncode == 2 and "no complete checkpoint in" in again.stderr
+
+def test_resume_says_what_changed_and_refuses_another_run(work):
+    common = ['--batch_size=2', '--gradient_accumulation_steps=2', '--eval_interval=2']
+    run(work, work / 'changed', *common, '--max_iters=2')
+    out = run(work, work / 'changed', *common, '--max_iters=4', '--learning_rate=3e-3', '--init_from=resume').stdout
+    assert 'note: resuming with settings changed since the checkpoint: learning_rate 0.01 -> 0.003, max_iters 2 -> 4' in out
+    other = run(work, work / 'changed', *common, '--max_iters=6', '--kd_kind=rkl', '--init_from=resume', check=False)
+    err = other.stderr.strip().splitlines()
+    assert other.returncode == 2 and len(err) == 1 and "kd_kind was 'fkl' when" in err[0] and 'another run' in err[0]
+
+def test_a_diverging_run_never_saves_over_the_last_good_checkpoint(work):
+    """Resumed with learning_rate=1e6, the loss leaves the run's own history (kept in the checkpoint) far behind: the
+    run stops before applying that step, and the checkpoint it resumed from stays as it was (it was overwritten by
+    one with a loss of ~1e12)."""
+    common = ['--batch_size=2', '--gradient_accumulation_steps=2', '--eval_interval=3']
+    run(work, work / 'good', *common, '--max_iters=6')
+    before = weights(work / 'good')
+    out = run(work, work / 'good', *common, '--max_iters=12', '--learning_rate=30.0', '--warmup_frac=0',
+              '--init_from=resume', check=False)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1 and 'the run is diverging' in err[0], out.stderr[-2000:]
+    after = weights(work / 'good')
+    assert json.load(open(work / 'good' / 'ckpt' / 'manifest.json'))['iter_num'] == 6
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
 def test_padded_vocabulary_and_export(work):
     """Teacher 300 rows, student 280 rows, 259 real tokens; the export loads, generates, holds only the student."""
     run(work, work / 'exp', '--batch_size=2', '--gradient_accumulation_steps=1', '--max_iters=3')
