@@ -20,12 +20,12 @@ values and gradients. meta.json is written last (the teacher, the data's fingerp
 block_size, the files' sizes), then the folder is swapped in whole: a killed run leaves the old cache or none, never
 half of one; the next run starts over. The draws are seeded per window: any number of ranks writes the same bytes.
 """
-import argparse, contextlib, os, sys, time, zlib
+import contextlib, os, sys, time, zlib
 import numpy as np
 import torch
 import torch.distributed as dist
 from checkpoint import remove_stale, seal, swap_in
-from configurator import ConfigError, exit_on_error
+from configurator import ArgumentParser, ConfigError, HelpFormatter, exit_on_error
 from data import cache_rows, check_dataset, data_hash, load_split, make_batch, top_k
 from machine import choose_dtype, init_distributed
 from models import cast_parameters, check_vocabularies, load_model, model_tokenizer
@@ -51,8 +51,9 @@ def write_split(teacher, split, folder, name, args, rank, world, ctx, device, pa
         r0, r = int(first[w[0]]), 0
         for i in w:  # a window's draws depend on its seed alone
             g.manual_seed(zlib.crc32(f'{args.seed} {name} {i}'.encode()))
-            for c in range(r, r + int(counts[i]), 1024):  # fp32 log-probabilities a slice at a time
-                ids, logp, tail = top_k(logits[c:min(c + 1024, r + int(counts[i]))], args.k, args.temperatures, args.samples, g)
+            for c in range(r, r + int(counts[i]), 256):  # fp32 log-probabilities, fp64 draws, a slice at a time
+                ids, logp, tail = top_k(logits[c:min(c + 256, r + int(counts[i]))], args.k, args.temperatures,
+                                        args.samples, g)
                 for array, values in zip(out, (ids, logp, tail)):
                     array[r0 + c:r0 + c + len(values)] = values.cpu().numpy().astype(array.dtype)
             r += int(counts[i])
@@ -65,7 +66,7 @@ def write_split(teacher, split, folder, name, args, rank, world, ctx, device, pa
         array.flush()
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument('--teacher', required=True, help='HF hub id, local folder or .gguf file (the one distill.py would load)')
     p.add_argument('--dataset', default='data/demo', help='a folder written by prepare_data.py')
     p.add_argument('--block_size', type=int, default=512, help="distill.py's block_size: the windows the teacher reads")

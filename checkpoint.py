@@ -93,10 +93,10 @@ def checkpoint_iter(folder):
     problem = verify_files(folder, manifest['files'])
     return (None, problem) if problem else (manifest['iter_num'], None)
 
-def save_checkpoint(folder, weights, optimizer_state, scaler, iter_num, data_position, rng_states, config):
+def save_checkpoint(folder, weights, optimizer_state, scaler, iter_num, data_position, rng_states, config, history=()):
     """Weights (a model, or under fsdp its gathered state dict) as safetensors, the rest (the optimizer's state dict,
-    ...) as a torch file, written into folder.tmp, sealed and swapped in as the datasets
-    are (seal, swap_in). A kill at any instant leaves at least one complete checkpoint among folder,
+    the run's settings, its recent training losses, ...) as a torch file, written into folder.tmp, sealed and
+    swapped in (seal, swap_in). A kill at any instant leaves at least one complete checkpoint among folder,
     folder.tmp and folder.tmp.old, and find_checkpoint picks the newest; the next save tidies up."""
     from safetensors.torch import save_file, save_model
     tmp = folder + '.tmp'
@@ -109,7 +109,8 @@ def save_checkpoint(folder, weights, optimizer_state, scaler, iter_num, data_pos
     os.makedirs(tmp)
     (save_model if isinstance(weights, torch.nn.Module) else save_file)(weights, os.path.join(tmp, 'model.safetensors'))
     torch.save({'optimizer': optimizer_state, 'scaler': scaler.state_dict(), 'iter_num': iter_num,
-                'data_position': data_position, 'rng_states': rng_states, 'config': config},
+                'data_position': data_position, 'rng_states': rng_states, 'config': config,
+                'loss_history': list(history)},
                os.path.join(tmp, 'state.pt'))
     seal(tmp, 'manifest.json', {'iter_num': iter_num})
     swap_in(tmp, folder)
@@ -132,8 +133,10 @@ def find_checkpoint(folder):
     return path, it, problems
 
 def load_checkpoint(folder, raw_model, optimizer, scaler, config, world_size, sharded=False):
-    """Weights and optimizer state into this run's, if it reads the same data stream: the data order depends on
-    batch_size, gradient_accumulation_steps, seed and dataset, and each rank's RNG state on the number of ranks.
+    """Weights and optimizer state into this run's, if it is the same run reading the same data stream: the data
+    order depends on batch_size, gradient_accumulation_steps, seed and dataset, each rank's RNG state on the number of
+    ranks, and the models and the loss make the run what it is. config: this run's settings as resolved (max_iters,
+    loss_chunk, dtype); the others that differ from the checkpoint's come back in state['changed'], to be said.
     sharded (fsdp): every rank reads the whole state and keeps its shard (the files must be on a shared filesystem)."""
     from safetensors.torch import load_file, load_model as load_weights
     state = torch.load(os.path.join(folder, 'state.pt'), weights_only=False)
@@ -142,6 +145,13 @@ def load_checkpoint(folder, raw_model, optimizer, scaler, config, world_size, sh
             raise ConfigError(f"{key} was {state['config'][key]!r} when {folder} was written, now {config[key]!r}: "
                               f"resume with --{key}={state['config'][key]!r} (the data order depends on it), or "
                               'start a new out_dir')
+    for key in ('distill', 'teacher', 'teacher_cache', 'student', 'student_init', 'student_layers', 'kd_kind'):
+        if state['config'][key] != config[key]:
+            raise ConfigError(f"{key} was {state['config'][key]!r} when {folder} was written, now {config[key]!r}: "
+                              f"that is another run; resume with --{key}={state['config'][key]!r}, or start a new "
+                              'out_dir')
+    state['changed'] = [f"{k} {v!r} -> {config[k]!r}" for k, v in state['config'].items()
+                        if k in config and v != config[k] and k not in ('init_from', 'stop_iter', 'peak_flops')]
     if len(state['rng_states']) != world_size:
         raise ConfigError(f"the checkpoint was written by {len(state['rng_states'])} ranks; resume with the same "
                           'number')

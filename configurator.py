@@ -24,6 +24,12 @@ def exit_on_error(code=2):
         os._exit(code)
     sys.excepthook = hook
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The entry points' command lines: a mistake is one line, `error: ...` and exit status 2, not a usage block."""
+    def error(self, message):
+        print(f'error: {message} (--help lists the options)', file=sys.stderr)
+        sys.exit(2)
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The entry points' --help: the description as written, every option's default (where it has one) by its help."""
     def _get_help_string(self, action):
@@ -105,6 +111,9 @@ def check_config(c, choices, cuda_available):
     for key in ('alpha', 'beta', 'warmup_frac'):
         if not 0 <= c[key] <= 1:
             raise ConfigError(f'{key} must be in [0, 1], got {c[key]}')
+    for key in ('beta1', 'beta2'):  # (AdamW's)
+        if not 0 <= c[key] < 1:
+            raise ConfigError(f'{key} must be in [0, 1), got {c[key]}')
     for key in ('loss_chunk', 'eval_docs', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'max_iters'):
         if c[key] is not None and c[key] < 0:  # (max_iters=0 exports the student as it starts)
             raise ConfigError(f'{key} must be >= 0, got {c[key]}')

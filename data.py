@@ -147,8 +147,11 @@ def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
         c = split['topk']
         rows = np.concatenate([c['first'][np.searchsorted(c['starts'], idx[d] + s)] + np.arange(n)
                                for (d, s), n in zip(windows, M.sum(1).tolist())])
-        keep = M.bool()
-        t = TopK.from_rows(torch.from_numpy(c['ids'][rows].astype(np.int64)),
+        keep, ids = M.bool(), c['ids'][rows].astype(np.int64)
+        if ids.size and not 0 <= ids.min() <= ids.max() < c['vocab']:  # (a file changed in place at its size)
+            raise DataError(f"{c['ids_file']} holds token id {ids.max()} for a vocabulary of {c['vocab']}: the cache "
+                            'is damaged; write it again with cache_teacher.py')
+        t = TopK.from_rows(torch.from_numpy(ids),
                            torch.from_numpy(c['logp'][rows].astype(np.float32)), torch.from_numpy(c['tail'][rows]),
                            torch.from_numpy(c['drawn_tail'][rows]), c['samples'], c['sample_temperature'])
         laid_out = lambda x: torch.zeros(*M.shape, *x.shape[1:], dtype=x.dtype).index_put_((keep,), x).to(device)
@@ -163,13 +166,16 @@ def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
 def top_k(logits, k, temperatures, samples=0, generator=None):
     """(ids (n, k + samples), their T = 1 log-probabilities, (n, len(temperatures)) log sum_tail p^(1/T)) from logits
     (n, V) of the real vocabulary, in fp32 (fp64 stays): the k most likely tokens, then samples tokens drawn from the
-    tail (the others) with probabilities proportional to p^(1/T) at the highest T."""
+    tail (the others) with probabilities proportional to p^(1/T) at the highest T. The draws invert the tail's CDF in
+    float64: torch.multinomial sums fp32 chances, so tokens below its precision (~6e-8 of the running sum) were
+    never drawn, while their weights 1/(m r) assume they are."""
     logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
     values, ids = logp.topk(k, dim=-1)
     tail = logp.scatter(-1, ids, -float('inf'))
     if samples:
-        chances = F.softmax(tail / max(temperatures), dim=-1)
-        drawn = torch.multinomial(chances, samples, replacement=True, generator=generator)
+        cdf = F.softmax(tail.double() / max(temperatures), dim=-1).cumsum(-1)
+        u = torch.rand(len(cdf), samples, dtype=torch.float64, generator=generator, device=cdf.device) * cdf[:, -1:]
+        drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (a top-k token: never)
         ids, values = torch.cat([ids, drawn], -1), torch.cat([values, logp.gather(-1, drawn)], -1)
     return ids, values, torch.stack([torch.logsumexp(tail / t, dim=-1) for t in temperatures], -1)
 
@@ -223,5 +229,7 @@ def attach_topk(split, name, folder, data_dir, block_size, temperature):
     split['topk'] = dict(ids=memmap('ids', m['ids_dtype'], (rows, width)),
                          logp=memmap('logp', m['values_dtype'], (rows, width)), tail=tail[:, tails.index(temperature)],
                          drawn_tail=tail[:, tails.index(m['sample_temperature'])],
-                         samples=m['samples'], sample_temperature=m['sample_temperature'], starts=starts, first=first)
+                         samples=m['samples'], sample_temperature=m['sample_temperature'], starts=starts, first=first,
+                         vocab=json.load(open(os.path.join(data_dir, 'meta.json')))['vocab_size'],
+                         ids_file=os.path.join(folder, f'{name}_ids.bin'))
     return m

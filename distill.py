@@ -25,7 +25,7 @@ supervised targets of the whole optimizer step (all micro-batches, all ranks); H
 positions; so the result does not depend on how a step is split. Beneath this file: data.py (what a step reads),
 models.py (models and tokenizers), machine.py (processes, dtype, memory, FSDP), checkpoint.py, configurator.py.
 """
-import gc, json, math, os, re, sys, time
+import gc, json, math, os, re, shutil, statistics, sys, time
 from contextlib import nullcontext
 from typing import NamedTuple
 import numpy as np
@@ -492,6 +492,10 @@ if __name__ == '__main__':
     # across processes: FSDP2 shards before the optimizer is made (it must hold the shards), DDP wraps after the
     # resume (the checkpoint holds raw_model's names); the teacher is never wrapped, only sharded under fsdp
     fsdp = ddp and parallel == 'fsdp'  # (one process has nothing to shard)
+    if master_process and w_hidden == 0 and layer_map != 'uniform':  # (a setting that changes nothing is said)
+        print(f'note: layer_map={layer_map!r} is unused: this loss has no hidden-state term')
+    if master_process and parallel == 'fsdp' and not ddp:
+        print("note: parallel='fsdp' is unused: one process has nothing to shard")
     memory = memory_estimate(raw_model, teacher_model, batch_size * block_size, compute_dtype, world_size, fsdp)
     if fsdp:
         if compute_dtype == 'float16':
@@ -503,16 +507,24 @@ if __name__ == '__main__':
     optimizer = configure_optimizer(model, learning_rate, weight_decay, (beta1, beta2))
 
     # resume: weights, AdamW's moments, every rank's RNG state; the data position follows from iter_num
-    iter_num, last_saved, ckpt_dir = 0, None, os.path.join(out_dir, 'ckpt')
-    if init_from == 'resume':
+    iter_num, last_saved, ckpt_dir, history = 0, None, os.path.join(out_dir, 'ckpt'), []  # history: training losses
+    if init_from == 'resume':  # (refused for another run or another data stream)
         path, iter_num, problems = find_checkpoint(ckpt_dir)
-        state = load_checkpoint(path, raw_model, optimizer, scaler, config, world_size, fsdp)  # (or a changed stream)
+        resolved = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'dtype': compute_dtype}
+        state = load_checkpoint(path, raw_model, optimizer, scaler, resolved, world_size, fsdp)
         set_rng_state(state['rng_states'][rank])
-        last_saved = iter_num
+        last_saved, history = iter_num, state['loss_history']
         if master_process:
             for problem in problems:  # e.g. a truncated file, or the leftovers of a killed save
                 print(f'note: {problem}; resuming from {path} (iteration {iter_num})')
+            if state['changed']:
+                print(f"note: resuming with settings changed since the checkpoint: {', '.join(state['changed'])}")
             trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
+    elif master_process and any(os.path.exists(ckpt_dir + s) for s in ('', '.tmp', '.tmp.old')):
+        print(f"note: init_from='scratch': removing the earlier run's checkpoint in {ckpt_dir} (a later resume must "
+              'not take it for this run)')
+        for s in ('', '.tmp', '.tmp.old'):
+            shutil.rmtree(ckpt_dir + s, ignore_errors=True)
     if compile:  # the transformer stacks, in place (parameter names unchanged), apart from the loss, whose number
         for m in (student_model, teacher_model):  # of positions changes every batch (Trainable compiles chunk_loss)
             if m is not None:
@@ -571,7 +583,7 @@ if __name__ == '__main__':
         states = rng_states(world_size)  # every rank's, to resume each bit for bit
         if master_process:
             save_checkpoint(ckpt_dir, weights, optimizer_state, scaler, iter_num,
-                            iter_num * batch_size * gradient_accumulation_steps, states, run_config)
+                            iter_num * batch_size * gradient_accumulation_steps, states, run_config, history[-100:])
 
     flops_peak = peak_flops or dtype_rate or measure_matmul_flops(torch_device, ptdtype)  # the MFU denominator
     run_config = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'peak_flops': flops_peak,
@@ -657,6 +669,14 @@ if __name__ == '__main__':
             raise ConfigError(f'non-finite loss at iteration {iter_num} (ce {ce_mean}, kd {kd_mean}, hidden '
                               f'{hidden_mean}): {last_good()}; lower learning_rate, check the data, or use bfloat16 '
                               'instead of float16')
+        # diverging: a loss above 10x the median of the run's last 100 plus 1 (its own history, kept in checkpoints)
+        # stops the run before the step is applied, so that no checkpoint is written over the last good one
+        typical = statistics.median(history[-100:]) if len(history) >= 3 else math.inf
+        if loss_value > 10 * typical + 1:
+            raise ConfigError(f'loss {loss_value:.4g} at iteration {iter_num} is above 10x the median of the last '
+                              f'{len(history[-100:])} losses ({typical:.4g}) + 1: the run is diverging; the step was '
+                              f'not applied; {last_good()}; lower learning_rate')
+        history.append(loss_value)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
         grad_norm = gathered(grad_norm).item()

@@ -8,10 +8,10 @@ Measure students (and teachers): held-out loss, agreement with a teacher, multip
 Multiple choice follows lm-evaluation-harness (benchmarks.py). Held-out loss and agreement with the teacher are
 over the supervised tokens of a prepared dataset's val split, with distill.py's own loss at T = 1.
 """
-import argparse, contextlib, json, math, os, sys, time
+import contextlib, json, math, os, sys, time
 import torch
 from benchmarks import load_documents, multiple_choice, task_path
-from configurator import ConfigError, DataError, HelpFormatter
+from configurator import ArgumentParser, ConfigError, DataError, HelpFormatter
 from data import block_windows, check_dataset, load_split, make_batch
 from distill import loss_sums
 from machine import choose_dtype
@@ -90,7 +90,7 @@ def score(spec, tok, tasks, teacher, args, progress):
     return row
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)
     p.add_argument('models', nargs='+', help='hub ids, folders, .gguf files or distill.py out_dirs: one table row each')
     p.add_argument('--teacher', help='KL to and top-1 agreement with this model on --data')
     p.add_argument('--data', help='a prepare_data.py folder: held-out loss and perplexity on its val split')
@@ -136,8 +136,9 @@ def main(argv=None):
             meta = check_dataset(args.data)
             if os.path.getsize(os.path.join(args.data, 'val_idx.bin')) <= 8:  # one offset: no document
                 raise ConfigError(f'{args.data} has no validation documents (prepared with --val_fraction=0): prepare it with some')
-            for spec in args.models + ([args.teacher] if args.teacher else []):
-                tok = toks.get(spec) or load_tokenizer(spec, args.tokenizer)
+            for spec in args.models + ([args.teacher] if args.teacher else []):  # (a model's own tokenizer first:
+                tok = model_tokenizer(resolve(spec)) or toks.get(spec) or load_tokenizer(spec, args.tokenizer)  # --tokenizer
+                # stands in for one that ships none, never for one that differs)
                 if vocab_fingerprint(tok) != meta['vocab_fingerprint']:
                     raise ConfigError(f"the tokenizer of '{spec}' differs from the one {args.data} was prepared with "
                                     f"({meta['tokenizer']}): prepare the data with this model's tokenizer")

@@ -21,9 +21,10 @@ def init_distributed(device):
     return True, rank, local_rank, dist.get_world_size(), device
 
 def choose_dtype(dtype, device):
-    """(the compute dtype, why, the measured matmul rate of that dtype or None). 'auto': on CUDA bf16 where supported,
-    else fp32; on a CPU bf16 autocast when its bf16 matmul is clearly (1.5x) faster than fp32, both measured here:
-    CPUs with bf16 units (AMX) run it 3-4x faster, those without emulate it, hundreds of times slower."""
+    """(the compute dtype, why, the measured matmul rate of that dtype or None), the same on every rank. 'auto': on
+    CUDA bf16 where supported, else fp32; on a CPU bf16 autocast when its bf16 matmul is clearly (1.5x) faster than
+    fp32, both measured here: CPUs with bf16 units (AMX) run it 3-6x faster, those without emulate it, hundreds of
+    times slower."""
     if dtype != 'auto':
         return dtype, 'as set', None
     if 'cuda' in device:
@@ -32,7 +33,10 @@ def choose_dtype(dtype, device):
     rates = {d: measure_matmul_flops(device, getattr(torch, d)) for d in ('float32', 'bfloat16')}
     pick = 'bfloat16' if rates['bfloat16'] > 1.5 * rates['float32'] else 'float32'
     why = f"bf16 matmul {rates['bfloat16'] / 1e9:.0f} vs fp32 {rates['float32'] / 1e9:.0f} GFLOP/s on this CPU"
-    return pick, why, rates[pick]
+    choice = [(pick, why, rates[pick])]
+    if dist.is_available() and dist.is_initialized():  # decided once, by rank 0: ranks whose measurements fall on
+        dist.broadcast_object_list(choice, 0)  # either side of the threshold must not train in different dtypes
+    return choice[0]
 
 def measure_matmul_flops(device, dtype=torch.float32, seconds=1.0):
     """This device's sustained matmul rate (FLOP/s) in dtype: the MFU denominator. Square matmuls of 2048 on a CPU

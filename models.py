@@ -258,8 +258,9 @@ def student_from_teacher_layers(teacher_model, layers):
     import copy
     from transformers import AutoModelForCausalLM
     n = teacher_model.config.num_hidden_layers
-    if not layers or any(not isinstance(l, int) or not 0 <= l < n for l in layers):
-        raise ConfigError(f'student_layers must be a non-empty list of teacher blocks in [0, {n}), got {layers}')
+    if not layers or any(not isinstance(l, int) or not 0 <= l < n for l in layers) or layers != sorted(set(layers)):
+        raise ConfigError(f'student_layers must be a non-empty list of teacher blocks in [0, {n}), increasing, '
+                          f"without repeats (the student keeps the teacher's order), got {layers}")
     config = copy.deepcopy(teacher_model.config)
     config.num_hidden_layers = len(layers)
     if getattr(config, 'layer_types', None):

@@ -14,11 +14,11 @@ i.e. the loss on predicting token i from tokens[:i] counts. For a document d = t
 model reads X = d[:-1] and is scored on Y = d[1:] where mask[1:] == 1. The first token of a document is
 never a target (mask 0): nothing is predicted across a document boundary.
 """
-import argparse, glob, json, os, random, shutil, sys, time
+import glob, json, os, random, shutil, sys, time
 from multiprocessing import Pool
 import numpy as np
 from checkpoint import remove_stale, seal, swap_in
-from configurator import DataError, HelpFormatter
+from configurator import ArgumentParser, DataError, HelpFormatter
 from models import (demo_tokenizer, encode, eos_id, is_tiktoken, load_tokenizer, package_dir, special_ids, vocab_fingerprint,
                     vocab_size)
 
@@ -400,7 +400,7 @@ def write_dataset(out, splits, tok, teacher_tok, info):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)
     p.add_argument('inputs', nargs='*', help='.json / .jsonl files')
     p.add_argument('--dataset', help='a Hugging Face dataset id (needs the optional `datasets` library)')
     p.add_argument('--demo', action='store_true', help='the embedded default dataset (also when no input is given)')
@@ -425,6 +425,9 @@ def main(argv=None):
                              (args.max_examples is not None and args.max_examples < 1, f'--max_examples must be >= 1, got {args.max_examples}'),
                              (args.max_length < 0, f'--max_length must be >= 0 (0: no limit), got {args.max_length}'),
                              (args.num_proc < 1, f'--num_proc must be >= 1, got {args.num_proc}'),
+                             (args.name is not None and (args.name in ('', '.', '..') or os.sep in args.name
+                                                         or (os.altsep or os.sep) in args.name),
+                              f'--name must be one folder name inside --out_root, got {args.name!r}'),
                              ((args.demo or args.fortunes) and bool(args.inputs or args.dataset),
                               '--demo and --fortunes prepare the packaged data: drop them, or the input files and --dataset')):
             if bad:

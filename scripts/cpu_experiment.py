@@ -33,7 +33,7 @@ def summarize(results, teacher, pruned, groups, tasks):
     def mean_row(specs):
         rows = [results[s] for s in specs]
         r = {c: statistics.mean(x[c] for x in rows) for c in rows[0] if isinstance(rows[0][c], (int, float))}
-        r['gap_closed'] = (l_pruned - r['val_loss']) / (l_pruned - l_teacher)
+        r['gap_closed'] = (l_pruned - r['val_loss']) / (l_pruned - l_teacher) if l_pruned != l_teacher else None  # (no gap)
         if len(rows) > 1:
             r.update({f'{c}_se': statistics.stdev(x[c] for x in rows) / math.sqrt(len(rows)) for c in
                       ('val_loss', 'kl_to_teacher', 'top1_agreement')})
@@ -143,7 +143,7 @@ def main():
         (['mean_acc_norm', 'retained'] if len(tasks) > 1 else [])
     heads = {'val_loss': 'val loss', 'gap_closed': 'gap closed', 'kl_to_teacher': 'KL(t||s)', 'top1_agreement': 'top-1 agr',
              'mean_acc_norm': 'mean acc_norm', 'retained': 'of teacher'}
-    cell = lambda c, r: f'{r[c]:.1%}' if c in ('gap_closed', 'retained') else f'{r[c]:.4f}' + (f' ±{r[c + "_se"]:.4f}' if c + '_se' in r else '')
+    cell = lambda c, r: '-' if r[c] is None else f'{r[c]:.1%}' if c in ('gap_closed', 'retained') else f'{r[c]:.4f}' + (f' ±{r[c + "_se"]:.4f}' if c + '_se' in r else '')
     print(f'\n{len(seeds)} seed(s) per method' + ('; ± the standard error of the mean over seeds (losses, KL, agreement)' if len(seeds) > 1
           else '') + ('; ± binomial standard error (accuracies)' if tasks else ''))
     print(f'{"model":10s}' + ''.join(f'{heads.get(c, c.split("/")[0]):>18s}' for c in columns))

@@ -88,6 +88,23 @@ def test_draws_follow_the_tail_at_the_highest_temperature():
     assert ((counts / 20000 - r).abs() <= 4 * (r * (1 - r) / 20000).sqrt() + 1e-12).all(), (counts / 20000, r)
     assert ((counts / 20000 - F.softmax(t.scatter(-1, ids[:, :4], -float('inf'))[0], -1)).abs().max() > 0.01)  # not at T = 1
 
+def test_the_writer_draws_tokens_far_below_fp32_precision():
+    """The cache's draws follow their weights even for tail tokens below float32's precision: a teacher with p = 0.5,
+    one of 0.5 - 1e-5 and 1,000 tokens of 1e-8, and a student whose reverse KL lies mostly on those tiny tokens. The
+    mean estimate over 16 rows of 400,000 draws each (the real writer, data.top_k) holds the exact divergence within
+    its Monte-Carlo error (torch.multinomial, which sums fp32 chances, never drew one of them: 5.4 nats missing)."""
+    V, rows, m = 1002, 16, 400_000
+    p = torch.tensor([0.5, 0.5 - 1e-5] + [1e-8] * 1000, dtype=torch.float64)  # (the tiny ones after the running sum's 1)
+    t = p.log().float().expand(rows, V).contiguous()  # the teacher's logits, in fp32 as a model returns them
+    q = torch.tensor([0.25, 0.25] + [0.5 / 1000] * 1000, dtype=torch.float64)
+    s = q.log().expand(rows, V)
+    ids, logp, tail = data.top_k(t, 1, [1.0], m, torch.Generator().manual_seed(0))
+    estimate = distill.kd_divergence(s, TopK.from_rows(ids, logp, tail[:, 0], tail[:, 0], m, 1.0), 'rkl', 1.0)
+    exact = distill.kd_divergence(s[:1], t[:1], 'rkl', 1.0).item()
+    se = estimate.std().item() / rows ** 0.5
+    assert (ids[:, 1:] >= 2).sum() > 0  # tiny tokens drawn (about 8 per row expected)
+    assert abs(estimate.mean().item() - exact) < 4 * se + 1e-3 * exact, (estimate.mean().item(), exact, se)
+
 def test_sparse_divergence_at_full_k_is_the_full_divergence():
     g = torch.Generator().manual_seed(1)
     t, s = torch.randn(6, 11, generator=g) * 3, torch.randn(6, 11, generator=g)
@@ -215,6 +232,15 @@ def test_mismatched_cache_is_one_line(work, override, message):
     cache = f'--teacher_cache={work / "data" / "tiny" / "k5"}'
     out = run(work, work / 'bad', '--max_iters=1', cache, override, check=False)
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+def test_a_cache_damaged_at_its_size_is_one_line(work):
+    """Token ids past the vocabulary (a file changed in place, so its size still matches): one line naming the file."""
+    assert write(work, '--k=4', '--name=damaged').returncode == 0
+    ids = work / 'data' / 'tiny' / 'damaged' / 'train_ids.bin'
+    ids.write_bytes(np.full(os.path.getsize(ids) // 2, 60000, np.uint16).tobytes())
+    out = run(work, work / 'damaged_run', '--max_iters=1', '--teacher_cache=damaged', check=False)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1 and 'train_ids.bin holds token id 60000 for a vocabulary of 259' in err[0], out.stderr
 
 def test_killed_write_leaves_nothing_taken_for_complete(work):
     """SIGKILL after the first split's rows: no folder that distill.py reads; the next run clears it and completes."""

@@ -105,6 +105,40 @@ def test_resume_is_bit_identical(work):
     wf = weights(work / 'fresh')
     assert not all(torch.equal(ws[k], wf[k]) for k in ws)
 
+def test_a_fresh_run_does_not_leave_an_older_checkpoint_to_resume(work):
+    """A run from scratch in a used out_dir removes the earlier run's checkpoint (said in a note): resuming it later
+    cannot continue the earlier run with the new settings (it did: the new run's iterations 0-1, then the old 4-10)."""
+    common = ['--batch_size=2', '--gradient_accumulation_steps=2', '--eval_interval=2']
+    run(work, work / 'used', *common, '--max_iters=4')
+    out = run(work, work / 'used', *common, '--max_iters=10', '--checkpoint=False', '--stop_iter=1').stdout
+    assert "note: init_from='scratch': removing the earlier run's checkpoint" in out and not (work / 'used' / 'ckpt').exists()
+    again = run(work, work / 'used', *common, '--max_iters=10', '--init_from=resume', check=False)
+    assert again.returncode == 2 and "no complete checkpoint in" in again.stderr
+
+def test_resume_says_what_changed_and_refuses_another_run(work):
+    common = ['--batch_size=2', '--gradient_accumulation_steps=2', '--eval_interval=2']
+    run(work, work / 'changed', *common, '--max_iters=2')
+    out = run(work, work / 'changed', *common, '--max_iters=4', '--learning_rate=3e-3', '--init_from=resume').stdout
+    assert 'note: resuming with settings changed since the checkpoint: learning_rate 0.01 -> 0.003, max_iters 2 -> 4' in out
+    other = run(work, work / 'changed', *common, '--max_iters=6', '--kd_kind=rkl', '--init_from=resume', check=False)
+    err = other.stderr.strip().splitlines()
+    assert other.returncode == 2 and len(err) == 1 and "kd_kind was 'fkl' when" in err[0] and 'another run' in err[0]
+
+def test_a_diverging_run_never_saves_over_the_last_good_checkpoint(work):
+    """Resumed with learning_rate=1e6, the loss leaves the run's own history (kept in the checkpoint) far behind: the
+    run stops before applying that step, and the checkpoint it resumed from stays as it was (it was overwritten by
+    one with a loss of ~1e12)."""
+    common = ['--batch_size=2', '--gradient_accumulation_steps=2', '--eval_interval=3']
+    run(work, work / 'good', *common, '--max_iters=6')
+    before = weights(work / 'good')
+    out = run(work, work / 'good', *common, '--max_iters=12', '--learning_rate=30.0', '--warmup_frac=0',
+              '--init_from=resume', check=False)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1 and 'the run is diverging' in err[0], out.stderr[-2000:]
+    after = weights(work / 'good')
+    assert json.load(open(work / 'good' / 'ckpt' / 'manifest.json'))['iter_num'] == 6
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
 def test_padded_vocabulary_and_export(work):
     """Teacher 300 rows, student 280 rows, 259 real tokens; the export loads, generates, holds only the student."""
     run(work, work / 'exp', '--batch_size=2', '--gradient_accumulation_steps=1', '--max_iters=3')
@@ -248,6 +282,34 @@ def test_auto_dtype_rule(monkeypatch):
         dtype, why, rate = machine.choose_dtype('auto', 'cpu')
         assert (dtype, rate) == (expected, rates[expected]) and 'GFLOP/s' in why
     assert machine.choose_dtype('float16', 'cpu') == ('float16', 'as set', None)
+
+DTYPE_PROBE = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import machine
+rank = int(os.environ['RANK'])  # rank 0 measures bf16 clearly faster, rank 1 not: near the threshold, ranks differ
+rates = [{'float32': 2e11, 'bfloat16': 4e11}, {'float32': 2e11, 'bfloat16': 2.5e11}][rank]
+machine.measure_matmul_flops = lambda device, dtype: rates[str(dtype)[6:]]
+machine.init_distributed('cpu')
+print(f'rank {rank} chose', *machine.choose_dtype('auto', 'cpu')[::2], flush=True)
+"""
+
+def test_auto_dtype_is_decided_once_for_all_ranks(tmp_path):
+    """Each rank measures its own matmul rates; rank 0's choice (and rate) is every rank's."""
+    (tmp_path / 'probe.py').write_text(DTYPE_PROBE)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(tmp_path / 'probe.py'), ROOT], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    chose = sorted(l for l in proc.stdout.splitlines() if ' chose ' in l)
+    assert chose == ['rank 0 chose bfloat16 400000000000.0', 'rank 1 chose bfloat16 400000000000.0'], proc.stdout
+
+def test_settings_that_change_nothing_are_said(work):
+    """layer_map without a hidden-state term, parallel='fsdp' in one process: a note each, and the run as without them."""
+    out = run(work, work / 'unused', '--layer_map=last', '--parallel=fsdp', '--max_iters=1').stdout
+    assert "note: layer_map='last' is unused: this loss has no hidden-state term" in out
+    assert "note: parallel='fsdp' is unused: one process has nothing to shard" in out
+    assert 'is unused' not in run(work, work / 'used', '--max_iters=1').stdout
 
 def test_auto_dtype_run_says_what_it_chose(work):
     """The default dtype on this machine, whichever kind it is: the start line names the choice and the measured rates

@@ -148,6 +148,19 @@ def test_cli_table_json_and_errors(evalwork, tmp_path):
         f"error: model '{evalwork / 'model'}' has no tokenizer: pass --tokenizer")
     assert not os.path.exists(tmp_path / 'x.json')
 
+def test_a_teacher_of_another_tokenizer_is_refused(evalwork, smol_tok, tmp_path, capsys):
+    """--tokenizer stands in for models that ship none; a teacher that ships another tokenizer than the data's is
+    refused before anything is scored (it was scored: KL and agreement over mismatched token ids)."""
+    save_tiny_model(tmp_path / 'smol', vocab=49152, hidden=16, layers=1, heads=2)
+    smol_tok.save_pretrained(tmp_path / 'smol')
+    capsys.readouterr()
+    out = tmp_path / 'r.json'
+    assert ev.main([str(evalwork / 'model'), f'--teacher={tmp_path / "smol"}', '--tokenizer=bytes',
+                    f'--data={evalwork / "data" / "e"}', f'--output={out}']) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"error: the tokenizer of '{tmp_path / 'smol'}' differs from the one")
+    assert not out.exists()
+
 @pytest.mark.parametrize('option,message', [('--batch_size=0', '--batch_size must be >= 1, got 0'),
                                             ('--limit=-1', '--limit must be >= 1, got -1'),
                                             ('--num_fewshot=-2', '--num_fewshot must be >= 0, got -2')])

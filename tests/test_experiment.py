@@ -46,6 +46,13 @@ def test_summary_against_numpy(seeds):
         assert got['retained'] == pytest.approx(mean / teacher_mean, rel=1e-12)
     assert table['teacher']['gap_closed'] == 1 and table['pruned']['gap_closed'] == 0 and table['teacher']['retained'] == 1
 
+def test_summary_without_a_gap():
+    """A pruned start as good as the teacher (e.g. nothing pruned) leaves no gap to close: None, not a ZeroDivisionError."""
+    rng, docs = np.random.default_rng(0), {'arc_easy': 570}
+    results = {'T': row(rng, 3.9, docs), 'P': row(rng, 3.9, docs), 'sft-0': row(rng, 3.5, docs)}
+    table = cpu_experiment.summarize(results, 'T', 'P', {'sft': ['sft-0']}, list(docs))
+    assert [r['gap_closed'] for r in table.values()] == [None, None, None] and table['sft']['val_loss'] == 3.5
+
 def test_overlap_finds_a_benchmark_document_in_the_data(tmp_path):
     spec = importlib.util.spec_from_file_location('overlap', os.path.join(ROOT, 'scripts', 'overlap.py'))
     overlap = importlib.util.module_from_spec(spec)

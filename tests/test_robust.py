@@ -363,7 +363,17 @@ PREPARE = {  # name: (arguments given the work folder, setup, the line's expecte
     'everything skipped': (lambda d: [write_jsonl(d / 'a.jsonl', [{'foo': 1}])], 'every one of the 1 records was skipped'),
     '--val_fraction=1.5': (lambda d: [write_jsonl(d / 'a.jsonl', [{'text': 'x'}]), '--val_fraction=1.5'],
                            '--val_fraction must be in [0, 1), got 1.5'),
+    '--name=../escape': (lambda d: [write_jsonl(d / 'a.jsonl', [{'text': 'x'}]), '--name=../escape'],
+                         "--name must be one folder name inside --out_root, got '../escape'"),
 }
+
+@pytest.mark.parametrize('script,argv', [('prepare_data.py', ['--nope']), ('cache_teacher.py', ['--teacher=t', '--k=x']),
+                                         ('eval.py', [])])
+def test_command_line_mistakes_are_one_line(script, argv):
+    """argparse's own errors too: one line and exit status 2, not a usage block."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith('error: ') and '--help' in err[0], proc.stderr
 
 @pytest.mark.parametrize('case', PREPARE)
 def test_catalogue_prepare_data(tmp_path, capfd, case):
@@ -404,6 +414,11 @@ CONFIG = {  # distill.py: (overrides given the work folder, expected text); each
     'dataset without train.bin': (lambda w: [f'--data_root={w / "broken"}'], 'is incomplete: '),
     'student_layers auto:9': (lambda w: ['--student_init=teacher_layers', '--student_layers=auto:9'],
                               "student_layers must be a list of teacher blocks or 'auto:N' with 0 < N <= 2"),
+    'student_layers repeated': (lambda w: ['--student_init=teacher_layers', '--student_layers=[1, 1]'],
+                                'student_layers must be a non-empty list of teacher blocks in [0, 2), increasing'),
+    'student_layers unsorted': (lambda w: ['--student_init=teacher_layers', '--student_layers=[1, 0]', '--layer_map=kept',
+                                           '--distill=hidden'], 'without repeats (the student keeps the teacher'),
+    'beta2 2': (lambda w: ['--beta2=2'], 'beta2 must be in [0, 1), got 2.0'),
     'resume with another batch_size': (lambda w: [f'--out_dir={w / "straight"}', '--init_from=resume', '--batch_size=1'],
                                        'batch_size was 2 when'),
 }
