@@ -19,6 +19,7 @@ from multiprocessing import Pool
 import numpy as np
 from checkpoint import remove_stale, seal, swap_in
 from configurator import ArgumentParser, DataError, HelpFormatter
+from data import data_hash
 from models import (demo_tokenizer, encode, eos_id, is_tiktoken, load_tokenizer, package_dir, special_ids, vocab_fingerprint,
                     vocab_size)
 
@@ -364,9 +365,23 @@ def write_split(folder, split, docs, dtype, teacher_dtype):
         counts['aligned_supervised_fraction'] = aligned / max(1, counts['supervised_tokens'])
     return counts
 
-def write_dataset(out, splits, tok, teacher_tok, info):
+def teacher_caches(out):
+    """{name: meta} of the teacher caches (cache_teacher.py) stored inside the dataset folder out."""
+    found = {}
+    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        try:
+            with open(os.path.join(out, name, 'meta.json')) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and 'teacher' in meta and 'splits' in meta:
+            found[name] = meta
+    return found
+
+def write_dataset(out, splits, tok, teacher_tok, info, drop_caches=False):
     """The splits and meta.json into a temporary folder, sealed, then swapped in for out: a kill at any instant
-    leaves the old dataset or the new one. Returns the splits' counts."""
+    leaves the old dataset or the new one. The teacher caches inside out whose data are unchanged come along (hard
+    links, or copies); any other refuses the rewrite unless drop_caches. Returns the splits' counts."""
     vsize = vocab_size(tok)
     dtype = np.uint16 if vsize <= 2 ** 16 else np.uint32
     teacher_dtype = None if teacher_tok is None else np.uint16 if vocab_size(teacher_tok) <= 2 ** 16 else np.uint32
@@ -392,6 +407,18 @@ def write_dataset(out, splits, tok, teacher_tok, info):
             'mask': 'mask[i]==1 iff token i is a supervised target (predicted from tokens[:i]); the first token of a document is never one',
             **teacher_info, **{k: info[k] for k in ('records_read', 'records_used', 'records_skipped', 'records_truncated')},
             'splits': counts, 'command': info['command']})
+        caches = teacher_caches(out)  # hours of teacher inference: kept where they still fit, never dropped unasked
+        stale = [name for name, m in caches.items() if any(s not in splits or m['splits'][s]['data_hash'] !=
+                                                          data_hash(tmp, s) for s in m['splits'])]
+        if stale and not drop_caches:
+            raise DataError(f"{out} holds teacher caches written for its current data ({', '.join(stale)}), which the "
+                            'new data would delete: pass --drop_caches, or write the new data under another --name')
+        for name in set(caches) - set(stale):
+            try:
+                shutil.copytree(os.path.join(out, name), os.path.join(tmp, name), copy_function=os.link)
+            except OSError:  # (no hard links here)
+                shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+                shutil.copytree(os.path.join(out, name), os.path.join(tmp, name))
         swap_in(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -413,6 +440,8 @@ def main(argv=None):
     p.add_argument('--name', help='output folder data/<name> (default: the input file name, or "demo")')
     p.add_argument('--out_root', default='data', help='the dataset is written to <out_root>/<name>')
     p.add_argument('--train_on_prompt', action='store_true', help='supervise every token, not only the replies')
+    p.add_argument('--drop_caches', action='store_true', help="rewrite a dataset even where teacher caches inside it no "
+                   'longer fit the new data (they are deleted); caches that still fit are always kept')
     p.add_argument('--max_examples', type=int, help='use the first N records after shuffling with --seed')
     p.add_argument('--val_fraction', type=float, default=0.05, help='share of the documents held out as the val split')
     p.add_argument('--seed', type=int, default=1337, help='the shuffle before --max_examples and the val split')
@@ -473,7 +502,8 @@ def main(argv=None):
             'tokenizer': tokenizer_spec, 'teacher_tokenizer': args.teacher_tokenizer, 'bos_id': (settings['bos'] or [None])[0],
             'teacher_bos_id': (settings['teacher_bos'] or [None])[0], 'records_read': len(records), 'records_used': len(used),
             'records_skipped': skipped, 'records_truncated': truncated,
-            'command': ' '.join(['python', 'prepare_data.py'] + (sys.argv[1:] if argv is None else list(argv)))})
+            'command': ' '.join(['python', 'prepare_data.py'] + (sys.argv[1:] if argv is None else list(argv)))},
+            args.drop_caches)
     except DataError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """The teacher cache (cache_teacher.py, distill.py teacher_cache): the sparse divergence against a float64
 reference, the files written then read bit for bit, training from a full cache equal to online KD, a killed write."""
-import json, os, signal, subprocess, sys, zlib
+import json, shutil, os, signal, subprocess, sys, zlib
 import numpy as np
 import pytest, torch
 import torch.nn.functional as F
@@ -241,6 +241,24 @@ def test_a_cache_damaged_at_its_size_is_one_line(work):
     out = run(work, work / 'damaged_run', '--max_iters=1', '--teacher_cache=damaged', check=False)
     err = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(err) == 1 and 'train_ids.bin holds token id 60000 for a vocabulary of 259' in err[0], out.stderr
+
+def test_rewriting_the_dataset_keeps_its_caches_or_refuses(work, tmp_path):
+    """prepare_data.py again on the same records keeps the caches inside the dataset (they were deleted, exit 0); on
+    other records it refuses in one line naming them, and deletes them only with --drop_caches."""
+    data = tmp_path / 'data'
+    argv = lambda src, *more: [str(src), '--tokenizer', 'bytes', '--out_root', str(data), '--name', 'tiny',
+                                '--val_fraction', '0.1', *more]
+    shutil.copytree(work / 'data' / 'tiny', data / 'tiny')
+    assert write(work, '--k=4', f'--dataset={data / "tiny"}', '--name=kept').returncode == 0
+    before = open(data / 'tiny' / 'kept' / 'train_ids.bin', 'rb').read()
+    assert prepare_data.main(argv(work / 'in.jsonl')) == 0
+    assert open(data / 'tiny' / 'kept' / 'train_ids.bin', 'rb').read() == before
+    assert run(work, tmp_path / 'from_kept', f'--data_root={data}', '--max_iters=1', '--teacher_cache=kept').returncode == 0
+    write_jsonl(tmp_path / 'other.jsonl', [{'text': f'other words {i}'} for i in range(30)])
+    assert prepare_data.main(argv(tmp_path / 'other.jsonl')) == 1
+    assert (data / 'tiny' / 'kept' / 'meta.json').exists()
+    assert prepare_data.main(argv(tmp_path / 'other.jsonl', '--drop_caches')) == 0
+    assert not (data / 'tiny' / 'kept').exists()
 
 def test_killed_write_leaves_nothing_taken_for_complete(work):
     """SIGKILL after the first split's rows: no folder that distill.py reads; the next run clears it and completes."""
