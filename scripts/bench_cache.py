@@ -139,12 +139,15 @@ for label, student in students.items() if 2 in args.parts else ():
                 online = kd_divergence(z, zt, kind, T)
                 cached = kd_divergence(z, TopK.from_rows(ids, logp, tail[:, 1], tail[:, 1], m, T), kind, T) if m else bucket(z, ids, logp, tail[:, 1])
                 rows.setdefault((kind, k, m), []).append(torch.stack([online, cached]))
-            if m and kind == 'fkl':  # the gradient w.r.t. the student's logits of a batch's summed fkl: its relative error
+            # the gradient w.r.t. the student's logits of a batch's summed divergence (fkl at every shape, every kind at
+            # --k, --samples): its error relative to the online one and its cosine with it
+            for kind in (args.kinds if (k, m) == (args.k, args.samples) else ['fkl'] if m else []):
                 n_b = min(args.batch_targets, len(z))
-                grads = [torch.autograd.grad(kd_divergence(zz, target, 'fkl', T).sum(), zz)[0] for zz, target in
+                grads = [torch.autograd.grad(kd_divergence(zz, target, kind, T).sum(), zz)[0] for zz, target in
                          ((z[:n_b].clone().requires_grad_(), zt[:n_b]),
                           (z[:n_b].clone().requires_grad_(), TopK.from_rows(ids, logp, tail[:, 1], tail[:, 1], m, T)[:n_b]))]
-                gradient_errors.setdefault((k, m), []).append(((grads[1] - grads[0]).norm() / grads[0].norm()).item())
+                gradient_errors.setdefault((kind, k, m), []).append((((grads[1] - grads[0]).norm() / grads[0].norm()).item(),
+                                                                     F.cosine_similarity(grads[1].flatten(), grads[0].flatten(), 0).item()))
             if m == 0:  # the cached distribution over the whole vocabulary: its k tokens, the bucket spread evenly over the others
                 coarse = F.log_softmax(torch.cat([logp / T, tail[:, 1:]], -1), -1)
                 log_c = (coarse[:, -1:] - np.log(V - k)).expand(-1, V).scatter(-1, ids, coarse[:, :-1])
@@ -161,8 +164,11 @@ for label, student in students.items() if 2 in args.parts else ():
         batch = (c[:nb * args.batch_targets].view(nb, -1).mean(1) / o[:nb * args.batch_targets].view(nb, -1).mean(1) - 1).abs().mean()
         print(f'   {kind:5s} {k:<5d} {m if m else "bucket":<5} {o.mean():<13.5f} {c.mean():<13.5f} {c.mean() / o.mean() - 1:<+19.3%} '
               f'{batch:<20.3%} {(c - o).pow(2).mean().sqrt() / o.mean():.3f}')
-    print(f'   fkl gradient w.r.t. the student logits of {args.batch_targets:,} targets (a batch\'s first), ||cached - full|| / ||full||: '
-          + ', '.join(f'{k} + {m}: {np.mean(v):.3f}' for (k, m), v in gradient_errors.items()))
+    print(f'   the gradient w.r.t. the student logits of {args.batch_targets:,} targets (a batch\'s first): ||cached - full|| / '
+          '||full||, and the cosine of the two (the mean over batches)')
+    for (kind, k, m), v in gradient_errors.items():
+        print(f'   {kind:5s} {k} + {m}: error {np.mean([e for e, _ in v]):.3f}, cosine {np.mean([c for _, c in v]):+.3f} '
+              f'({min(c for _, c in v):+.2f} ... {max(c for _, c in v):+.2f})')
     print('   KL(full || top k + the tail spread evenly): ' + ', '.join(f'k={k}: {torch.cat(xs, 1)[0].mean():.4f} nats'
                                                                     for (kind, k, _), xs in rows.items() if kind == 'even'))
 
