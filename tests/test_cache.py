@@ -262,7 +262,7 @@ def test_rewriting_the_dataset_keeps_its_caches_or_refuses(work, tmp_path):
 
 def test_a_cache_with_a_kind_whose_gradient_it_cannot_estimate_is_said(work):
     """From drawn tokens, reverse KL's gradient is mostly noise (docs/performance.md): one note at start; forward KL
-    and a cache of the whole vocabulary (nothing drawn) have none."""
+    has none."""
     assert write(work, '--k=4', '--name=noisy').returncode == 0
     note = "note: from a teacher cache, rkl's gradient is mostly the draws' noise"
     assert note in run(work, work / 'noisy_rkl', '--max_iters=1', '--teacher_cache=noisy', '--kd_kind=rkl').stdout
