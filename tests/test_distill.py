@@ -292,6 +292,7 @@ rates = [{'float32': 2e11, 'bfloat16': 4e11}, {'float32': 2e11, 'bfloat16': 2.5e
 machine.measure_matmul_flops = lambda device, dtype: rates[str(dtype)[6:]]
 machine.init_distributed('cpu')
 print(f'rank {rank} chose', *machine.choose_dtype('auto', 'cpu')[::2], flush=True)
+machine.dist.destroy_process_group()  # (without it gloo may abort at exit, as any script would)
 """
 
 def test_auto_dtype_is_decided_once_for_all_ranks(tmp_path):
