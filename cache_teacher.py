@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from checkpoint import remove_stale, seal, swap_in
 from configurator import ArgumentParser, ConfigError, HelpFormatter, exit_on_error
-from data import cache_rows, check_dataset, data_hash, load_split, make_batch, top_k
+from data import cache_rows, check_dataset, data_hash, load_split, make_batch, top_k, window_bos
 from machine import choose_dtype, init_distributed
 from models import cast_parameters, check_vocabularies, load_model, model_tokenizer
 
@@ -145,7 +145,7 @@ def main(argv=None):
         seal(tmp, 'meta.json', {
             'teacher': args.teacher, 'teacher_vocab_fingerprint': meta['vocab_fingerprint'], 'k': args.k, 'samples': args.samples,
             'sample_temperature': max(args.temperatures), 'seed': args.seed, 'temperatures': args.temperatures,
-            'block_size': args.block_size, 'dtype': dtype, 'ids_dtype': args.ids_dtype, 'values_dtype': args.values,
+            'block_size': args.block_size, 'bos_windows': window_bos(data[splits[0]], args.block_size) is not None, 'dtype': dtype, 'ids_dtype': args.ids_dtype, 'values_dtype': args.values,
             'bytes_per_row': entry, 'splits': {s: {'rows': rows[s], 'data_hash': data_hash(args.dataset, s)} for s in splits},
             'command': 'python ' + ' '.join(sys.argv)})
         swap_in(tmp, folder)

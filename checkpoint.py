@@ -2,9 +2,10 @@
 Folders written whole, and checkpoints. Every folder the project writes (a dataset, a teacher cache, a checkpoint)
 is filled under a temporary name, sealed (every file on disk, then a marker listing each file's size, written last)
 and swapped in, so that a reader finds the old complete folder or the new one, never half of one; and a checkpoint
-holds the weights (safetensors), AdamW's state, the RNG states and the settings to continue a run bit for bit.
+holds what continues a run bit for bit as data, never code: the weights (safetensors), AdamW's state and the RNG
+states (tensors, read with weights_only=True), the settings and data position (JSON).
 """
-import glob, hashlib, json, os, re, shutil
+import glob, hashlib, json, os, pickle, re, shutil
 import torch
 from configurator import ConfigError
 
@@ -94,8 +95,9 @@ def checkpoint_iter(folder):
     return (None, problem) if problem else (manifest['iter_num'], None)
 
 def save_checkpoint(folder, weights, optimizer_state, scaler, iter_num, data_position, rng_states, config, history=()):
-    """Weights (a model, or under fsdp its gathered state dict) as safetensors, the rest (the optimizer's state dict,
-    the run's settings, its recent training losses, ...) as a torch file, written into folder.tmp, sealed and
+    """Weights (a model, or under fsdp its gathered state dict) as safetensors, the optimizer's and scaler's state and
+    every rank's RNG state as a torch file of tensors (state.pt), the run's settings, position and recent training
+    losses as JSON (state.json), written into folder.tmp, sealed and
     swapped in (seal, swap_in). A kill at any instant leaves at least one complete checkpoint among folder,
     folder.tmp and folder.tmp.old, and find_checkpoint picks the newest; the next save tidies up."""
     from safetensors.torch import save_file, save_model
@@ -108,10 +110,11 @@ def save_checkpoint(folder, weights, optimizer_state, scaler, iter_num, data_pos
             shutil.rmtree(leftover)
     os.makedirs(tmp)
     (save_model if isinstance(weights, torch.nn.Module) else save_file)(weights, os.path.join(tmp, 'model.safetensors'))
-    torch.save({'optimizer': optimizer_state, 'scaler': scaler.state_dict(), 'iter_num': iter_num,
-                'data_position': data_position, 'rng_states': rng_states, 'config': config,
-                'loss_history': list(history)},
-               os.path.join(tmp, 'state.pt'))
+    torch.save({'optimizer': optimizer_state, 'scaler': scaler.state_dict(), 'rng_states': rng_states},
+               os.path.join(tmp, 'state.pt'))  # tensors in plain containers: read back with weights_only=True
+    with open(os.path.join(tmp, 'state.json'), 'w') as f:
+        json.dump({'iter_num': iter_num, 'data_position': data_position, 'config': config,
+                   'loss_history': list(history)}, f, indent=1)
     seal(tmp, 'manifest.json', {'iter_num': iter_num})
     swap_in(tmp, folder)
 
@@ -139,7 +142,15 @@ def load_checkpoint(folder, raw_model, optimizer, scaler, config, world_size, sh
     loss_chunk, dtype); the others that differ from the checkpoint's come back in state['changed'], to be said.
     sharded (fsdp): every rank reads the whole state and keeps its shard (the files must be on a shared filesystem)."""
     from safetensors.torch import load_file, load_model as load_weights
-    state = torch.load(os.path.join(folder, 'state.pt'), weights_only=False)
+    path = os.path.join(folder, 'state.pt')
+    try:  # weights_only: tensors, numbers, strings and containers are rebuilt; anything else is refused unrun
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f'{path} holds objects other than tensors and plain values, refused: reading them could '
+                          "run code; resume only checkpoints distill.py wrote, or start again with init_from='scratch'")
+    with open(os.path.join(folder, 'state.json')) as f:
+        state.update(json.load(f))
+    config = json.loads(json.dumps(config))  # (as the checkpoint holds it: tuples are lists)
     for key in ('batch_size', 'gradient_accumulation_steps', 'seed', 'dataset', 'parallel'):
         if state['config'][key] != config[key]:
             raise ConfigError(f"{key} was {state['config'][key]!r} when {folder} was written, now {config[key]!r}: "

@@ -37,7 +37,8 @@ def load_split(folder, split):
     path = lambda name: os.path.join(folder, f'{split}{name}.bin')
     memmap = lambda f, dtype: np.memmap(f, dtype=dtype, mode='r') if os.path.getsize(f) else np.zeros(0, dtype)
     data = {'tokens': memmap(path(''), meta['dtype']), 'mask': memmap(path('_mask'), np.uint8),
-            'idx': np.fromfile(path('_idx'), dtype=np.int64)}
+            'idx': np.fromfile(path('_idx'), dtype=np.int64), 'bos': meta.get('bos_id'),
+            'teacher_bos': meta.get('teacher_bos_id')}
     if 'teacher_tokenizer' in meta:
         data['teacher'] = memmap(path('_teacher'), meta['teacher_dtype'])
         data['teacher_idx'] = np.fromfile(path('_teacher_idx'), dtype=np.int64)
@@ -45,14 +46,25 @@ def load_split(folder, split):
         data['align_idx'] = np.fromfile(path('_align_idx'), dtype=np.int64)
     return data
 
+def window_bos(split, block_size):
+    """The BOS id that begins every later window of a document, or None: datasets whose tokenizer puts BOS before
+    each sequence (Llama, Gemma: prepare_data.py's bos_id) get it, as a model that needs BOS reads a window without
+    it off-distribution."""
+    return split.get('bos') if block_size > 1 else None
+
 def block_windows(split, block_size):
     """(document, start) of every window that holds a supervised target. A document d of n tokens is read in
     windows X = d[s:s + B], Y = d[s + 1:s + B + 1], s = 0, B, 2B, ..., so every target is trained on once and
-    no window crosses a document boundary (a later window's first targets see less context than one long pass)."""
-    idx = split['idx']
-    count = np.maximum(0, -(-(np.diff(idx) - 1) // block_size))  # ceil((n - 1) / B) windows per document
+    no window crosses a document boundary (a later window's first targets see less context than one long pass).
+    With a BOS (window_bos) a later window is X = [BOS] + d[s:s + B - 1], Y = d[s:s + B] with d[s] (the previous
+    window's last target) unsupervised: B - 1 new targets, s = 0, B, 2B - 1, 3B - 2, ..."""
+    idx, B = split['idx'], block_size
+    later = B - (window_bos(split, B) is not None)  # targets of each window after the first
+    n = np.diff(idx)
+    count = np.where(n > 1, 1 + np.maximum(0, -(-(n - 1 - B) // later)), 0)
     doc = np.repeat(np.arange(len(count)), count)
-    start = (np.arange(len(doc)) - np.repeat(np.cumsum(count) - count, count)) * block_size
+    k = np.arange(len(doc)) - np.repeat(np.cumsum(count) - count, count)  # the window's number in its document
+    start = np.where(k > 0, B + (k - 1) * later, 0)
     if not len(doc):
         return np.zeros((0, 2), np.int64)
     # supervised targets per window: its targets idx[d] + s + 1 .. run up to the next window's (the gap between
@@ -111,10 +123,13 @@ class Batch(NamedTuple):
 def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
     """A Batch of some (document, start) windows (block_windows). No attention mask is needed: causal attention
     never lets a real token see the padding after it, and M is 0 on padding."""
-    idx = split['idx']
-    spans = [(idx[d] + s, min(idx[d] + s + block_size + 1, idx[d + 1])) for d, s in windows]
-    docs = [(np.asarray(split['tokens'][a:b], dtype=np.int64), np.asarray(split['mask'][a:b], dtype=np.int64))
-            for a, b in spans]
+    idx, bos = split['idx'], window_bos(split, block_size)
+    docs, lead = [], []  # lead: 1 where a later window begins with BOS (block_windows)
+    for d, s in windows:
+        lead.append(int(s > 0 and bos is not None))
+        a, b = idx[d] + s, min(idx[d] + s + block_size + 1 - lead[-1], idx[d + 1])
+        t, m = np.asarray(split['tokens'][a:b], dtype=np.int64), np.asarray(split['mask'][a:b], dtype=np.int64)
+        docs.append((np.concatenate([[bos], t]), np.concatenate([[0, 0], m[1:]])) if lead[-1] else (t, m))
     L = max(len(t) for t, _ in docs) - 1
     X = torch.full((len(docs), L), pad_id, dtype=torch.long)
     Y = torch.zeros((len(docs), L), dtype=torch.long)
@@ -123,17 +138,20 @@ def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
         n = len(t) - 1
         X[i, :n], Y[i, :n], M[i, :n] = torch.from_numpy(t[:-1]), torch.from_numpy(t[1:]), torch.from_numpy(m[1:])
     if 'teacher' in split:
-        pairs, rows, ti = [], [], split['teacher_idx']
+        pairs, rows, ti, tbos = [], [], split['teacher_idx'], split.get('teacher_bos')
         for i, (d, s) in enumerate(windows):
             p = split['align'][split['align_idx'][d]:split['align_idx'][d + 1]].astype(np.int64)
-            # the teacher starts where the student's window does, or at the last shared boundary before it
+            # the teacher starts where the student's window does, or at the last shared boundary before it, each
+            # after its own BOS when it begins a later window
             before = p[p[:, 0] < s]
             t0 = int(before[-1, 1]) + 1 if s and len(before) else 0
-            p = p[(p[:, 0] >= s) & (p[:, 0] < s + len(docs[i][0]) - 1)] - [s, t0]  # positions the student reads
+            t_lead = int(t0 > 0 and tbos is not None)
+            p = p[(p[:, 0] >= s) & (p[:, 0] < s + len(docs[i][0]) - 1 - lead[i])] - [s - lead[i], t0 - t_lead]
             p = p[M[i, p[:, 0]].numpy() == 1]
             pairs.append(np.column_stack([np.full(len(p), i), p]))
             length = int(p[:, 1].max()) + 1 if len(p) else 1
-            rows.append(np.asarray(split['teacher'][ti[d] + t0:ti[d] + t0 + length], dtype=np.int64))
+            own = np.asarray(split['teacher'][ti[d] + t0:ti[d] + t0 + length - t_lead], dtype=np.int64)
+            rows.append(np.concatenate([[tbos], own]) if t_lead else own)
         XT = torch.full((len(docs), max(len(r) for r in rows)), teacher_pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             XT[i, :len(r)] = torch.from_numpy(r)
@@ -211,6 +229,8 @@ def attach_topk(split, name, folder, data_dir, block_size, temperature):
     if m['splits'][name]['data_hash'] != data_hash(data_dir, name):
         raise ConfigError(f'teacher_cache {folder} was written for other data than {data_dir} ({name} split '
                           f'differs): {fix}')
+    if m.get('bos_windows', False) != (window_bos(split, block_size) is not None):
+        raise ConfigError(f'teacher_cache {folder} was written before later windows began with BOS: {fix}')
     if m['block_size'] != block_size:
         raise ConfigError(f"teacher_cache {folder} was written for block_size={m['block_size']}, not {block_size} "
                           f"(the teacher's context differs): set block_size={m['block_size']} or {fix}")

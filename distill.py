@@ -38,7 +38,7 @@ from checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkp
 from configurator import ConfigError, check_config, exit_on_error, parse_config, print_help
 from data import TopK, attach_topk, block_windows, check_dataset, load_split, make_batch, step_doc_ids
 from machine import (choose_dtype, flops_per_token, full_state, gathered, gb, init_distributed, keep_freed_memory,
-                     measure_matmul_flops, memory_estimate, memory_line, shard)
+                     measure_matmul_flops, memory_estimate, memory_line, shard, teacher_head)
 from models import build_student, cast_parameters, check_vocabularies, load_model, model_tokenizer, plain_head
 
 # -----------------------------------------------------------------------------
@@ -334,7 +334,7 @@ class Trainable(nn.Module):
         out = net(input_ids=batch.X if batch.align.XT is None else batch.align.XT, output_hidden_states=hidden)
         return TeacherOut(logits=out.logits if kd and not self.chunk else None,
                           last_hidden=out.last_hidden_state if kd and self.chunk else None,
-                          head=gathered(teacher.get_output_embeddings().weight) if kd and self.chunk else None,
+                          head=teacher_head(teacher) if kd and self.chunk else None,
                           hidden=[out.hidden_states[t] for _, t in self.layer_pairs] if hidden else None)
 
     def coefficients(self, n_targets, n_hidden=1):
@@ -551,7 +551,7 @@ if __name__ == '__main__':
     def batch(split, windows):
         return make_batch(split, windows, block_size, meta['pad_id'], torch_device, meta.get('teacher_eos_id', 0))
 
-    def release_teacher():  # fsdp: free the teacher's gathered embeddings and head once the loss has read them
+    def release_teacher():  # fsdp: free the teacher's gathered embeddings (a tied head's too) once the loss has read them
         if fsdp and teacher_model is not None:
             teacher_model.get_input_embeddings().reshard()
 

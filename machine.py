@@ -191,9 +191,19 @@ def shard(model, teacher):
     if teacher is not None:
         for block in blocks(teacher):
             fully_shard(block, reshard_after_forward=True)
-        fully_shard(teacher.get_input_embeddings(), reshard_after_forward=False)
-        if teacher.get_output_embeddings().weight is not teacher.get_input_embeddings().weight:
-            fully_shard(teacher.get_output_embeddings(), reshard_after_forward=True)
+        embeddings, head = teacher.get_input_embeddings(), teacher.get_output_embeddings()
+        tied = head.weight is embeddings.weight  # (asked before sharding replaces the embeddings' parameter)
+        fully_shard(embeddings, reshard_after_forward=False)
+        if tied:  # the head points at the embeddings' shard (no second copy); teacher_head reads them gathered
+            head.weight, embeddings.ties_head = embeddings.weight, True
+        else:
+            fully_shard(head, reshard_after_forward=True)
+
+def teacher_head(teacher):
+    """The teacher's head weight whole on this rank, for the chunked loss: under FSDP a tied head is the embeddings'
+    weight, gathered by the forward and kept until release_teacher; an untied one is gathered here."""
+    embeddings = teacher.get_input_embeddings()
+    return embeddings.weight if getattr(embeddings, 'ties_head', False) else gathered(teacher.get_output_embeddings().weight)
 
 def gathered(t):
     """A tensor whole on this rank: an FSDP-sharded one (a DTensor) all-gathered, any other as it is."""

@@ -58,9 +58,9 @@ MODES = {'sft': ((1.0, 0.0, 0.0), 16, [], False), 'kd chunked': ((0.5, 0.5, 0.0)
          'kd plain': ((0.5, 0.5, 0.0), 0, [], False), 'hidden': ((0.5, 0.0, 0.5), 16, [(1, 2), (2, 4)], False),
          'hidden rms': ((0.5, 0.0, 0.5), 16, [(1, 2), (2, 4)], True)}
 
-def setup(mode, dtype):
+def setup(mode, dtype, **teacher_config):
     weights, chunk, pairs, rms = MODES[mode]
-    student, teacher = llama(64, 256, 4, 1, 2), llama(96, 192, 4, 2, 4).eval().requires_grad_(False)
+    student, teacher = llama(64, 256, 4, 1, 2), llama(96, 192, 4, 2, 4, **teacher_config).eval().requires_grad_(False)
     cast_parameters(teacher, getattr(torch, dtype))
     model = distill.Trainable(student, 300, weights, 'fkl', 2.0, 0.5, chunk, pairs, 96, 'mse', rms)
     rows, n = 2, 128
@@ -124,12 +124,12 @@ def test_parameters_gradients_adamw_after_a_step():
     assert est['teacher parameters'] == nbytes(teacher.parameters())
     assert memory_estimate(model, teacher, b.X.numel(), 'float32', world=2)['gradients'] == 2 * est['gradients']  # DDP's buckets
 
-def on_two_ranks(source, tmp_path):
+def on_two_ranks(source, tmp_path, *args):
     """Run a probe script's source under torchrun with 2 CPU ranks (gloo); it writes its findings into tmp_path."""
     (tmp_path / 'probe.py').write_text(source)
     log = open(tmp_path / 'log', 'w+')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(tmp_path / 'probe.py'),
-                           ROOT, str(tmp_path)], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+                           ROOT, str(tmp_path), *args], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
     assert proc.returncode == 0, open(log.name).read()[-3000:]
 
 FSDP_PROBE = r'''
@@ -139,33 +139,41 @@ dist.init_process_group('gloo')
 import distill, machine
 from test_memory import setup
 from machine import memory_estimate
-model, teacher, b = setup('hidden', 'float32')  # (odd first dimensions: a vocabulary of 300 rows, 96 = 48 + 48)
+mode, tied = sys.argv[3], sys.argv[4] == 'tied'  # (odd first dimensions: a vocabulary of 300 rows, 96 = 48 + 48)
+model, teacher, b = setup(mode, 'float32', tie_word_embeddings=tied)
 est = memory_estimate(model, teacher, b.X.numel(), 'float32', dist.get_world_size(), True)
+whole = model(b, model.teacher_forward(teacher, b)).loss.item()
 machine.shard(model, teacher)
 optimizer = distill.configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
-model(b, model.teacher_forward(teacher, b)).loss.backward()
+out = model(b, model.teacher_forward(teacher, b))
+out.loss.backward()
 teacher.get_input_embeddings().reshard()  # (as distill.py's release_teacher)
 optimizer.step()
 local = lambda ts: sum((t.to_local() if hasattr(t, 'to_local') else t).numel() * t.element_size() for t in ts)
 held = {'student parameters': local(model.parameters()), 'gradients': local(p.grad for p in model.parameters()),
         'AdamW': local(t for s in optimizer.state.values() for t in s.values() if t.dim()),
-        'teacher parameters': local(teacher.parameters()), 'teacher total': sum(p.numel() * 4 for p in teacher.parameters())}
-json.dump({'estimate': est, 'held': held}, open(sys.argv[2] + f'/rank{dist.get_rank()}.json', 'w'))
+        'teacher parameters': local(teacher.parameters()), 'teacher total': sum(p.numel() * 4 for p in teacher.parameters()),
+        'full-size teacher tensors': sum(not hasattr(p, 'to_local') and p.dim() == 2 for p in teacher.parameters())}
+json.dump({'estimate': est, 'held': held, 'loss': [whole, out.loss.item()]}, open(sys.argv[2] + f'/rank{dist.get_rank()}.json', 'w'))
 del model, teacher, optimizer  # (as distill.py: nothing holds the process group when it ends)
 import gc; gc.collect(); dist.barrier()
 dist.destroy_process_group()
 '''
 
-def test_fsdp_shards_are_the_estimate(tmp_path):
+@pytest.mark.parametrize('mode,tied', [('hidden', 'untied'), ('kd chunked', 'tied')])
+def test_fsdp_shards_are_the_estimate(tmp_path, mode, tied):
     """2 ranks: what each holds after a step; rank 0 (the ceiling of every split) exactly as estimated, the teacher's
-    parameters about half of the whole on each."""
-    on_two_ranks(FSDP_PROBE, tmp_path)
+    parameters about half of the whole on each, none of its matrices whole (a head tied to the embeddings is one
+    shard, not a second copy of them), the loss as before sharding."""
+    on_two_ranks(FSDP_PROBE, tmp_path, mode, tied)
     ranks = [json.load(open(tmp_path / f'rank{r}.json')) for r in (0, 1)]
     est, held = ranks[0]['estimate'], ranks[0]['held']
     for part in ('student parameters', 'gradients', 'AdamW', 'teacher parameters'):
         assert held[part] == est[part], part
         assert ranks[1]['held'][part] <= held[part]
     assert all(abs(r['held']['teacher parameters'] / (held['teacher total'] / 2) - 1) < 0.02 for r in ranks)
+    assert all(r['held']['full-size teacher tensors'] == 0 for r in ranks)
+    assert all(r['loss'][1] == pytest.approx(r['loss'][0], rel=1e-5) for r in ranks)
 
 DDP_PROBE = r'''
 import json, os, sys, torch.distributed as dist

@@ -208,6 +208,89 @@ def test_bos_follows_each_tokenizers_convention(tmp_path):
     student = np.fromfile(tmp_path / 'x' / 'train.bin', dtype=np.uint16).tolist()
     assert meta['bos_id'] is None and meta['teacher_bos_id'] == 0 and teacher[0] == 0 and student[0] == ord('t')
 
+def window_targets(split, windows, B, bos):
+    """Check a batch of windows against its documents, brute force: every row at most B positions, a later window
+    led by BOS where the dataset has one, each supervised target the document's token with exactly the document's
+    tokens before it in the row. Returns {document: [positions of its targets the rows supervise]}."""
+    b = data.make_batch(split, windows, B, 1, 'cpu')
+    seen = {}
+    for i, (d, s) in enumerate(windows.tolist()):
+        doc = np.asarray(split['tokens'][split['idx'][d]:split['idx'][d + 1]]).tolist()
+        lead = int(s > 0 and bos is not None)
+        assert b.X.shape[1] <= B and (b.X[i, 0].item() == bos) == bool(lead)
+        for p in b.M[i].nonzero().flatten().tolist():
+            j = s + p + 1 - lead  # the document position of this target
+            assert b.Y[i, p].item() == doc[j] and b.X[i, lead:p + 1].tolist() == doc[j - (p + 1 - lead):j]
+            seen.setdefault(d, []).append(j)
+    return seen
+
+def test_later_windows_begin_with_bos(tmp_path, bytes_tok):
+    """A tokenizer that puts BOS before every sequence gets it before every window of a long document, not only the
+    first (B - 1 new targets a later window); each supervised target is still trained on once, and across tokenizers
+    each side's row begins with its own BOS (or none) and the pairs still join equal text."""
+    import prepare_data as P
+    from conftest import write_jsonl
+    src = write_jsonl(tmp_path / 'in.jsonl', [{'instruction': f'cat {i}', 'output': 'the cat sat on the mat ' * (2 + i)}
+                                              for i in range(4)])
+    spec = bos_tokenizer(tmp_path / 'tok')
+    for name, args in (('b', [f'--tokenizer={spec}']), ('xb', ['--tokenizer=bytes', f'--teacher_tokenizer={spec}']),
+                       ('bx', [f'--tokenizer={spec}', '--teacher_tokenizer=bytes'])):
+        assert P.main([src, *args, f'--out_root={tmp_path}', f'--name={name}', '--val_fraction=0']) == 0
+    split = data.load_split(str(tmp_path / 'b'), 'train')
+    assert json.load(open(tmp_path / 'b' / 'meta.json'))['bos_id'] == 0
+    for B in (4, 7):
+        windows = data.block_windows(split, B)
+        assert (windows[:, 1] > 0).sum() >= 4
+        seen = window_targets(split, windows, B, 0)
+        for d in range(len(split['idx']) - 1):
+            mask = np.asarray(split['mask'][split['idx'][d]:split['idx'][d + 1]])
+            assert sorted(seen[d]) == (np.flatnonzero(mask[1:]) + 1).tolist()  # each target once
+    tok = models.load_tokenizer(spec)
+    text = lambda t, ids: (bytes_tok.decode_bytes([i for i in ids if i < 256]) if t is bytes_tok else
+                           tok.decode([i for i in ids if i != 0]).encode())
+    for name, student, teacher in (('xb', bytes_tok, tok), ('bx', tok, bytes_tok)):
+        split = data.load_split(str(tmp_path / name), 'train')
+        windows = data.block_windows(split, 16)
+        later = windows[windows[:, 1] > 0]
+        b = data.make_batch(split, later, 16, 1, 'cpu', teacher_pad_id=1)
+        assert len(later) >= 4 and len(b.align.b) > 0
+        meta = json.load(open(tmp_path / name / 'meta.json'))
+        bos, tbos = meta['bos_id'], meta['teacher_bos_id']
+        assert all((row[0].item() == 0) == (bos == 0) for row in b.X)
+        assert (b.align.XT[:, 0] == 0).any() == (tbos == 0)
+        for i, si, ti in zip(*(x.tolist() for x in b.align[1:])):
+            s_text, t_text = text(student, b.X[i, :si + 1].tolist()), text(teacher, b.align.XT[i, :ti + 1].tolist())
+            assert max(s_text, t_text, key=len).endswith(min(s_text, t_text, key=len)) and s_text and t_text
+
+def test_a_cache_on_a_bos_dataset_reads_bos_led_windows(tmp_path):
+    """cache_teacher.py scores the windows training reads (later ones led by BOS); a cache written before they were
+    is refused in one line."""
+    import prepare_data as P
+    from conftest import write_jsonl
+    src = write_jsonl(tmp_path / 'in.jsonl', [{'text': 'the cat sat on the mat ' * (2 + i)} for i in range(6)])
+    assert P.main([src, f'--tokenizer={bos_tokenizer(tmp_path / "tok")}', f'--out_root={tmp_path}', '--name=b',
+                   '--val_fraction=0']) == 0
+    tiny_model(vocab=270, hidden=32, layers=2).save_pretrained(tmp_path / 'teacher')  # (the tokenizer's 270)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'cache_teacher.py'), f'--teacher={tmp_path / "teacher"}',
+                           f'--dataset={tmp_path / "b"}', '--device=cpu', '--dtype=float32', '--block_size=6', '--k=270',
+                           '--samples=0', '--splits=train', '--name=full'], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    split, folder = data.load_split(str(tmp_path / 'b'), 'train'), str(tmp_path / 'b' / 'full')
+    data.attach_topk(split, 'train', folder, str(tmp_path / 'b'), 6, 1.0)
+    windows = data.block_windows(split, 6)
+    b = data.make_batch(split, windows, 6, 1, 'cpu')
+    assert (b.X[windows[:, 1] > 0, 0] == 0).all() and (windows[:, 1] > 0).sum() >= 6
+    keep = b.M.bool()
+    with torch.no_grad():
+        logp = torch.log_softmax(models.load_model(str(tmp_path / 'teacher'))(input_ids=b.X).logits[keep], -1)
+    cached = torch.full_like(logp, -float('inf')).scatter_(-1, b.topk.ids[keep], b.topk.logp[keep])
+    assert torch.allclose(cached, logp, atol=2e-3)  # (fp16 values)
+    meta = json.load(open(os.path.join(folder, 'meta.json')))
+    del meta['bos_windows']
+    json.dump(meta, open(os.path.join(folder, 'meta.json'), 'w'))
+    with pytest.raises(data.ConfigError, match='written before later windows began with BOS'):
+        data.attach_topk(data.load_split(str(tmp_path / 'b'), 'train'), 'train', folder, str(tmp_path / 'b'), 6, 1.0)
+
 def test_a_scaled_head_trains_on_the_plain_path_and_the_checkpoint_says_so(tmp_path):
     """Granite end to end: the run notes the fallback, and the checkpoint records what ran (loss_chunk=0, the
     computed max_iters), not what was asked."""
@@ -222,6 +305,6 @@ def test_a_scaled_head_trains_on_the_plain_path_and_the_checkpoint_says_so(tmp_p
                            '--eval_interval=1', '--peak_flops=1e12'], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "note: a model's logits are not its final hidden states times its head" in proc.stdout
-    config = torch.load(tmp_path / 'out' / 'ckpt' / 'state.pt', weights_only=False)['config']
+    config = json.load(open(tmp_path / 'out' / 'ckpt' / 'state.json'))['config']
     assert config['loss_chunk'] == 0 and config['epochs'] == 0.2 and config['max_iters'] > 0  # computed from epochs
     assert f"{config['max_iters']} iterations of 2 x 1 windows" in proc.stdout

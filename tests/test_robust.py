@@ -387,6 +387,40 @@ def test_catalogue_prepare_data(tmp_path, capfd, case):
     assert len(err) == 1 and err[0].startswith('error: ') and PREPARE[case][1] in err[0], err
     assert tree(tmp_path) == before
 
+class Payload:
+    """What a tampered state.pt carries: unpickling it calls os.makedirs(path), a side effect a test can see."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+def tamper(ckpt, payload_path):
+    """Add a Payload to a checkpoint's state.pt and reseal its manifest (a complete checkpoint, to all appearances)."""
+    state = torch.load(os.path.join(ckpt, 'state.pt'), weights_only=True)
+    state['note'] = Payload(str(payload_path))
+    torch.save(state, os.path.join(ckpt, 'state.pt'))
+    manifest = json.load(open(os.path.join(ckpt, 'manifest.json')))
+    manifest['files']['state.pt'] = os.path.getsize(os.path.join(ckpt, 'state.pt'))
+    json.dump(manifest, open(os.path.join(ckpt, 'manifest.json'), 'w'))
+
+def tampered_run(w):
+    if not os.path.exists(w / 'tampered'):
+        shutil.copytree(w / 'straight', w / 'tampered')
+        tamper(w / 'tampered' / 'ckpt', w / 'payload ran')
+    return str(w / 'tampered')
+
+def test_a_checkpoint_carrying_code_is_refused_unrun(straight, work, tmp_path):
+    """Resume reads state.pt with weights_only=True: a pickled call in it is refused in one line and never runs
+    (the same file read the old way, weights_only=False, runs it: the payload is live)."""
+    shutil.copytree(work / 'straight' / 'ckpt', tmp_path / 'ckpt')
+    tamper(tmp_path / 'ckpt', tmp_path / 'ran')
+    with pytest.raises(checkpoint.ConfigError, match='holds objects other than tensors and plain values, refused'):
+        checkpoint.load_checkpoint(str(tmp_path / 'ckpt'), None, None, None, {}, 1)
+    assert not os.path.exists(tmp_path / 'ran')
+    torch.load(tmp_path / 'ckpt' / 'state.pt', weights_only=False)
+    assert os.path.isdir(tmp_path / 'ran')
+
 CONFIG = {  # distill.py: (overrides given the work folder, expected text); each runs as its own process
     'unknown key': (lambda w: ['--learning_rat=1e-3'], "unknown config key 'learning_rat' (command line); did you mean 'learning_rate'?"),
     'batch_size two': (lambda w: ['--batch_size=two'], 'batch_size must be int like its default 4'),
@@ -421,6 +455,8 @@ CONFIG = {  # distill.py: (overrides given the work folder, expected text); each
     'beta2 2': (lambda w: ['--beta2=2'], 'beta2 must be in [0, 1), got 2.0'),
     'resume with another batch_size': (lambda w: [f'--out_dir={w / "straight"}', '--init_from=resume', '--batch_size=1'],
                                        'batch_size was 2 when'),
+    'a checkpoint carrying code': (lambda w: [f'--out_dir={tampered_run(w)}', '--init_from=resume'],
+                                   'holds objects other than tensors and plain values, refused: reading them could run code'),
 }
 
 @pytest.fixture(scope='module')
