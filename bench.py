@@ -5,6 +5,7 @@ Speed and memory of distillation, plain (full logits) vs chunked (loss_chunk), a
     python bench.py --part=loss                           # the loss alone: peak memory and time
     python bench.py --part=step                           # 4 x 512 tokens, distill.py's defaults
     python bench.py --part=step --profile                 # and where a step's time goes, by kind of op
+    python bench.py --part=sample                         # on-policy sampling against HF generate's own rate
 
 --part=loss: forward + backward of CE + forward KL at T=2 from final hidden states, for V = 49,152 and
 151,936, hidden 576 and 1,536, 8,192 positions; each case in a fresh process, peak memory = its peak RSS
@@ -13,17 +14,20 @@ through distill.py's own Trainable, plain and chunked (and compiled, with --comp
 autocast, with the cost of each part of the step. MFU is the median over the steps of each step's FLOP/s over
 this machine's matmul rate in that dtype, measured just before that step: a shared machine's speed drifts by
 more than the differences measured here. A dtype this CPU only emulates (10x slower than fp32 or worse) is
-measured but not stepped.
+measured but not stepped. --part=sample: distill.py's on-policy sampling (sampling.sample_rows: generate, then the
+rows re-laid for the loss) of batch_size demo prompts by the packaged teacher, against HF generate alone on the
+same model, batch and settings, alternated over --steps rounds.
 """
 import argparse, contextlib, json, os, resource, statistics, subprocess, sys, time
 import torch
-from data import load_split, make_batch
+from data import block_windows, load_split, make_batch
 from distill import ChunkedHeadLoss, Trainable, configure_optimizer, loss_sums
 from machine import cpu_name, flops_per_token, keep_freed_memory, measure_matmul_flops
 from models import cast_parameters, demo_tokenizer, load_model, student_from_teacher_layers
+from sampling import prompt_lengths, sample_rows, stop_tokens
 
 p = argparse.ArgumentParser()
-p.add_argument('--part', default='all', choices=['all', 'loss', 'step'])
+p.add_argument('--part', default='all', choices=['all', 'loss', 'step', 'sample'])
 p.add_argument('--positions', type=int, default=8192)
 p.add_argument('--chunk', type=int, default=256, help='positions per chunk on the chunked path (distill.py: loss_chunk)')
 p.add_argument('--max_gb', type=float, default=16.0, help='fewer positions where the plain path would need more memory')
@@ -35,6 +39,7 @@ p.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'], help='--p
 p.add_argument('--compile', action='store_true', help='--part=step: also the chunked path with compile=True (minutes to compile)')
 p.add_argument('--profile', action='store_true', help='--part=step: also where one more step spends its time, by kind of op')
 p.add_argument('--dataset', default='data/demo')
+p.add_argument('--max_new_tokens', type=int, default=64, help='--part=sample: tokens per reply')
 p.add_argument('--case', help=argparse.SUPPRESS)  # internal: one loss case in this process
 p.add_argument('--row', help=argparse.SUPPRESS)  # internal: one step row in this process
 args = p.parse_args()
@@ -229,3 +234,43 @@ if args.part in ('all', 'step'):
               f'instead of its closed form: {loss_alone(model, batch, t_out, "jsd", 0.0) * 1000:.0f} ms' if chunk else ''))
     if args.profile:
         profile_step(step, step_s)
+
+if args.part in ('all', 'sample'):
+    meta, split = json.load(open(os.path.join(args.dataset, 'meta.json'))), load_split(args.dataset, 'train')
+    lengths, stops = prompt_lengths(split), stop_tokens(split, meta['eos_id'])
+    windows = block_windows(split, args.block_size)
+    windows = windows[(windows[:, 1] == 0) & (lengths[windows[:, 0]] > 1)][:args.batch_size]
+    model = load_model(demo_tokenizer()).eval()
+    print(f'\non-policy sampling: {len(windows)} demo prompts ({lengths[windows[:, 0]].tolist()} tokens), up to '
+          f'{args.max_new_tokens} new tokens at T = 1, the packaged teacher; tokens generated per second')
+    for dtype in args.dtypes:
+        ctx = torch.autocast('cpu', getattr(torch, dtype)) if dtype != 'float32' else contextlib.nullcontext()
+        if measure_matmul_flops('cpu', getattr(torch, dtype)) < measure_matmul_flops('cpu') / 10:
+            print(f'{dtype}: not measured (emulated on this CPU)')
+            continue
+        batch = make_batch(split, windows, args.block_size, meta['pad_id'], 'cpu')
+        rows, settings = list(range(len(windows))), (args.max_new_tokens, 1.0, 1.0, stops)
+        ours, theirs = [], []
+        for step in range(args.steps + 1):  # round 0 warms up
+            with ctx:
+                t0 = time.perf_counter()
+                out, n = sample_rows(model, batch, split, windows[:, 0], rows, lengths, args.block_size, settings,
+                                     step, meta['pad_id'], meta['vocab_size'])
+                t1 = time.perf_counter()
+                # HF generate alone, the same left-padded prompts and settings (what sample_rows calls inside)
+                prompts = [split['tokens'][split['idx'][d]:split['idx'][d] + lengths[d]] for d in windows[:, 0]]
+                width = max(map(len, prompts))
+                P = torch.tensor([[meta['pad_id']] * (width - len(p)) + list(map(int, p)) for p in prompts])
+                A = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+                torch.manual_seed(step)
+                g = model.generate(input_ids=P, attention_mask=A, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                   max_new_tokens=args.max_new_tokens, eos_token_id=stops, pad_token_id=meta['pad_id'],
+                                   suppress_tokens=list(range(meta['vocab_size'], model.config.vocab_size)) or None)
+                t2 = time.perf_counter()
+            if step:
+                ours.append(n / (t1 - t0))
+                stop_at = [torch.isin(r, torch.tensor(stops)).nonzero() for r in g[:, width:]]  # each reply to its stop
+                theirs.append(sum(int(s[0]) + 1 if len(s) else g.shape[1] - width for s in stop_at) / (t2 - t1))
+        a, b = statistics.median(ours), statistics.median(theirs)
+        print(f'{dtype}: sample_rows {a:.1f} tokens/s, HF generate {b:.1f} tokens/s (medians of {args.steps} rounds): '
+              f'{a / b:.0%} of generate')

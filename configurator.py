@@ -105,10 +105,10 @@ def check_config(c, choices, cuda_available):
             hint = f" (did you mean '{close[0]}'?)" if close else ''
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {c[key]!r}{hint}")
     for key in ('block_size', 'batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
-                'temperature', 'epochs', 'stop_iter'):
+                'temperature', 'epochs', 'stop_iter', 'max_new_tokens', 'sample_temperature', 'top_p'):
         if c[key] is not None and c[key] <= 0:
             raise ConfigError(f'{key} must be > 0, got {c[key]}')
-    for key in ('alpha', 'beta', 'warmup_frac'):
+    for key in ('alpha', 'beta', 'warmup_frac', 'on_policy', 'top_p'):
         if not 0 <= c[key] <= 1:
             raise ConfigError(f'{key} must be in [0, 1], got {c[key]}')
     for key in ('beta1', 'beta2'):  # (AdamW's)

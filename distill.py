@@ -40,6 +40,7 @@ from data import TopK, attach_topk, block_windows, check_dataset, load_split, ma
 from machine import (choose_dtype, flops_per_token, full_state, gathered, gb, init_distributed, keep_freed_memory,
                      measure_matmul_flops, memory_estimate, memory_line, shard, teacher_head)
 from models import build_student, cast_parameters, check_vocabularies, load_model, model_tokenizer, plain_head
+from sampling import check_prompts, on_policy_rows, prompt_lengths, row_seed, sample_rows, stop_tokens
 
 # -----------------------------------------------------------------------------
 # defaults (a config file and --key=value override them; `python distill.py --help` lists them)
@@ -82,6 +83,10 @@ hidden_loss = 'mse'  # 'mse' (squared error / d_teacher) or 'cosine' (1 - cos)
 hidden_rms_norm = False  # RMS-normalise both sides first: a guard against the teacher's massive activations
 proj_init = 'xavier'  # projection init: 'xavier' or 'identity' (rectangular identity)
 loss_chunk = 256  # >0: CE and divergence from hidden states, this many positions at a time (no full logits); 0: plain
+on_policy = 0.0  # GKD's lambda: the share of each step's rows whose reply the student writes (divergence only); 0: none
+max_new_tokens = 256  # on-policy: the longest reply the student writes (shorter where block_size ends first)
+sample_temperature = 1.0  # on-policy: the student's sampling temperature
+top_p = 1.0  # on-policy: nucleus sampling's mass (1: the whole distribution)
 # optimizer
 learning_rate = 2e-5  # peak learning rate
 min_lr = 2e-6  # the cosine schedule ends here
@@ -190,10 +195,12 @@ def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta):
             ce, kd = loss_sums(z, y, zt, vocab, kind, temperature, beta)
             dz, = torch.autograd.grad(coef[0] * ce + coef[1] * kd, z)
         return ce.detach(), kd.detach(), dz
+    labeled = (y >= 0)[:, None].to(z.dtype)  # 0 where y = -100 (a token the student sampled: no hard label)
+    y = y.clamp(min=0)[:, None]
     dz = F.log_softmax(z, dim=-1)
-    ce = -dz.gather(1, y[:, None]).sum()
-    dz = dz.exp_().mul_(coef[0])
-    dz[torch.arange(len(y), device=y.device), y] -= coef[0]
+    ce = -dz.gather(1, y).mul(labeled).sum()
+    dz = dz.exp_().mul_(coef[0] * labeled)
+    dz.scatter_add_(1, y, labeled * -coef[0])
     log_p = F.log_softmax(zt[:, :vocab] / temperature, dim=-1)
     log_q = F.log_softmax(z[:, :vocab] / temperature, dim=-1)
     p = log_p.exp()
@@ -337,17 +344,19 @@ class Trainable(nn.Module):
                           head=teacher_head(teacher) if kd and self.chunk else None,
                           hidden=[out.hidden_states[t] for _, t in self.layer_pairs] if hidden else None)
 
-    def coefficients(self, n_targets, n_hidden=1):
-        """The weights of the sums CE, D and H in the loss: the step's counts of supervised targets and aligned
-        positions divide them, so that the micro-batches' losses add up to the step's. T^2 keeps the gradient of D
-        comparable across temperatures (Hinton et al. 2015): D's own gradient shrinks like 1/T^2."""
-        return self.w_ce / n_targets, self.w_kd * self.temperature ** 2 / n_targets, self.w_hidden / n_hidden
+    def coefficients(self, n_targets, n_hidden=1, n_labeled=None):
+        """The weights of the sums CE, D and H in the loss: the step's counts of supervised targets, of those with a
+        hard label (all but the student's own samples) and of aligned positions divide them, so that the micro-batches'
+        losses add up to the step's. T^2 keeps the gradient of D comparable across temperatures (Hinton et al. 2015):
+        D's own gradient shrinks like 1/T^2."""
+        c_kd = self.w_kd * self.temperature ** 2 / n_targets
+        return self.w_ce / (n_labeled or n_targets), c_kd, self.w_hidden / n_hidden
 
-    def forward(self, batch, teacher, n_targets=1, n_hidden=1):
-        """The loss: c_ce CE + c_kd D + c_hidden H (coefficients)."""
+    def forward(self, batch, teacher, n_targets=1, n_hidden=1, n_labeled=None):
+        """The loss: c_ce CE + c_kd D + c_hidden H (coefficients); CE only where Y has a label (not -100)."""
         X, Y, M, align = batch.X, batch.Y, batch.M, batch.align
         keep = M.bool()
-        c_ce, c_kd, c_hidden = self.coefficients(n_targets, n_hidden)
+        c_ce, c_kd, c_hidden = self.coefficients(n_targets, n_hidden, n_labeled)
         settings = (self.vocab, self.kind, self.temperature, self.beta)
         if self.chunk:
             t_h = teacher.topk if teacher.topk is not None else teacher.last_hidden
@@ -404,6 +413,12 @@ if __name__ == '__main__':
         raise ConfigError("teacher_cache holds the teacher's next-token distribution for logit distillation alone: "
                           "use distill='logits' (hidden-state distillation needs the teacher itself), or unset "
                           "teacher_cache")
+    if on_policy > 0 and (teacher_cache is not None or w_kd == 0 or parallel == 'fsdp'):
+        raise ConfigError('on_policy: ' + ('a teacher cache cannot score text the student writes: unset teacher_cache'
+                                           if teacher_cache is not None else "the student's replies train on the "
+                                           "divergence alone: set distill='logits' (or kd_weight > 0)" if w_kd == 0
+                                           else "under parallel='fsdp' sampling would gather every block for every "
+                                           "token: use parallel='ddp'"))
     use_teacher = (w_kd > 0 and teacher_cache is None) or w_hidden > 0 or student_init == 'teacher_layers'
     if use_teacher and teacher is None:
         why = " (student_init='teacher_layers' copies its blocks)" if student_init == 'teacher_layers' else ''
@@ -437,6 +452,9 @@ if __name__ == '__main__':
         for split, name in ((train_data, 'train'), (val_data, 'val')):
             cache = attach_topk(split, name, cache_dir, data_dir, block_size, temperature)
     train_windows, val_windows = block_windows(train_data, block_size), block_windows(val_data, block_size)[:eval_docs]
+    if on_policy:  # the student writes replies to the documents' prompts: their lengths, and where replies stop
+        prompts, stops = prompt_lengths(train_data), stop_tokens(train_data, meta['eos_id'])
+        check_prompts(train_data, prompts, block_size, data_dir)
     n_train_docs, n_val_docs = len(train_windows), len(val_windows)  # (a document longer than block_size gives several)
     iterations = max_iters if max_iters is not None else \
         math.ceil(epochs * n_train_docs / (batch_size * gradient_accumulation_steps))
@@ -607,6 +625,9 @@ if __name__ == '__main__':
               + (' (RMS-normalised)' if w_hidden and hidden_rms_norm else '')
               + (' [across tokenizers]' if cross_tokenizer else ''))
         print(memory_line(memory))
+        if on_policy:
+            print(f'on-policy: the student writes {on_policy:g} of the rows (up to {max_new_tokens} tokens at T='
+                  f'{sample_temperature:g}, top_p {top_p:g}, stopping at token ids {stops}); no CE on its tokens')
         if layer_pairs:
             print('layer map (student <- teacher, 0 = embedding output, l = block l): '
                   + ', '.join(f'{a}<-{b}' for a, b in layer_pairs) + f'; projections '
@@ -653,10 +674,23 @@ if __name__ == '__main__':
         t0 = time.time()
         step_ids = step_doc_ids(iter_num, batch_size, gradient_accumulation_steps, rank, world_size, n_train_docs, seed)
         micro_batches = [batch(train_data, train_windows[ids]) for ids in step_ids]
+        generated, t_sample = 0, time.time()
+        if on_policy:  # the student writes its share of the rows' replies (sampling.py), seeded by the micro-batch's
+            for k, ids in enumerate(step_ids):  # number in the step, j, over every rank: any split draws the same
+                j = rank + k * world_size
+                rows = on_policy_rows(j * batch_size, len(ids), on_policy)
+                with ctx:
+                    micro_batches[k], n = sample_rows(raw_model.model, micro_batches[k], train_data,
+                                                      train_windows[ids][:, 0], rows, prompts, block_size,
+                                                      (max_new_tokens, sample_temperature, top_p, stops),
+                                                      row_seed(seed, iter_num, j), meta['pad_id'], vocab)
+                generated += n
+        t_sample, t_teacher = time.time() - t_sample, 0.0
         # the step's counts over every micro-batch and rank divide its sums: the loss does not depend on the split
-        n_targets, n_hidden, step_tokens = all_reduce(sum(b.M.sum().item() for b in micro_batches),
-                                                      sum(len(b.align.b) for b in micro_batches),
-                                                      sum(b.X.numel() for b in micro_batches))
+        n_targets, n_hidden, n_labeled, step_tokens, generated = all_reduce(
+            sum(b.M.sum().item() for b in micro_batches), sum(len(b.align.b) for b in micro_batches),
+            sum((b.Y[b.M.bool()] >= 0).sum().item() for b in micro_batches), sum(b.X.numel() for b in micro_batches),
+            generated)
         sums = torch.zeros(4, dtype=torch.float64, device=torch_device)  # loss, ce, kd, hidden
         for micro_step, b in enumerate(micro_batches):
             if fsdp:  # gradients are reduced over ranks once per step, after its last micro-batch
@@ -664,12 +698,15 @@ if __name__ == '__main__':
             elif ddp:
                 model.require_backward_grad_sync = micro_step == len(micro_batches) - 1
             with ctx:
-                out = model(b, raw_model.teacher_forward(teacher_model, b), max(n_targets, 1), max(n_hidden, 1))
+                t = time.time()
+                teacher_out = raw_model.teacher_forward(teacher_model, b)
+                t_teacher += time.time() - t
+                out = model(b, teacher_out, max(n_targets, 1), max(n_hidden, 1), max(n_labeled, 1))
             release_teacher()
             scaler.scale(out.loss * world_size).backward()  # DDP averages gradients over ranks; the sum is wanted
             sums += torch.stack([out.loss.detach(), out.ce, out.kd, out.hidden]).double()
         loss_value, ce_mean, kd_mean, hidden_mean = all_reduce(*sums.tolist())
-        ce_mean, kd_mean = ce_mean / max(n_targets, 1), kd_mean / max(n_targets, 1)
+        ce_mean, kd_mean = ce_mean / max(n_labeled, 1), kd_mean / max(n_targets, 1)
         hidden_mean = hidden_mean / max(n_hidden, 1)
         if not math.isfinite(loss_value):
             raise ConfigError(f'non-finite loss at iteration {iter_num} (ce {ce_mean}, kd {kd_mean}, hidden '
@@ -705,12 +742,18 @@ if __name__ == '__main__':
                 flops_peak = max(measure_matmul_flops(torch_device, ptdtype), flops * tok_s / world_size)  # machine)
             mfu = flops * tok_s / (flops_peak * world_size)
             peak = torch.cuda.max_memory_allocated() if device_type == 'cuda' else None  # (beside the estimate)
+            split = {'sample_ms': t_sample * 1000, 'teacher_ms': t_teacher * 1000, 'generated': generated,
+                     'generated_per_s': generated / max(t_sample, 1e-9)} if on_policy else {}  # where the time went
             log({'iter': iter_num, 'loss': loss_value, 'ce': ce_mean, 'kd': kd_mean, 'hidden': hidden_mean, 'lr': lr,
-                 'grad_norm': grad_norm, 'ms': dt * 1000, 'tokens_per_s': tok_s, 'mfu': mfu, 'peak_memory': peak},
+                 'grad_norm': grad_norm, 'ms': dt * 1000, 'tokens_per_s': tok_s, 'mfu': mfu, 'peak_memory': peak,
+                 **split},
                 f'iter {iter_num}: loss {loss_value:.4f}, ce {ce_mean:.4f}, kd {kd_mean:.4f}, '
                 f'hidden {hidden_mean:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, {dt * 1000:.0f} ms, '
                 f'{tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%'
-                + (f', peak memory {gb(peak)}' if peak else ''))
+                + (f', peak memory {gb(peak)}' if peak else '')
+                + (f" (sampling {t_sample * 1000:.0f} ms: {generated} tokens, {split['generated_per_s']:,.0f}/s; "
+                   f'teacher {t_teacher * 1000:.0f} ms; student {(dt - t_sample - t_teacher) * 1000:.0f} ms)'
+                   if on_policy else ''))
         iter_num += 1
 
     # export: the student alone, as an HF folder with its tokenizer (projections are training machinery)

@@ -17,6 +17,7 @@ from distill import loss_sums
 from machine import choose_dtype
 from models import encode, eos_id, is_tiktoken, load_model, model_tokenizer, vocab_fingerprint
 from models import load_tokenizer as tokenizer_from
+from sampling import prompt_lengths, sample_rows, stop_tokens
 
 # -----------------------------------------------------------------------------
 # held-out loss and agreement with a teacher, over supervised tokens (prepare_data.py's mask)
@@ -26,7 +27,7 @@ def heldout(model, data_dir, batch_size, block_size, device, teacher=None, limit
     meta = json.load(open(os.path.join(data_dir, 'meta.json')))
     split = load_split(data_dir, 'val')
     windows = block_windows(split, block_size)[:limit]  # every supervised token, block_size at a time
-    ce = kl = agree = n = 0.0
+    ce = kl = agree = accept = n = 0.0
     for k in range(0, len(windows), batch_size):
         X, Y, M = make_batch(split, windows[k:k + batch_size], block_size, meta['pad_id'], device)[:3]
         logits, keep, V = model(input_ids=X).logits, M.bool(), meta['vocab_size']
@@ -35,10 +36,36 @@ def heldout(model, data_dir, batch_size, block_size, device, teacher=None, limit
         ce, kl, n = ce + c.item(), kl + d.item(), n + keep.sum().item()
         if teacher is not None:  # rows past the tokenizer's vocabulary are padding
             agree += (logits[keep][:, :V].argmax(-1) == t_logits[keep][:, :V].argmax(-1)).sum().item()
+            q, p = (torch.softmax(z[keep][:, :V].float(), -1) for z in (logits, t_logits))
+            accept += torch.minimum(p, q).sum().item()  # sum_v min(p_v, q_v) = 1 - TVD: a draft's acceptance chance
     out = {'val_loss': ce / n, 'val_ppl': math.exp(ce / n), 'val_tokens': int(n)}
     if teacher is not None:
-        out.update({'kl_to_teacher': kl / n, 'top1_agreement': agree / n})
+        out.update({'kl_to_teacher': kl / n, 'top1_agreement': agree / n, 'draft_acceptance': accept / n})
     return out
+
+@torch.no_grad()
+def own_samples(model, teacher, data_dir, batch_size, block_size, max_new_tokens, device, count):
+    """The model writes replies to the first `count` validation prompts (T = 1, seeded by batch: the same prompts and
+    seeds for every model); the teacher scores them: reverse KL(q || p) per generated token, the distribution the
+    model samples from against the teacher's at each of its own tokens, and the teacher's NLL of those tokens."""
+    meta, split = json.load(open(os.path.join(data_dir, 'meta.json'))), load_split(data_dir, 'val')
+    lengths, V = prompt_lengths(split), meta['vocab_size']
+    docs = [d for d in range(len(lengths)) if 1 < lengths[d] < block_size][:count]
+    if not docs:
+        return {}
+    stops, rkl, nll, n = stop_tokens(split, meta['eos_id']), 0.0, 0.0, 0
+    for k in range(0, len(docs), batch_size):
+        ds = docs[k:k + batch_size]
+        b = make_batch(split, [(d, 0) for d in ds], block_size, meta['pad_id'], device)
+        b, generated = sample_rows(model, b, split, ds, list(range(len(ds))), lengths, block_size,
+                                   (max_new_tokens, 1.0, 1.0, stops), k, meta['pad_id'], V, label=True)
+        keep = b.M.bool()
+        log_q = torch.log_softmax(model(input_ids=b.X).logits[keep][:, :V].float(), -1)
+        log_p = torch.log_softmax((model if teacher is model else teacher)(input_ids=b.X).logits[keep][:, :V].float(), -1)
+        rkl += (log_q.exp() * (log_q - log_p)).sum().item()
+        nll -= log_p.gather(1, b.Y[keep][:, None]).sum().item()
+        n += generated
+    return {'own_sample_rkl': rkl / n, 'own_sample_teacher_nll': nll / n, 'own_sample_tokens': n}
 
 @torch.no_grad()
 def generate(model, tok, prompt, max_new_tokens, device):
@@ -79,6 +106,9 @@ def score(spec, tok, tasks, teacher, args, progress):
     if args.data:
         print(f'{progress.model} held-out loss on {args.data}' + (' and agreement with the teacher' if teacher else ''), file=sys.stderr)
         row.update(heldout(model, args.data, args.batch_size, args.block_size, args.device, teacher, args.val_windows))
+        if teacher is not None and args.sample_prompts:
+            row.update(own_samples(model, teacher, args.data, args.batch_size, args.block_size, args.max_new_tokens,
+                                   args.device, args.sample_prompts))
     max_length = getattr(model.config, 'max_position_embeddings', 2048) or 2048
     for task, docs in tasks.items():
         t1, progress.where = time.time(), f'{progress.model} {task}'
@@ -100,7 +130,9 @@ def main(argv=None):
     p.add_argument('--limit', type=int, help='at most this many documents per task')
     p.add_argument('--val_windows', type=int, help='at most this many validation windows of block_size (default: all)')
     p.add_argument('--prompts', nargs='*', default=[], help='greedy generations for these prompts')
-    p.add_argument('--max_new_tokens', type=int, default=48, help='length of each --prompts generation')
+    p.add_argument('--max_new_tokens', type=int, default=48, help='length of each --prompts generation and own sample')
+    p.add_argument('--sample_prompts', type=int, default=32, help='with --teacher and --data: the model answers this many '
+                   'validation prompts and the teacher scores its tokens (0: off)')
     p.add_argument('--tokenizer', help="for models shipped without one")
     p.add_argument('--batch_size', type=int, default=16, help='sequences per forward pass')
     p.add_argument('--block_size', type=int, default=1024, help='held-out documents are scored this many tokens at a time (every supervised token counts)')
@@ -124,8 +156,9 @@ def main(argv=None):
             value = getattr(args, key)
             if value is not None and value < 1:
                 raise ConfigError(f'--{key} must be >= 1, got {value}')
-        if args.num_fewshot < 0:
-            raise ConfigError(f'--num_fewshot must be >= 0, got {args.num_fewshot}')
+        for key in ('num_fewshot', 'sample_prompts'):
+            if getattr(args, key) < 0:
+                raise ConfigError(f'--{key} must be >= 0, got {getattr(args, key)}')
         out_folder = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(out_folder) or os.path.isdir(args.output):
             raise ConfigError(f'--output {args.output}: ' + ('is a folder; name a file' if os.path.isdir(args.output) else
@@ -154,7 +187,8 @@ def main(argv=None):
     except (ConfigError, DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
-    columns = [c for c in ('val_loss', 'val_ppl', 'kl_to_teacher', 'top1_agreement') if any(c in r for r in results.values())]
+    columns = [c for c in ('val_loss', 'val_ppl', 'kl_to_teacher', 'top1_agreement', 'draft_acceptance', 'own_sample_rkl',
+                           'own_sample_teacher_nll') if any(c in r for r in results.values())]
     columns += [f'{t}/{m}' for t in tasks for m in ('acc', 'acc_norm')]
     width = max(len(short(s)) for s in results) + 2
     print('model'.ljust(width) + ''.join(c.rjust(max(12, len(c) + 2)) for c in columns))

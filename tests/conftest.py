@@ -45,3 +45,19 @@ def write_jsonl(path, records):
         for r in records:
             f.write((r if isinstance(r, str) else json.dumps(r)) + '\n')
     return str(path)
+
+def tiny_work(d, records, gpt2=False):
+    """A folder for distill.py runs: records prepared as data/tiny (bytes, 10% validation), a confident teacher whose
+    output rows are padded past the 259 real tokens, a llama student (and a GPT-2 one, which has dropout)."""
+    import prepare_data
+    write_jsonl(d / 'in.jsonl', records)
+    assert prepare_data.main([str(d / 'in.jsonl'), '--tokenizer', 'bytes', '--out_root', str(d / 'data'),
+                              '--name', 'tiny', '--val_fraction', '0.1']) == 0
+    teacher = tiny_model(vocab=300, hidden=32, layers=2)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30)  # a confident teacher, far from the student: KD terms well above round-off
+    teacher.save_pretrained(d / 'teacher')
+    save_tiny_model(d / 'student', vocab=280, hidden=16, layers=2, heads=2, seed=1)
+    if gpt2:
+        save_tiny_model(d / 'gpt2', arch='gpt2', vocab=BYTES_VOCAB, hidden=16, layers=2, heads=2, seed=2)
+    return d

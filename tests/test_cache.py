@@ -4,7 +4,7 @@ import json, shutil, os, signal, subprocess, sys, zlib
 import numpy as np
 import pytest, torch
 import torch.nn.functional as F
-from conftest import ROOT, save_tiny_model, tiny_model, write_jsonl
+from conftest import ROOT, tiny_work, write_jsonl
 from test_distill import command, run, train_log, weights
 from test_losses import divergence64, divergence_of64, softmax64
 import data, distill, models, prepare_data
@@ -133,18 +133,9 @@ def test_chunked_sparse_equals_plain_with_padding_rows(kind):
 
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp('cache')
     recs = [{'question': f'what is {i} plus {i}?', 'answer': f'{2 * i}, I think.'} for i in range(40)]
     recs += [{'text': 'the cat sat on a mat while dogs ran far away ' * (1 + i % 4)} for i in range(20)]
-    write_jsonl(d / 'in.jsonl', recs)
-    assert prepare_data.main([str(d / 'in.jsonl'), '--tokenizer', 'bytes', '--out_root', str(d / 'data'),
-                              '--name', 'tiny', '--val_fraction', '0.1']) == 0
-    teacher = tiny_model(vocab=300, hidden=32, layers=2)
-    with torch.no_grad():
-        teacher.lm_head.weight.mul_(30)
-    teacher.save_pretrained(d / 'teacher')
-    save_tiny_model(d / 'student', vocab=280, hidden=16, layers=2, heads=2, seed=1)
-    return d
+    return tiny_work(tmp_path_factory.mktemp('cache'), recs)
 
 def write(work, *args):
     return subprocess.run([sys.executable, os.path.join(ROOT, 'cache_teacher.py'), f'--teacher={work / "teacher"}',

@@ -2,28 +2,18 @@
 import json, math, os, random, subprocess, sys
 import pytest, torch
 from safetensors.torch import load_file
-from conftest import BYTES_VOCAB, ROOT, save_tiny_model, tiny_model, write_jsonl
+from conftest import BYTES_VOCAB, ROOT, save_tiny_model, tiny_model, tiny_work
 import prepare_data
 from models import student_from_teacher_layers
 
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):
     """A bytes-tokenized dataset of text and chat records of varied lengths, a teacher and two students."""
-    d = tmp_path_factory.mktemp('distill')
     rng = random.Random(0)
     words = 'the cat sat on a mat while dogs ran far away from home'.split()
     recs = [{'text': ' '.join(rng.choice(words) for _ in range(rng.randint(2, 30)))} for _ in range(60)]
     recs += [{'question': f'what is {i} plus {i}?', 'answer': f'{2 * i}, I think.'} for i in range(60)]
-    write_jsonl(d / 'in.jsonl', recs)
-    assert prepare_data.main([str(d / 'in.jsonl'), '--tokenizer', 'bytes', '--out_root', str(d / 'data'),
-                              '--name', 'tiny', '--val_fraction', '0.1']) == 0
-    teacher = tiny_model(vocab=300, hidden=32, layers=2)  # output rows padded past the 259 real tokens
-    with torch.no_grad():
-        teacher.lm_head.weight.mul_(30)  # a confident teacher, far from the student: KD terms well above round-off
-    teacher.save_pretrained(d / 'teacher')
-    save_tiny_model(d / 'student', vocab=280, hidden=16, layers=2, heads=2, seed=1)
-    save_tiny_model(d / 'gpt2', arch='gpt2', vocab=BYTES_VOCAB, hidden=16, layers=2, heads=2, seed=2)  # has dropout
-    return d
+    return tiny_work(tmp_path_factory.mktemp('distill'), recs, gpt2=True)
 
 def command(work, out, *overrides, nproc=1):
     args = [os.path.join(ROOT, 'distill.py'), f'--data_root={work / "data"}', '--dataset=tiny', f'--out_dir={out}',

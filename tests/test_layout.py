@@ -3,7 +3,7 @@ imports no other entry point, except that the benchmarks and eval.py use distill
 import ast, glob, os
 from conftest import ROOT
 
-FLOORS = {'configurator': 0, 'checkpoint': 1, 'models': 1, 'data': 2, 'machine': 2, 'benchmarks': 2}  # libraries
+FLOORS = {'configurator': 0, 'checkpoint': 1, 'models': 1, 'data': 2, 'machine': 2, 'benchmarks': 2, 'sampling': 3}  # libraries
 LOSS = {'ChunkedHeadLoss', 'KD_KINDS', 'TeacherOut', 'Trainable', 'configure_optimizer', 'kd_divergence', 'loss_sums'}
 USES_THE_LOSS = {'eval.py', 'bench.py', 'scripts/bench_cache.py', 'scripts/compare_trl.py'}
 

@@ -455,6 +455,13 @@ CONFIG = {  # distill.py: (overrides given the work folder, expected text); each
     'beta2 2': (lambda w: ['--beta2=2'], 'beta2 must be in [0, 1), got 2.0'),
     'resume with another batch_size': (lambda w: [f'--out_dir={w / "straight"}', '--init_from=resume', '--batch_size=1'],
                                        'batch_size was 2 when'),
+    'on_policy 1.5': (lambda w: ['--on_policy=1.5'], 'on_policy must be in [0, 1], got 1.5'),
+    'max_new_tokens 0': (lambda w: ['--on_policy=1', '--max_new_tokens=0'], 'max_new_tokens must be > 0, got 0'),
+    'on_policy on plain text': (lambda w: ['--on_policy=0.5'], 'has no prompt (supervised from its first token: plain text)'),
+    'on_policy without a divergence': (lambda w: ['--on_policy=1', '--distill=none'], "train on the divergence alone"),
+    'on_policy with a teacher cache': (lambda w: ['--on_policy=1', f'--teacher_cache={w / "nocache"}'],
+                                       'a teacher cache cannot score text the student writes'),
+    'on_policy under fsdp': (lambda w: ['--on_policy=1', '--parallel=fsdp'], "sampling would gather every block"),
     'a checkpoint carrying code': (lambda w: [f'--out_dir={tampered_run(w)}', '--init_from=resume'],
                                    'holds objects other than tensors and plain values, refused: reading them could run code'),
 }

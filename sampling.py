@@ -1,0 +1,103 @@
+"""
+On-policy rows: the student writes the replies (GKD's lambda, distill.py on_policy). A document's prompt is its
+tokens before its first supervised target (chat data: the conversation before the first assistant turn); the student
+samples a continuation of it, and the sampled tokens, up to and including the stop token, become the row's targets:
+the divergence is taken there (M = 1) and no hard label (Y = -100, cross-entropy's ignore index).
+"""
+import zlib
+from collections import Counter
+import numpy as np
+import torch
+from configurator import ConfigError
+from data import Align, Batch
+
+def prompt_lengths(split):
+    """Per document, the length of its prompt: the tokens before its first supervised target (0: no target)."""
+    idx, supervised = split['idx'], np.flatnonzero(np.asarray(split['mask']))
+    k = np.searchsorted(supervised, idx[:-1] + 1)  # the first target after each document's first token
+    first = supervised[np.minimum(k, max(len(supervised) - 1, 0))] if len(supervised) else idx[:-1]
+    return np.where((k < len(supervised)) & (first < idx[1:]), first - idx[:-1], 0)
+
+def check_prompts(split, lengths, block_size, data_dir):
+    """On-policy needs prompt/reply documents whose prompts leave room for a reply in block_size: else one line."""
+    has = lengths > 0
+    short = np.flatnonzero(has & (lengths < 2))
+    if len(short):
+        raise ConfigError(f'on_policy: document {short[0]} of {data_dir} has no prompt (supervised from its first '
+                          'token: plain text): on-policy sampling needs prompt/reply data (chat or instruction records)')
+    long = np.flatnonzero(lengths >= block_size)
+    if len(long):
+        raise ConfigError(f'on_policy: the prompt of document {long[0]} of {data_dir} is {lengths[long[0]]} tokens, '
+                          f'no room for a reply in block_size={block_size}: raise block_size or shorten the prompts '
+                          '(prepare_data.py --max_length)')
+
+def stop_tokens(split, eos_id):
+    """The tokens a sampled reply stops at: the data's EOS and the token that most often ends its supervised runs
+    (a chat template's end of turn, e.g. <|im_end|>), so the student stops where the data's replies do."""
+    mask = np.asarray(split['mask'], dtype=np.int8)
+    ends = np.flatnonzero(np.diff(np.append(mask, 0)) == -1)  # the last target of each supervised run
+    common = Counter(np.asarray(split['tokens'])[ends[:100_000]].tolist()).most_common(1)
+    return sorted({int(eos_id), *(t for t, _ in common)})
+
+def on_policy_rows(first_row, rows, fraction):
+    """Which of a micro-batch's rows the student writes: row j of the step (counted over every micro-batch, whatever
+    rank it runs on) when floor((j + 1) fraction) > floor(j fraction), so a step holds its share exactly and 2 ranks
+    choose what 1 process with 2x accumulation chooses."""
+    j = np.arange(first_row, first_row + rows)
+    return np.flatnonzero(np.floor((j + 1) * fraction) > np.floor(j * fraction)).tolist()
+
+@torch.no_grad()
+def sample_rows(model, batch, split, docs, rows, lengths, block_size, settings, seed, pad_id, vocab, label=False):
+    """batch with its rows `rows` (documents docs) replaced by prompt + the student's reply. settings: max_new_tokens,
+    temperature, top_p, stop ids. HF generate samples (KV cache, the run's autocast, left-padded prompts with their
+    attention mask and positions), seeded by seed alone in a forked RNG (the run's own RNG is untouched: a resume and
+    any split over ranks draw the same), from the real vocabulary (rows of the head past it are padding). label: Y holds the sampled tokens (to score them), not -100. Returns (the
+    batch, tokens generated)."""
+    from transformers import GenerationConfig
+    if not rows:
+        return batch, 0
+    max_new, temperature, top_p, stop = settings
+    prompts = [np.asarray(split['tokens'][split['idx'][docs[i]]:split['idx'][docs[i]] + lengths[docs[i]]],
+                          dtype=np.int64) for i in rows]
+    width = max(map(len, prompts))
+    P = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    A = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        P[i, width - len(p):], A[i, width - len(p):] = torch.from_numpy(p), 1
+    rows_past = list(range(vocab, model.get_output_embeddings().weight.shape[0]))
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, eos_token_id=stop,
+                              pad_token_id=pad_id, max_new_tokens=min(max_new, block_size + 1 - min(map(len, prompts))),
+                              suppress_tokens=rows_past or None)
+    device, training = batch.X.device, model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=P.to(device), attention_mask=A.to(device), generation_config=config)
+    model.train(training)
+    replies = out[:, width:].cpu()
+    seqs, generated = [], 0
+    for p, r in zip(prompts, replies):
+        stops = torch.isin(r, torch.tensor(stop)).nonzero()
+        n = min(int(stops[0]) + 1 if len(stops) else len(r), block_size + 1 - len(p))  # up to the stop, in the block
+        seqs.append((torch.from_numpy(p), r[:n]))
+        generated += n
+    keep = [i for i in range(len(batch.X)) if i not in rows]  # the data's rows, as they were
+    L = max([len(p) + len(r) - 1 for p, r in seqs] + ([batch.X.shape[1]] if keep else []))
+    X = torch.full((len(batch.X), L), pad_id, dtype=torch.long)
+    Y, M = torch.zeros_like(X), torch.zeros_like(X)
+    if keep:
+        X[keep, :batch.X.shape[1]], Y[keep, :batch.X.shape[1]], M[keep, :batch.X.shape[1]] = (t[keep].cpu() for t in batch[:3])
+    for i, (p, r) in zip(rows, seqs):
+        tokens = torch.cat([p, r])
+        X[i, :len(tokens) - 1] = tokens[:-1]
+        Y[i, :len(tokens) - 1] = tokens[1:]
+        M[i, len(p) - 1:len(tokens) - 1] = 1  # the reply: the divergence only, no hard label
+        if not label:
+            Y[i, len(p) - 1:len(tokens) - 1] = -100
+    b, s = M.nonzero(as_tuple=True)
+    align = Align(None, b.to(device), s.to(device), s.to(device))
+    return Batch(X.to(device), Y.to(device), M.to(device), align), generated
+
+def row_seed(seed, iter_num, micro_step):
+    """The draws of a micro-batch: (seed, step, micro-step of the step, counted over every rank)."""
+    return zlib.crc32(f'{seed} {iter_num} {micro_step}'.encode())
