@@ -454,7 +454,7 @@ if __name__ == '__main__':
     train_windows, val_windows = block_windows(train_data, block_size), block_windows(val_data, block_size)[:eval_docs]
     if on_policy:  # the student writes replies to the documents' prompts: their lengths, and where replies stop
         prompts, stops = prompt_lengths(train_data), stop_tokens(train_data, meta['eos_id'])
-        check_prompts(train_data, prompts, block_size, data_dir)
+        with_prompt = check_prompts(train_data, prompts, block_size, data_dir)
     n_train_docs, n_val_docs = len(train_windows), len(val_windows)  # (a document longer than block_size gives several)
     iterations = max_iters if max_iters is not None else \
         math.ceil(epochs * n_train_docs / (batch_size * gradient_accumulation_steps))
@@ -627,7 +627,8 @@ if __name__ == '__main__':
         print(memory_line(memory))
         if on_policy:
             print(f'on-policy: the student writes {on_policy:g} of the rows (up to {max_new_tokens} tokens at T='
-                  f'{sample_temperature:g}, top_p {top_p:g}, stopping at token ids {stops}); no CE on its tokens')
+                  f'{sample_temperature:g}, top_p {top_p:g}, stopping at token ids {stops}); no CE on its tokens; '
+                  f'{with_prompt:.0%} of the training documents have a prompt (the rows of the others stay the data\'s)')
         if layer_pairs:
             print('layer map (student <- teacher, 0 = embedding output, l = block l): '
                   + ', '.join(f'{a}<-{b}' for a, b in layer_pairs) + f'; projections '
@@ -742,7 +743,7 @@ if __name__ == '__main__':
                 flops_peak = max(measure_matmul_flops(torch_device, ptdtype), flops * tok_s / world_size)  # machine)
             mfu = flops * tok_s / (flops_peak * world_size)
             peak = torch.cuda.max_memory_allocated() if device_type == 'cuda' else None  # (beside the estimate)
-            split = {'sample_ms': t_sample * 1000, 'teacher_ms': t_teacher * 1000, 'generated': generated,
+            split = {'sample_ms': t_sample * 1000, 'teacher_ms': t_teacher * 1000, 'generated': int(generated),
                      'generated_per_s': generated / max(t_sample, 1e-9)} if on_policy else {}  # where the time went
             log({'iter': iter_num, 'loss': loss_value, 'ce': ce_mean, 'kd': kd_mean, 'hidden': hidden_mean, 'lr': lr,
                  'grad_norm': grad_norm, 'ms': dt * 1000, 'tokens_per_s': tok_s, 'mfu': mfu, 'peak_memory': peak,
@@ -751,7 +752,7 @@ if __name__ == '__main__':
                 f'hidden {hidden_mean:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, {dt * 1000:.0f} ms, '
                 f'{tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%'
                 + (f', peak memory {gb(peak)}' if peak else '')
-                + (f" (sampling {t_sample * 1000:.0f} ms: {generated} tokens, {split['generated_per_s']:,.0f}/s; "
+                + (f" (sampling {t_sample * 1000:.0f} ms: {generated:.0f} tokens, {split['generated_per_s']:,.0f}/s; "
                    f'teacher {t_teacher * 1000:.0f} ms; student {(dt - t_sample - t_teacher) * 1000:.0f} ms)'
                    if on_policy else ''))
         iter_num += 1

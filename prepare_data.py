@@ -431,6 +431,8 @@ def main(argv=None):
     p.add_argument('inputs', nargs='*', help='.json / .jsonl files')
     p.add_argument('--dataset', help='a Hugging Face dataset id (needs the optional `datasets` library)')
     p.add_argument('--demo', action='store_true', help='the embedded default dataset (also when no input is given)')
+    p.add_argument('--demo_chat', action='store_true', help="the demo's chat exchanges alone, no Shakespeare -> "
+                   'data/demo-chat: prompts and replies throughout, for on-policy runs')
     p.add_argument('--fortunes', action='store_true', help="the demo and Debian's fortunes (apt-get install fortunes): "
                    '15k short texts on 41 topics, broader than the demo alone')
     p.add_argument('--tokenizer', help="hub id, folder, .gguf file, 'tiktoken:<encoding>' or 'bytes'")
@@ -457,18 +459,20 @@ def main(argv=None):
                              (args.name is not None and (args.name in ('', '.', '..') or os.sep in args.name
                                                          or (os.altsep or os.sep) in args.name),
                               f'--name must be one folder name inside --out_root, got {args.name!r}'),
-                             ((args.demo or args.fortunes) and bool(args.inputs or args.dataset),
-                              '--demo and --fortunes prepare the packaged data: drop them, or the input files and --dataset')):
+                             ((args.demo or args.demo_chat or args.fortunes) and bool(args.inputs or args.dataset),
+                              '--demo, --demo_chat and --fortunes prepare the packaged data: drop them, or the input files and '
+                              '--dataset')):
             if bad:
                 raise DataError(message)
         if os.path.exists(args.out_root) and not os.path.isdir(args.out_root):
             raise DataError(f'--out_root {args.out_root} is a file: pass a folder')
-        demo = args.demo or args.fortunes or not (args.inputs or args.dataset)
+        demo = args.demo or args.demo_chat or args.fortunes or not (args.inputs or args.dataset)
         tokenizer_spec = args.tokenizer or (demo_tokenizer() if demo else None)
         if tokenizer_spec is None:
             raise DataError('--tokenizer is required (a hub id, a folder, a .gguf file, tiktoken:<encoding> or bytes)')
-        records = demo_records() + (fortune_records() if args.fortunes else []) if demo else read_hub_dataset(args.dataset) if args.dataset else read_records(args.inputs)
-        name = args.name or ('demo-fortunes' if args.fortunes else 'demo' if demo else os.path.splitext(os.path.basename((args.inputs or [args.dataset])[0]))[0].replace('/', '_'))
+        records = [r for r in demo_records() if 'messages' in r] if args.demo_chat else \
+            demo_records() + (fortune_records() if args.fortunes else []) if demo else read_hub_dataset(args.dataset) if args.dataset else read_records(args.inputs)
+        name = args.name or ('demo-fortunes' if args.fortunes else 'demo-chat' if args.demo_chat else 'demo' if demo else os.path.splitext(os.path.basename((args.inputs or [args.dataset])[0]))[0].replace('/', '_'))
         tok = load_tokenizer(tokenizer_spec)
         teacher_tok = load_tokenizer(args.teacher_tokenizer) if args.teacher_tokenizer else None
         if teacher_tok is not None and vocab_fingerprint(teacher_tok) == vocab_fingerprint(tok):

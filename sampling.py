@@ -2,7 +2,9 @@
 On-policy rows: the student writes the replies (GKD's lambda, distill.py on_policy). A document's prompt is its
 tokens before its first supervised target (chat data: the conversation before the first assistant turn); the student
 samples a continuation of it, and the sampled tokens, up to and including the stop token, become the row's targets:
-the divergence is taken there (M = 1) and no hard label (Y = -100, cross-entropy's ignore index).
+the divergence is taken there (M = 1) and no hard label (Y = -100, cross-entropy's ignore index). Multi-turn
+records: the student writes the first reply, and the conversation after it is not used in that row. Plain text
+(supervised from its first token) has no prompt: its rows stay the data's.
 """
 import zlib
 from collections import Counter
@@ -19,17 +21,18 @@ def prompt_lengths(split):
     return np.where((k < len(supervised)) & (first < idx[1:]), first - idx[:-1], 0)
 
 def check_prompts(split, lengths, block_size, data_dir):
-    """On-policy needs prompt/reply documents whose prompts leave room for a reply in block_size: else one line."""
-    has = lengths > 0
-    short = np.flatnonzero(has & (lengths < 2))
-    if len(short):
-        raise ConfigError(f'on_policy: document {short[0]} of {data_dir} has no prompt (supervised from its first '
-                          'token: plain text): on-policy sampling needs prompt/reply data (chat or instruction records)')
+    """On-policy needs prompt/reply documents (a plain-text one, supervised from its first token, has no prompt: its
+    rows stay the data's) whose prompts leave room for a reply in block_size: else one line. Returns the share of
+    the documents with a prompt."""
+    if not (lengths >= 2).any():
+        raise ConfigError(f'on_policy: no document of {data_dir} has a prompt (each is supervised from its first token: '
+                          'plain text): on-policy sampling needs prompt/reply data (chat or instruction records)')
     long = np.flatnonzero(lengths >= block_size)
     if len(long):
         raise ConfigError(f'on_policy: the prompt of document {long[0]} of {data_dir} is {lengths[long[0]]} tokens, '
                           f'no room for a reply in block_size={block_size}: raise block_size or shorten the prompts '
                           '(prepare_data.py --max_length)')
+    return (lengths >= 2).sum() / max((lengths > 0).sum(), 1)
 
 def stop_tokens(split, eos_id):
     """The tokens a sampled reply stops at: the data's EOS and the token that most often ends its supervised runs
@@ -54,6 +57,7 @@ def sample_rows(model, batch, split, docs, rows, lengths, block_size, settings, 
     any split over ranks draw the same), from the real vocabulary (rows of the head past it are padding). label: Y holds the sampled tokens (to score them), not -100. Returns (the
     batch, tokens generated)."""
     from transformers import GenerationConfig
+    rows = [i for i in rows if lengths[docs[i]] >= 2]  # (plain text has no prompt: its rows stay the data's)
     if not rows:
         return batch, 0
     max_new, temperature, top_p, stop = settings

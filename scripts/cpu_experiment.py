@@ -24,6 +24,8 @@ sys.path.insert(0, ROOT)
 from configurator import HelpFormatter
 from models import demo_tokenizer
 
+OWN = ('draft_acceptance', 'own_sample_rkl', 'own_sample_teacher_nll')  # eval.py's on-policy measures, where it ran them
+
 def summarize(results, teacher, pruned, groups, tasks):
     """The table: teacher, pruned start and each method (groups: method -> its runs' eval.py rows, one per seed):
     the mean over seeds; losses, KL and agreement ± the standard error of that mean (with 2+ seeds); accuracies ±
@@ -36,7 +38,7 @@ def summarize(results, teacher, pruned, groups, tasks):
         r['gap_closed'] = (l_pruned - r['val_loss']) / (l_pruned - l_teacher) if l_pruned != l_teacher else None  # (no gap)
         if len(rows) > 1:
             r.update({f'{c}_se': statistics.stdev(x[c] for x in rows) / math.sqrt(len(rows)) for c in
-                      ('val_loss', 'kl_to_teacher', 'top1_agreement')})
+                      ('val_loss', 'kl_to_teacher', 'top1_agreement', *OWN) if c in r})
         for t in tasks:
             for a in ('acc', 'acc_norm'):
                 p, n = r[f'{t}/{a}'], r[f'{t}/documents']
@@ -70,7 +72,8 @@ def main():
     p.add_argument('--short', action='store_true', help='SFT, logits and hidden for 15 steps each; 40 validation windows, no benchmark')
     p.add_argument('--config', default=os.path.join('configs', 'cpu_experiment.py'), help='the runs\' distill.py config')
     p.add_argument('--out', default=None, help='default: out-cpu-experiment (out-cpu-experiment-short with --short)')
-    p.add_argument('--methods', default=None, help='default: sft,logits,hidden,mix (sft,logits,hidden with --short)')
+    p.add_argument('--methods', default=None, help='default: sft,logits,hidden,mix (sft,logits,hidden with --short); also '
+                   'onpolicy and mixed (logits with on_policy=1, 0.5)')
     p.add_argument('--seeds', default='1337', help='comma-separated: every method is trained once per seed (data order)')
     p.add_argument('--tasks', default=None, help="eval.py's benchmarks (default: arc_easy; none with --short)")
     p.add_argument('--limit', type=int, help='at most this many documents per benchmark (default: all)')
@@ -83,7 +86,8 @@ def main():
     cfg = runpy.run_path(config)
     steps, val_windows, eval_docs = (15, 40, 8) if args.short else (cfg['max_iters'], None, cfg['eval_docs'])  # (None: all)
     methods = {'sft': ['--distill=none'], 'logits': ['--distill=logits'], 'hidden': ['--distill=hidden'],
-               'mix': ['--distill=logits', '--ce_weight=0.5', '--kd_weight=0.5', '--hidden_weight=0.5']}
+               'mix': ['--distill=logits', '--ce_weight=0.5', '--kd_weight=0.5', '--hidden_weight=0.5'],
+               'onpolicy': ['--distill=logits', '--on_policy=1'], 'mixed': ['--distill=logits', '--on_policy=0.5']}
     out = os.path.join(ROOT, args.out)
     runs = {(m, s): f'{m}-{s}' if len(seeds) > 1 or os.path.isdir(os.path.join(out, f'{m}-{s}')) else m
             for s in seeds for m in args.methods}  # -> out/<name> (one seed: <method>, unless a many-seed run left <method>-<seed>)
@@ -123,7 +127,7 @@ def main():
         call and keeps each row as it is done; the quick start, all in one call."""
         missing = [spec for spec in specs if spec not in results]
         for group in [missing] if args.short and missing else [[spec] for spec in missing]:
-            run('eval.py', *group, f'--teacher={teacher}', '--data=data/demo', f'--tasks={settings["tasks"]}', '--batch_size=16',
+            run('eval.py', *group, f'--teacher={teacher}', f'--data=data/{cfg["dataset"]}', f'--tasks={settings["tasks"]}', '--batch_size=16',
                 f'--output={args.out}/eval-new.json', '--block_size=128', *(f'--{k}={settings[k]}' for k in ('limit', 'val_windows') if settings[k]))
             results.update(json.load(open(os.path.join(out, 'eval-new.json')))['results'])
             json.dump({'settings': settings, 'results': results}, open(eval_file + '.tmp', 'w'), indent=2)
@@ -140,9 +144,10 @@ def main():
     # the table
     table = summarize(results, teacher, models['pruned'], {m: [models[runs[m, s]] for s in seeds] for m in args.methods}, tasks)
     columns = ['val_loss', 'gap_closed', 'kl_to_teacher', 'top1_agreement'] + [f'{t}/acc_norm' for t in tasks] + \
-        (['mean_acc_norm', 'retained'] if len(tasks) > 1 else [])
+        (['mean_acc_norm', 'retained'] if len(tasks) > 1 else []) + [c for c in OWN if c in table['teacher']]
     heads = {'val_loss': 'val loss', 'gap_closed': 'gap closed', 'kl_to_teacher': 'KL(t||s)', 'top1_agreement': 'top-1 agr',
-             'mean_acc_norm': 'mean acc_norm', 'retained': 'of teacher'}
+             'mean_acc_norm': 'mean acc_norm', 'retained': 'of teacher', 'draft_acceptance': 'draft accept',
+             'own_sample_rkl': 'own-sample rKL', 'own_sample_teacher_nll': 'teacher NLL'}
     cell = lambda c, r: '-' if r[c] is None else f'{r[c]:.1%}' if c in ('gap_closed', 'retained') else f'{r[c]:.4f}' + (f' ±{r[c + "_se"]:.4f}' if c + '_se' in r else '')
     print(f'\n{len(seeds)} seed(s) per method' + ('; ± the standard error of the mean over seeds (losses, KL, agreement)' if len(seeds) > 1
           else '') + ('; ± binomial standard error (accuracies)' if tasks else ''))
@@ -152,7 +157,7 @@ def main():
     accuracy = 'mean_acc_norm' if len(tasks) > 1 else f'{tasks[0]}/acc_norm' if tasks else 'none'
     verdict = lambda d, se: f'(2 SE {2 * se:.4f}: ' + ('resolved)' if abs(d) > 2 * se else 'within the noise)')
     for method in args.methods[1:]:  # against the first (SFT): a difference is resolved when it exceeds twice its standard error
-        for c in ('val_loss', accuracy):
+        for c in ('val_loss', accuracy, *OWN):
             a, b = table[method], table[args.methods[0]]
             if c + '_se' in a:
                 d, se = a[c] - b[c], math.hypot(a[c + '_se'], b[c + '_se'])

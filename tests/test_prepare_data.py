@@ -199,7 +199,7 @@ def test_fortunes(tmp_path, monkeypatch, capsys):
     (('--max_examples', '-3'), '--max_examples must be >= 1, got -3'),
     (('--max_length', '-1'), '--max_length must be >= 0 (0: no limit), got -1'),
     (('--num_proc', '0'), '--num_proc must be >= 1, got 0'),
-    (('--fortunes',), '--demo and --fortunes prepare the packaged data: drop them, or the input files and --dataset'),
+    (('--fortunes',), '--demo, --demo_chat and --fortunes prepare the packaged data: drop them, or the input files and --dataset'),
 ])
 def test_out_of_range_options(tmp_path, capsys, option, message):
     path = write_jsonl(tmp_path / 'in.jsonl', [{'text': 'a'}, {'text': 'b'}])

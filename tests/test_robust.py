@@ -404,6 +404,13 @@ def tamper(ckpt, payload_path):
     manifest['files']['state.pt'] = os.path.getsize(os.path.join(ckpt, 'state.pt'))
     json.dump(manifest, open(os.path.join(ckpt, 'manifest.json'), 'w'))
 
+def plain_text(w):
+    """A data root whose dataset 'tiny' is plain text alone (no prompts)."""
+    if not os.path.exists(w / 'plain'):
+        src = write_jsonl(w / 'plain.jsonl', [{'text': f'line {i} of a plain text'} for i in range(20)])
+        assert P.main([src, '--tokenizer=bytes', f'--out_root={w / "plain"}', '--name=tiny', '--val_fraction=0.1']) == 0
+    return str(w / 'plain')
+
 def tampered_run(w):
     if not os.path.exists(w / 'tampered'):
         shutil.copytree(w / 'straight', w / 'tampered')
@@ -457,7 +464,7 @@ CONFIG = {  # distill.py: (overrides given the work folder, expected text); each
                                        'batch_size was 2 when'),
     'on_policy 1.5': (lambda w: ['--on_policy=1.5'], 'on_policy must be in [0, 1], got 1.5'),
     'max_new_tokens 0': (lambda w: ['--on_policy=1', '--max_new_tokens=0'], 'max_new_tokens must be > 0, got 0'),
-    'on_policy on plain text': (lambda w: ['--on_policy=0.5'], 'has no prompt (supervised from its first token: plain text)'),
+    'on_policy on plain text': (lambda w: ['--on_policy=0.5', f'--data_root={plain_text(w)}'], 'no document of'),
     'on_policy without a divergence': (lambda w: ['--on_policy=1', '--distill=none'], "train on the divergence alone"),
     'on_policy with a teacher cache': (lambda w: ['--on_policy=1', f'--teacher_cache={w / "nocache"}'],
                                        'a teacher cache cannot score text the student writes'),
