@@ -569,7 +569,7 @@ if __name__ == '__main__':
     def batch(split, windows):
         return make_batch(split, windows, block_size, meta['pad_id'], torch_device, meta.get('teacher_eos_id', 0))
 
-    def release_teacher():  # fsdp: free the teacher's gathered embeddings (a tied head's too) once the loss has read them
+    def release_teacher():  # fsdp: free the teacher's gathered embeddings (a tied head's) once the loss read them
         if fsdp and teacher_model is not None:
             teacher_model.get_input_embeddings().reshard()
 
@@ -628,7 +628,7 @@ if __name__ == '__main__':
         if on_policy:
             print(f'on-policy: the student writes {on_policy:g} of the rows (up to {max_new_tokens} tokens at T='
                   f'{sample_temperature:g}, top_p {top_p:g}, stopping at token ids {stops}); no CE on its tokens; '
-                  f'{with_prompt:.0%} of the training documents have a prompt (the rows of the others stay the data\'s)')
+                  f"{with_prompt:.0%} of the training documents have a prompt (the others' rows stay the data's)")
         if layer_pairs:
             print('layer map (student <- teacher, 0 = embedding output, l = block l): '
                   + ', '.join(f'{a}<-{b}' for a, b in layer_pairs) + f'; projections '

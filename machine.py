@@ -203,7 +203,9 @@ def teacher_head(teacher):
     """The teacher's head weight whole on this rank, for the chunked loss: under FSDP a tied head is the embeddings'
     weight, gathered by the forward and kept until release_teacher; an untied one is gathered here."""
     embeddings = teacher.get_input_embeddings()
-    return embeddings.weight if getattr(embeddings, 'ties_head', False) else gathered(teacher.get_output_embeddings().weight)
+    if getattr(embeddings, 'ties_head', False):
+        return embeddings.weight
+    return gathered(teacher.get_output_embeddings().weight)
 
 def gathered(t):
     """A tensor whole on this rank: an FSDP-sharded one (a DTensor) all-gathered, any other as it is."""

@@ -25,8 +25,9 @@ def check_prompts(split, lengths, block_size, data_dir):
     rows stay the data's) whose prompts leave room for a reply in block_size: else one line. Returns the share of
     the documents with a prompt."""
     if not (lengths >= 2).any():
-        raise ConfigError(f'on_policy: no document of {data_dir} has a prompt (each is supervised from its first token: '
-                          'plain text): on-policy sampling needs prompt/reply data (chat or instruction records)')
+        raise ConfigError(f'on_policy: no document of {data_dir} has a prompt (each is supervised from its first '
+                          'token: plain text): on-policy sampling needs prompt/reply data (chat or instruction '
+                          'records)')
     long = np.flatnonzero(lengths >= block_size)
     if len(long):
         raise ConfigError(f'on_policy: the prompt of document {long[0]} of {data_dir} is {lengths[long[0]]} tokens, '
@@ -51,56 +52,63 @@ def on_policy_rows(first_row, rows, fraction):
 
 @torch.no_grad()
 def sample_rows(model, batch, split, docs, rows, lengths, block_size, settings, seed, pad_id, vocab, label=False):
-    """batch with its rows `rows` (documents docs) replaced by prompt + the student's reply. settings: max_new_tokens,
-    temperature, top_p, stop ids. HF generate samples (KV cache, the run's autocast, left-padded prompts with their
-    attention mask and positions), seeded by seed alone in a forked RNG (the run's own RNG is untouched: a resume and
-    any split over ranks draw the same), from the real vocabulary (rows of the head past it are padding). label: Y holds the sampled tokens (to score them), not -100. Returns (the
-    batch, tokens generated)."""
-    from transformers import GenerationConfig
+    """batch with its rows `rows` (of documents docs; plain-text ones stay) replaced by prompt + the student's reply.
+    settings: max_new_tokens, temperature, top_p, stop ids. label: Y holds the sampled tokens (to score them), not
+    -100. Returns (the batch, tokens generated)."""
     rows = [i for i in rows if lengths[docs[i]] >= 2]  # (plain text has no prompt: its rows stay the data's)
     if not rows:
         return batch, 0
+    prompts = [torch.from_numpy(np.asarray(split['tokens'][split['idx'][d]:split['idx'][d] + lengths[d]],
+                                           dtype=np.int64)) for d in (docs[i] for i in rows)]
+    replies = generate(model, prompts, block_size, settings, seed, pad_id, vocab, batch.X.device)
+    return lay_out(batch, rows, prompts, replies, pad_id, label), sum(map(len, replies))
+
+def generate(model, prompts, block_size, settings, seed, pad_id, vocab, device):
+    """The student's replies to prompts, each up to and including its first stop token and within block_size. HF
+    generate samples (KV cache, the caller's autocast, prompts left-padded with their attention mask, positions from
+    it) from the real vocabulary (rows of the head past it are padding), seeded by seed alone in a forked RNG: the
+    run's own RNG is untouched, so a resume and any split over ranks draw the same."""
+    from transformers import GenerationConfig
     max_new, temperature, top_p, stop = settings
-    prompts = [np.asarray(split['tokens'][split['idx'][docs[i]]:split['idx'][docs[i]] + lengths[docs[i]]],
-                          dtype=np.int64) for i in rows]
     width = max(map(len, prompts))
-    P = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    A = torch.zeros((len(rows), width), dtype=torch.long)
+    P = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    A = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        P[i, width - len(p):], A[i, width - len(p):] = torch.from_numpy(p), 1
-    rows_past = list(range(vocab, model.get_output_embeddings().weight.shape[0]))
+        P[i, width - len(p):], A[i, width - len(p):] = p, 1
     config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, eos_token_id=stop,
                               pad_token_id=pad_id, max_new_tokens=min(max_new, block_size + 1 - min(map(len, prompts))),
-                              suppress_tokens=rows_past or None)
-    device, training = batch.X.device, model.training
+                              suppress_tokens=list(range(vocab, model.get_output_embeddings().weight.shape[0])) or None)
+    training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         torch.manual_seed(seed)
-        out = model.generate(input_ids=P.to(device), attention_mask=A.to(device), generation_config=config)
+        out = model.generate(input_ids=P.to(device), attention_mask=A.to(device), generation_config=config).cpu()
     model.train(training)
-    replies = out[:, width:].cpu()
-    seqs, generated = [], 0
-    for p, r in zip(prompts, replies):
+    replies = []
+    for p, r in zip(prompts, out[:, width:]):
         stops = torch.isin(r, torch.tensor(stop)).nonzero()
-        n = min(int(stops[0]) + 1 if len(stops) else len(r), block_size + 1 - len(p))  # up to the stop, in the block
-        seqs.append((torch.from_numpy(p), r[:n]))
-        generated += n
-    keep = [i for i in range(len(batch.X)) if i not in rows]  # the data's rows, as they were
-    L = max([len(p) + len(r) - 1 for p, r in seqs] + ([batch.X.shape[1]] if keep else []))
+        replies.append(r[:min(int(stops[0]) + 1 if len(stops) else len(r), block_size + 1 - len(p))])
+    return replies
+
+def lay_out(batch, rows, prompts, replies, pad_id, label=False):
+    """The batch with rows `rows` re-laid right-padded as prompt + reply: M = 1 exactly on the reply's tokens as
+    targets (the stop included), Y = -100 there unless label; the other rows as they were."""
+    keep = [i for i in range(len(batch.X)) if i not in rows]
+    width = batch.X.shape[1]
+    L = max([len(p) + len(r) - 1 for p, r in zip(prompts, replies)] + ([width] if keep else []))
     X = torch.full((len(batch.X), L), pad_id, dtype=torch.long)
     Y, M = torch.zeros_like(X), torch.zeros_like(X)
     if keep:
-        X[keep, :batch.X.shape[1]], Y[keep, :batch.X.shape[1]], M[keep, :batch.X.shape[1]] = (t[keep].cpu() for t in batch[:3])
-    for i, (p, r) in zip(rows, seqs):
+        X[keep, :width], Y[keep, :width], M[keep, :width] = (t[keep].cpu() for t in batch[:3])
+    for i, p, r in zip(rows, prompts, replies):
         tokens = torch.cat([p, r])
-        X[i, :len(tokens) - 1] = tokens[:-1]
-        Y[i, :len(tokens) - 1] = tokens[1:]
-        M[i, len(p) - 1:len(tokens) - 1] = 1  # the reply: the divergence only, no hard label
+        X[i, :len(tokens) - 1], Y[i, :len(tokens) - 1] = tokens[:-1], tokens[1:]
+        M[i, len(p) - 1:len(tokens) - 1] = 1
         if not label:
-            Y[i, len(p) - 1:len(tokens) - 1] = -100
+            Y[i, len(p) - 1:len(tokens) - 1] = -100  # the divergence only, no hard label
     b, s = M.nonzero(as_tuple=True)
-    align = Align(None, b.to(device), s.to(device), s.to(device))
-    return Batch(X.to(device), Y.to(device), M.to(device), align), generated
+    device = batch.X.device
+    return Batch(X.to(device), Y.to(device), M.to(device), Align(None, b.to(device), s.to(device), s.to(device)))
 
 def row_seed(seed, iter_num, micro_step):
     """The draws of a micro-batch: (seed, step, micro-step of the step, counted over every rank)."""
