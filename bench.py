@@ -20,7 +20,8 @@ same model, batch and settings, alternated over --steps rounds.
 """
 import argparse, contextlib, json, os, resource, statistics, subprocess, sys, time
 import torch
-from data import block_windows, load_split, make_batch
+from configurator import exit_on_error
+from data import block_windows, check_dataset, load_split, make_batch
 from distill import ChunkedHeadLoss, Trainable, configure_optimizer, loss_sums
 from machine import cpu_name, flops_per_token, keep_freed_memory, measure_matmul_flops
 from models import cast_parameters, demo_tokenizer, load_model, student_from_teacher_layers
@@ -43,6 +44,9 @@ p.add_argument('--max_new_tokens', type=int, default=64, help='--part=sample: to
 p.add_argument('--case', help=argparse.SUPPRESS)  # internal: one loss case in this process
 p.add_argument('--row', help=argparse.SUPPRESS)  # internal: one step row in this process
 args = p.parse_args()
+exit_on_error()  # bad input: one line `error: ...`, exit 2
+if args.part != 'loss':
+    check_dataset(args.dataset)  # (before any part runs: the step and sampling parts read it)
 
 def rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB

@@ -375,6 +375,12 @@ def test_command_line_mistakes_are_one_line(script, argv):
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and err[0].startswith('error: ') and '--help' in err[0], proc.stderr
 
+def test_bench_without_its_data_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--part=step', f'--dataset={tmp_path / "none"}'],
+                          capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith('error: no prepared dataset in '), proc.stderr
+
 @pytest.mark.parametrize('case', PREPARE)
 def test_catalogue_prepare_data(tmp_path, capfd, case):
     (tmp_path / 'sub').mkdir()
