@@ -475,6 +475,8 @@ CONFIG = {  # distill.py: (overrides given the work folder, expected text); each
     'on_policy with a teacher cache': (lambda w: ['--on_policy=1', f'--teacher_cache={w / "nocache"}'],
                                        'a teacher cache cannot score text the student writes'),
     'on_policy under fsdp': (lambda w: ['--on_policy=1', '--parallel=fsdp'], "sampling would gather every block"),
+    'on_policy with a prompt longer than the block': (lambda w: ['--on_policy=1', '--block_size=8'],
+                                                      'no room for a reply in block_size=8'),
     'a checkpoint carrying code': (lambda w: [f'--out_dir={tampered_run(w)}', '--init_from=resume'],
                                    'holds objects other than tensors and plain values, refused: reading them could run code'),
 }
