@@ -6,6 +6,7 @@ Speed and memory of distillation, plain (full logits) vs chunked (loss_chunk), a
     python bench.py --part=step                           # 4 x 512 tokens, distill.py's defaults
     python bench.py --part=step --profile                 # and where a step's time goes, by kind of op
     python bench.py --part=sample                         # on-policy sampling against HF generate's own rate
+    python bench.py --part=pack                           # packed rows vs padded: real tokens per second
 
 --part=loss: forward + backward of CE + forward KL at T=2 from final hidden states, for V = 49,152 and
 151,936, hidden 576 and 1,536, 8,192 positions; each case in a fresh process, peak memory = its peak RSS
@@ -16,19 +17,22 @@ this machine's matmul rate in that dtype, measured just before that step: a shar
 more than the differences measured here. A dtype this CPU only emulates (10x slower than fp32 or worse) is
 measured but not stepped. --part=sample: distill.py's on-policy sampling (sampling.sample_rows: generate, then the
 rows re-laid for the loss) of batch_size demo prompts by the packaged teacher, against HF generate alone on the
-same model, batch and settings, alternated over --steps rounds.
+same model, batch and settings, alternated over --steps rounds. --part=pack: the same KD step (without the optimizer)
+on micro-batches of the demo's training windows in distill.py's order, padded to the longest and packed (pack=True),
+alternated over --rounds rounds per shape (--shapes block x batch); real tokens are the windows' positions up to
+their last supervised target (what packing keeps), the padding share is the rest of the positions computed.
 """
 import argparse, contextlib, json, os, resource, statistics, subprocess, sys, time
 import torch
 from configurator import exit_on_error
-from data import block_windows, check_dataset, load_split, make_batch
+from data import block_windows, check_dataset, doc_order, load_split, make_batch, pack_rows
 from distill import ChunkedHeadLoss, Trainable, configure_optimizer, loss_sums
 from machine import cpu_name, flops_per_token, keep_freed_memory, measure_matmul_flops
 from models import cast_parameters, demo_tokenizer, load_model, student_from_teacher_layers
 from sampling import prompt_lengths, sample_rows, stop_tokens
 
 p = argparse.ArgumentParser()
-p.add_argument('--part', default='all', choices=['all', 'loss', 'step', 'sample'])
+p.add_argument('--part', default='all', choices=['all', 'loss', 'step', 'sample', 'pack'])
 p.add_argument('--positions', type=int, default=8192)
 p.add_argument('--chunk', type=int, default=256, help='positions per chunk on the chunked path (distill.py: loss_chunk)')
 p.add_argument('--max_gb', type=float, default=16.0, help='fewer positions where the plain path would need more memory')
@@ -41,6 +45,8 @@ p.add_argument('--compile', action='store_true', help='--part=step: also the chu
 p.add_argument('--profile', action='store_true', help='--part=step: also where one more step spends its time, by kind of op')
 p.add_argument('--dataset', default='data/demo')
 p.add_argument('--max_new_tokens', type=int, default=64, help='--part=sample: tokens per reply')
+p.add_argument('--shapes', default='2048x8,512x4,128x8,1024x1', help='--part=pack: block_size x batch_size, comma-separated')
+p.add_argument('--rounds', type=int, default=2, help='--part=pack: timed rounds per shape (after one to warm up)')
 p.add_argument('--case', help=argparse.SUPPRESS)  # internal: one loss case in this process
 p.add_argument('--row', help=argparse.SUPPRESS)  # internal: one step row in this process
 args = p.parse_args()
@@ -140,6 +146,13 @@ def loss_alone(model, batch, t_out, kind='fkl', beta=0.5):
 OP_KINDS = (('matmul', ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm')), ('attention', ('flash_attention',)),
             ('copies and dtype casts', ('aten::copy_', 'aten::_to_copy')), ('optimizer', ('_fused_adamw',)))
 OTHER_OPS = 'everything else (elementwise, reductions, indexing)'
+
+def autocast(dtype):
+    """A dtype row's autocast context (none for fp32), or None, said, where this CPU only emulates the dtype."""
+    if measure_matmul_flops('cpu', getattr(torch, dtype)) < measure_matmul_flops('cpu') / 10:
+        print(f'{dtype}: not measured (emulated on this CPU)')
+        return None
+    return torch.autocast('cpu', getattr(torch, dtype)) if dtype != 'float32' else contextlib.nullcontext()
 
 def profile_step(step, step_s):
     """Self CPU time of one more step by kind of op (torch.profiler), beside the step's time unprofiled: the profiler
@@ -248,9 +261,7 @@ if args.part in ('all', 'sample'):
     print(f'\non-policy sampling: {len(windows)} demo prompts ({lengths[windows[:, 0]].tolist()} tokens), up to '
           f'{args.max_new_tokens} new tokens at T = 1, the packaged teacher; tokens generated per second')
     for dtype in args.dtypes:
-        ctx = torch.autocast('cpu', getattr(torch, dtype)) if dtype != 'float32' else contextlib.nullcontext()
-        if measure_matmul_flops('cpu', getattr(torch, dtype)) < measure_matmul_flops('cpu') / 10:
-            print(f'{dtype}: not measured (emulated on this CPU)')
+        if (ctx := autocast(dtype)) is None:
             continue
         batch = make_batch(split, windows, args.block_size, meta['pad_id'], 'cpu')
         rows, settings = list(range(len(windows))), (args.max_new_tokens, 1.0, 1.0, stops)
@@ -278,3 +289,41 @@ if args.part in ('all', 'sample'):
         a, b = statistics.median(ours), statistics.median(theirs)
         print(f'{dtype}: sample_rows {a:.1f} tokens/s, HF generate {b:.1f} tokens/s (medians of {args.steps} rounds): '
               f'{a / b:.0%} of generate')
+
+if args.part in ('all', 'pack'):
+    meta, split = json.load(open(os.path.join(args.dataset, 'meta.json'))), load_split(args.dataset, 'train')
+    teacher = load_model(demo_tokenizer()).eval().requires_grad_(False)
+    student = student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
+    print(f'\npacked rows vs padded: the KD step (teacher forward, student forward + chunked loss + backward) of the '
+          f'packaged teacher -> its 10-block copy on micro-batches of demo windows in distill.py\'s order; median of '
+          f'{args.rounds} rounds; real = positions up to each window\'s last supervised target')
+    print(f'{"dtype":>8s} {"block x batch":>13s} {"padded: rows x width":>21s} {"pad share":>9s} {"real tok/s":>10s}'
+          f' {"packed: rows x width":>21s} {"pad share":>9s} {"real tok/s":>10s} {"speed-up":>8s}')
+    for dtype in args.dtypes:
+        if (ctx := autocast(dtype)) is None:
+            continue
+        cast_parameters(teacher, getattr(torch, dtype))
+        model = Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=args.chunk)
+        for shape in args.shapes.split(','):
+            B, n = map(int, shape.split('x'))
+            windows = block_windows(split, B)
+            times, shapes = {False: [], True: []}, {}
+            for r in range(args.rounds + 1):  # round 0 warms up; padded and packed alternate on the same windows
+                batch = make_batch(split, windows[doc_order(r * n, n, len(windows), 1337)], B, meta['pad_id'], 'cpu')
+                real = ((batch.M.shape[1] - batch.M.flip(1).argmax(1)) * batch.M.any(1)).sum().item()
+                for packed in (False, True):
+                    b = pack_rows(batch, B, meta['pad_id']) if packed else batch
+                    t0 = time.perf_counter()
+                    with ctx:
+                        out = model(b, model.teacher_forward(teacher, b), b.M.sum().item())
+                    out.loss.backward()
+                    model.zero_grad(set_to_none=True)
+                    if r:
+                        times[packed].append((real, b.X.numel(), time.perf_counter() - t0))
+                    shapes[packed] = f'{len(b.X)} x {b.X.shape[1]}'
+            row = {}
+            for packed, ts in times.items():
+                row[packed] = (1 - sum(t[0] for t in ts) / sum(t[1] for t in ts), statistics.median(t[0] / t[2] for t in ts))
+            print(f'{dtype:>8s} {shape:>13s} {shapes[False]:>21s} {row[False][0]:9.0%} {row[False][1]:10.0f} '
+                  f'{shapes[True]:>21s} {row[True][0]:9.0%} {row[True][1]:10.0f} {row[True][1] / row[False][1]:7.2f}x',
+                  flush=True)

@@ -119,6 +119,8 @@ class Batch(NamedTuple):
     M: torch.Tensor  # (rows, L) 1 where Y is a supervised target
     align: Align
     topk: TopK = None  # the teacher's cached distribution at the supervised targets (teacher_cache), else None
+    pos: torch.Tensor = None  # (rows, L) position ids of packed rows (pack): each window counts from 0; None: 0, 1, ...
+    teacher_pos: torch.Tensor = None  # the same for XT (packed across tokenizers)
 
 def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
     """A Batch of some (document, start) windows (block_windows). No attention mask is needed: causal attention
@@ -175,6 +177,59 @@ def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
         laid_out = lambda x: torch.zeros(*M.shape, *x.shape[1:], dtype=x.dtype).index_put_((keep,), x).to(device)
         topk = TopK(*map(laid_out, (t.ids, t.logp, t.tail, t.logw)))
     return Batch(X.to(device), Y.to(device), M.to(device), align, topk)
+
+def pack_rows(batch, block_size, pad_id, teacher_pad_id=0):
+    """The batch with its rows packed several to a row of <= block_size positions, each window attending only to
+    itself: its position ids restart at 0 (Batch.pos), from which the model's attention builds the block-diagonal
+    causal mask (HF transformers does so when there is no attention mask and no KV cache; models.packs checks that a
+    model does). A row is kept up to its last supervised target (a causal model's outputs there never depend on the
+    tokens after it) and placed by first fit, longest first; its teacher row (XT, across tokenizers) goes into the
+    same packed row after those of the rows before it. Every (rows, L, ...) tensor moves with its positions, so the
+    losses are the unpacked batch's. The batch comes back unchanged when no two rows fit in one."""
+    M, align = batch.M, batch.align
+    n = ((M.shape[1] - M.flip(1).argmax(1)) * M.any(1)).tolist()  # positions kept: up to the last supervised target
+    place, fill = {}, []  # row -> (packed row, offset); the packed rows' lengths
+    for i in sorted((i for i in range(len(n)) if n[i]), key=lambda i: -n[i]):
+        r = next((r for r, f in enumerate(fill) if f + n[i] <= block_size), len(fill))
+        fill += [0] * (r == len(fill))
+        place[i], fill[r] = (r, fill[r]), fill[r] + n[i]
+    if len(fill) >= len(n):
+        return batch
+    order = sorted(place, key=place.get)  # (packed row, offset) order: the supervised targets' order in the packed M
+    cross = align.XT is not None
+    if cross:  # the teacher's own row lengths, and its offsets in the packed rows
+        m = torch.zeros(len(n), dtype=torch.long, device=M.device).scatter_reduce_(0, align.b, align.t + 1, 'amax')
+        t_place, t_fill = {}, [0] * len(fill)
+        for i in order:
+            t_place[i], t_fill[place[i][0]] = (place[i][0], t_fill[place[i][0]]), t_fill[place[i][0]] + m[i].item()
+
+    def move(t, where, lengths, width, value):
+        """t (rows, L, ...) laid out as (packed rows, width, ...): row i's first lengths[i] positions at where[i]."""
+        src = torch.cat([i * t.shape[1] + torch.arange(lengths[i]) for i in order]).to(t.device)
+        dst = torch.cat([where[i][0] * width + where[i][1] + torch.arange(lengths[i]) for i in order]).to(t.device)
+        out = torch.full((len(fill) * width, *t.shape[2:]), value, dtype=t.dtype, device=t.device)
+        out[dst] = t.flatten(0, 1)[src]
+        return out.view(len(fill), width, *t.shape[2:])
+
+    def positions(where, width):  # each window counts from 0; a packed row's padding counts on from its last window
+        pos = torch.arange(width, device=M.device).repeat(len(fill), 1)
+        for i in order:
+            pos[where[i][0], where[i][1]:] -= pos[where[i][0], where[i][1]].clone()
+        return pos
+
+    width = max(fill)
+    X, Y, M = (move(t, place, n, width, v) for t, v in zip(batch[:3], (pad_id, 0, 0)))
+    lookup = lambda where, k: torch.tensor([where.get(i, (0, 0))[k] for i in range(len(n))], device=M.device)
+    b, s = lookup(place, 0)[align.b], lookup(place, 1)[align.b] + align.s
+    XT = teacher_pos = None
+    t = s
+    if cross:
+        t_width = max(max(t_fill), 1)
+        XT, teacher_pos = move(align.XT, t_place, m.tolist(), t_width, teacher_pad_id), positions(t_place, t_width)
+        t = lookup(t_place, 1)[align.b] + align.t
+    topk = None if batch.topk is None else TopK(*(move(x, place, n, width, 0) for x in (batch.topk.ids, batch.topk.logp,
+                                                                         batch.topk.tail, batch.topk.logw)))
+    return Batch(X, Y, M, Align(XT, b, s, t), topk, positions(place, width), teacher_pos)
 
 
 # -----------------------------------------------------------------------------

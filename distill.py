@@ -36,10 +36,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_state, trim_log
 from configurator import ConfigError, check_config, exit_on_error, parse_config, print_help
-from data import TopK, attach_topk, block_windows, check_dataset, load_split, make_batch, step_doc_ids
+from data import TopK, attach_topk, block_windows, check_dataset, load_split, make_batch, pack_rows, step_doc_ids
 from machine import (choose_dtype, flops_per_token, full_state, gathered, gb, init_distributed, keep_freed_memory,
                      measure_matmul_flops, memory_estimate, memory_line, shard, teacher_head)
-from models import build_student, cast_parameters, check_vocabularies, load_model, model_tokenizer, plain_head
+from models import build_student, cast_parameters, check_vocabularies, load_model, model_tokenizer, packs, plain_head
 from sampling import check_prompts, on_policy_rows, prompt_lengths, row_seed, sample_rows, stop_tokens
 
 # -----------------------------------------------------------------------------
@@ -83,6 +83,7 @@ hidden_loss = 'mse'  # 'mse' (squared error / d_teacher) or 'cosine' (1 - cos)
 hidden_rms_norm = False  # RMS-normalise both sides first: a guard against the teacher's massive activations
 proj_init = 'xavier'  # projection init: 'xavier' or 'identity' (rectangular identity)
 loss_chunk = 256  # >0: CE and divergence from hidden states, this many positions at a time (no full logits); 0: plain
+pack = True  # a micro-batch's windows packed several to a row, each attending only to itself: the losses unchanged
 on_policy = 0.0  # GKD's lambda: the share of each step's rows whose reply the student writes (divergence only); 0: none
 max_new_tokens = 256  # on-policy: the longest reply the student writes (shorter where block_size ends first)
 sample_temperature = 1.0  # on-policy: the student's sampling temperature
@@ -338,7 +339,8 @@ class Trainable(nn.Module):
             return TeacherOut(topk=batch.topk)
         kd, hidden = self.w_kd > 0, self.w_hidden > 0
         net = teacher if kd and not self.chunk else teacher.base_model
-        out = net(input_ids=batch.X if batch.align.XT is None else batch.align.XT, output_hidden_states=hidden)
+        X, pos = (batch.X, batch.pos) if batch.align.XT is None else (batch.align.XT, batch.teacher_pos)
+        out = net(input_ids=X, position_ids=pos, use_cache=False, output_hidden_states=hidden)
         return TeacherOut(logits=out.logits if kd and not self.chunk else None,
                           last_hidden=out.last_hidden_state if kd and self.chunk else None,
                           head=teacher_head(teacher) if kd and self.chunk else None,
@@ -360,14 +362,16 @@ class Trainable(nn.Module):
         settings = (self.vocab, self.kind, self.temperature, self.beta)
         if self.chunk:
             t_h = teacher.topk if teacher.topk is not None else teacher.last_hidden
-            out = self.model.base_model(input_ids=X, output_hidden_states=teacher.hidden is not None)
+            out = self.model.base_model(input_ids=X, position_ids=batch.pos, use_cache=False,
+                                        output_hidden_states=teacher.hidden is not None)
             coef = (c_ce, c_kd) if torch.is_grad_enabled() else None  # (evaluation: values alone)
             ce, kd = ChunkedHeadLoss.apply(out.last_hidden_state[keep], self.model.get_output_embeddings().weight,
                                            Y[keep], None if t_h is None else t_h[keep], teacher.head, coef, *settings,
                                            self.chunk, self.chunk_fn)
         else:
             zt = teacher.topk if teacher.topk is not None else teacher.logits
-            out = self.model(input_ids=X, output_hidden_states=teacher.hidden is not None)
+            out = self.model(input_ids=X, position_ids=batch.pos, use_cache=False,
+                             output_hidden_states=teacher.hidden is not None)
             ce, kd = loss_sums(out.logits[keep], Y[keep], None if zt is None else zt[keep], *settings)
         hidden = torch.zeros_like(ce)
         if teacher.hidden is not None:
@@ -497,6 +501,11 @@ if __name__ == '__main__':
     if chunk != loss_chunk and master_process:
         print("note: a model's logits are not its final hidden states times its head (a bias, a logit scale or "
               'multiplier, soft-capping): using the plain loss path (loss_chunk=0)')
+    # packed rows need a model whose attention keeps each window to itself given restarting position ids: probed too
+    packing = pack and all(packs(m, probe) for m in (student_model, teacher_model) if m is not None)
+    if pack and not packing and master_process:
+        print("note: a model's attention does not keep packed windows apart (position ids restarting per window): "
+              'rows are not packed (pack=False)')
     # the chunk loop reallocates the same few (chunk, V) blocks: on a CPU they are kept within a step, trimmed between
     trim = keep_freed_memory() if chunk and device_type == 'cpu' else lambda: None  # (the plain path would fragment)
     layer_pairs = [] if w_hidden == 0 else make_layer_pairs(
@@ -569,6 +578,9 @@ if __name__ == '__main__':
     def batch(split, windows):
         return make_batch(split, windows, block_size, meta['pad_id'], torch_device, meta.get('teacher_eos_id', 0))
 
+    def packed(b):  # (after sampling, which writes into the rows of the windows)
+        return pack_rows(b, block_size, meta['pad_id'], meta.get('teacher_eos_id', 0)) if packing else b
+
     def release_teacher():  # fsdp: free the teacher's gathered embeddings (a tied head's) once the loss read them
         if fsdp and teacher_model is not None:
             teacher_model.get_input_embeddings().reshard()
@@ -578,8 +590,8 @@ if __name__ == '__main__':
         model.eval()
         sums = [0.0] * 5  # ce, kd, hidden, supervised targets, aligned positions
         docs = val_windows[rank::world_size]
-        for k in range(0, len(val_windows[::world_size]) if fsdp else len(docs), batch_size):  # (fsdp: every rank
-            b = batch(val_data, docs[k:k + batch_size] if k < len(docs) else val_windows[:1])  # gathers: a spare batch)
+        for k in range(0, len(val_windows[::world_size]) if fsdp else len(docs), batch_size):  # (fsdp: all gather:
+            b = packed(batch(val_data, docs[k:k + batch_size] if k < len(docs) else val_windows[:1]))  # a spare batch)
             with ctx:
                 out = raw_model(b, raw_model.teacher_forward(teacher_model, b))
             release_teacher()
@@ -686,6 +698,7 @@ if __name__ == '__main__':
                                                       (max_new_tokens, sample_temperature, top_p, stops),
                                                       row_seed(seed, iter_num, j), meta['pad_id'], vocab)
                 generated += n
+        micro_batches = [packed(b) for b in micro_batches]
         t_sample, t_teacher = time.time() - t_sample, 0.0
         # the step's counts over every micro-batch and rank divide its sums: the loss does not depend on the split
         n_targets, n_hidden, n_labeled, step_tokens, generated = all_reduce(

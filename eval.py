@@ -15,7 +15,7 @@ from configurator import ArgumentParser, ConfigError, DataError, HelpFormatter
 from data import block_windows, check_dataset, load_split, make_batch
 from distill import loss_sums
 from machine import choose_dtype
-from models import encode, eos_id, is_tiktoken, load_model, model_tokenizer, vocab_fingerprint
+from models import encode, eos_id, is_tiktoken, load_model, model_tokenizer, token_bytes, vocab_fingerprint
 from models import load_tokenizer as tokenizer_from
 from sampling import prompt_lengths, sample_rows, stop_tokens
 
@@ -23,22 +23,27 @@ from sampling import prompt_lengths, sample_rows, stop_tokens
 # held-out loss and agreement with a teacher, over supervised tokens (prepare_data.py's mask)
 
 @torch.no_grad()
-def heldout(model, data_dir, batch_size, block_size, device, teacher=None, limit=None):
+def heldout(model, data_dir, batch_size, block_size, device, teacher=None, limit=None, nbytes=None):
+    """Mean CE per supervised token (nats) and, given each id's length in bytes (models.token_bytes), bits per byte
+    of the supervised text: CE summed / ln 2 / bytes, the one loss that compares models of different tokenizers."""
     meta = json.load(open(os.path.join(data_dir, 'meta.json')))
     split = load_split(data_dir, 'val')
     windows = block_windows(split, block_size)[:limit]  # every supervised token, block_size at a time
-    ce = kl = agree = accept = n = 0.0
+    ce = kl = agree = accept = n = size = 0.0
     for k in range(0, len(windows), batch_size):
         X, Y, M = make_batch(split, windows[k:k + batch_size], block_size, meta['pad_id'], device)[:3]
         logits, keep, V = model(input_ids=X).logits, M.bool(), meta['vocab_size']
         t_logits = logits if teacher is model else teacher(input_ids=X).logits if teacher is not None else None
         c, d = loss_sums(logits[keep], Y[keep], None if t_logits is None else t_logits[keep], V)  # training's, T = 1
         ce, kl, n = ce + c.item(), kl + d.item(), n + keep.sum().item()
+        size += 0 if nbytes is None else nbytes[Y[keep].cpu().numpy()].sum()
         if teacher is not None:  # rows past the tokenizer's vocabulary are padding
             agree += (logits[keep][:, :V].argmax(-1) == t_logits[keep][:, :V].argmax(-1)).sum().item()
             q, p = (torch.softmax(z[keep][:, :V].float(), -1) for z in (logits, t_logits))
             accept += torch.minimum(p, q).sum().item()  # sum_v min(p_v, q_v) = 1 - TVD: a draft's acceptance chance
     out = {'val_loss': ce / n, 'val_ppl': math.exp(ce / n), 'val_tokens': int(n)}
+    if size:
+        out.update({'val_bpb': ce / math.log(2) / size, 'val_bytes': int(size)})
     if teacher is not None:
         out.update({'kl_to_teacher': kl / n, 'top1_agreement': agree / n, 'draft_acceptance': accept / n})
     return out
@@ -105,7 +110,8 @@ def score(spec, tok, tasks, teacher, args, progress):
     model, row, t0 = teacher if spec == args.teacher else load(spec, args.device), {}, time.time()  # (one copy, one forward)
     if args.data:
         print(f'{progress.model} held-out loss on {args.data}' + (' and agreement with the teacher' if teacher else ''), file=sys.stderr)
-        row.update(heldout(model, args.data, args.batch_size, args.block_size, args.device, teacher, args.val_windows))
+        row.update(heldout(model, args.data, args.batch_size, args.block_size, args.device, teacher, args.val_windows,
+                           token_bytes(tok, json.load(open(os.path.join(args.data, 'meta.json')))['vocab_size'])))
         if teacher is not None and args.sample_prompts:
             row.update(own_samples(model, teacher, args.data, args.batch_size, args.block_size, args.max_new_tokens,
                                    args.device, args.sample_prompts))
@@ -187,8 +193,8 @@ def main(argv=None):
     except (ConfigError, DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
-    columns = [c for c in ('val_loss', 'val_ppl', 'kl_to_teacher', 'top1_agreement', 'draft_acceptance', 'own_sample_rkl',
-                           'own_sample_teacher_nll') if any(c in r for r in results.values())]
+    columns = [c for c in ('val_loss', 'val_ppl', 'val_bpb', 'kl_to_teacher', 'top1_agreement', 'draft_acceptance',
+                           'own_sample_rkl', 'own_sample_teacher_nll') if any(c in r for r in results.values())]
     columns += [f'{t}/{m}' for t in tasks for m in ('acc', 'acc_norm')]
     width = max(len(short(s)) for s in results) + 2
     print('model'.ljust(width) + ''.join(c.rjust(max(12, len(c) + 2)) for c in columns))

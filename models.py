@@ -114,6 +114,21 @@ def byte_lengths(tok, ids):
     tokens = tok.convert_ids_to_tokens(ids)
     return np.array([len(added[i].encode()) if i in added else len(t) for i, t in zip(ids, tokens)], dtype=np.int64)
 
+def token_bytes(tok, V):
+    """Each id's length in bytes of text, for ids < V: what a token stands for in the text (a byte-level token's
+    bytes, a SentencePiece piece with its leading space, <0xNN> one byte); special tokens and rows past the
+    vocabulary 0 (they mark the text's structure, not its bytes). Bits per byte divide by these."""
+    specials, n = special_ids(tok), min(V, vocab_size(tok))
+    if is_tiktoken(tok):
+        lengths = [0 if i in specials else len(tok.decode_single_token_bytes(i)) for i in range(n)]
+    else:
+        lengths = byte_lengths(tok, list(range(n)))
+        if lengths is None:  # SentencePiece: '▁' is a space, '<0x0A>' one byte
+            piece = lambda t: 1 if re.fullmatch(r'<0x[0-9A-F]{2}>', t) else len(t.replace('\u2581', ' ').encode())
+            lengths = [piece(t) for t in tok.convert_ids_to_tokens(list(range(n)))]
+        lengths = [0 if i in specials else int(b) for i, b in enumerate(lengths)]
+    return np.array(lengths + [0] * (V - n), dtype=np.int64)
+
 def special_ids(tok):
     return set(tok._special_tokens.values()) if is_tiktoken(tok) else set(tok.all_special_ids) | {
         i for i, t in tok.added_tokens_decoder.items() if t.special}
@@ -245,6 +260,20 @@ def plain_head(model, probe):
     model.train(training)
     tol = 4 * torch.finfo(head.weight.dtype).eps
     return torch.allclose(z, z_chunked, rtol=tol, atol=tol * z.abs().max().item())
+
+def packs(model, probe):
+    """True when the model reads packed rows as pack (data.py) lays them out: two windows in one row, each counting
+    its positions from 0, give each window's own outputs (its attention builds the block-diagonal mask from the
+    position ids: transformers' models do so without an attention mask or KV cache; older remote code may not)."""
+    a, b = probe[:, :len(probe[0]) // 2], probe[:, len(probe[0]) // 2:]
+    training = model.training
+    model.eval()
+    run = lambda x, pos=None: model.base_model(input_ids=x, position_ids=pos, use_cache=False).last_hidden_state.float()
+    apart = torch.cat([run(a), run(b)], 1)
+    packed = run(probe, torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])]).to(probe.device)[None])
+    model.train(training)
+    return ((packed - apart).norm() / apart.norm()).item() < 2e-2  # (bf16 rounding ~4e-3; a window that sees another
+    # window's tokens is off by far more)
 
 
 def blocks(model):

@@ -24,7 +24,7 @@ generator = torch.Generator().manual_seed(args.seed)
 def sampled_forward(trainable, teacher, batch, TopK, TeacherOut):
     """The teacher's logits at every position reduced to a cache row; one temperature, the training one."""
     with torch.no_grad():
-        logits = teacher(input_ids=batch.X).logits[..., :trainable.vocab].float()
+        logits = teacher(input_ids=batch.X, position_ids=batch.pos, use_cache=False).logits[..., :trainable.vocab].float()
     rows, length, vocab = logits.shape
     ids, logp, tail = top_k(logits.reshape(-1, vocab), args.k, [trainable.temperature], args.samples, generator)
     shape = lambda t: t.reshape(rows, length, *t.shape[1:])

@@ -4,7 +4,7 @@ import pytest, torch
 import torch.nn.functional as F
 from conftest import BYTES_VOCAB, ROOT, save_tiny_model, tiny_model, write_jsonl
 import eval as ev
-import benchmarks, configurator, prepare_data
+import benchmarks, configurator, models, prepare_data
 
 def test_encode_pair_conventions(bytes_tok, smol_tok):
     # trailing spaces of the context move to the continuation
@@ -168,3 +168,34 @@ def test_out_of_range_options(tmp_path, capsys, option, message):
     assert ev.main(['no-such-model', option, f'--output={tmp_path / "r.json"}']) == 1
     assert capsys.readouterr().err.strip() == f'error: {message}'
     assert not os.path.exists(tmp_path / 'r.json')
+
+@pytest.mark.parametrize('which', ['bytes', 'smol'])
+def test_token_bytes_add_up_to_the_text(which, bytes_tok, smol_tok):
+    """Each token's byte length (models.token_bytes) summed over any text's tokens is the text's UTF-8 length
+    (multi-byte characters split across tokens, runs of spaces and newlines, non-Latin scripts); special tokens 0."""
+    tok = bytes_tok if which == 'bytes' else smol_tok
+    nbytes = models.token_bytes(tok, models.vocab_size(tok) + 3)
+    assert nbytes[-3:].tolist() == [0, 0, 0] and all(nbytes[i] == 0 for i in models.special_ids(tok))
+    for text in ['Hello, world!', 'def f(x):\n    return x  # é\n\n\n', 'naïve café — 東京 🙂🙂', '  a\tb\r\nc  ']:
+        ids = models.encode(tok, text)[0]
+        assert nbytes[ids].sum() == len(text.encode()), text
+
+def test_bits_per_byte_is_ce_over_the_texts_bytes(evalwork, bytes_tok):
+    """val_bpb = the supervised targets' CE in bits / the bytes of text they stand for (brute force: every byte
+    token stands for one byte, the end-of-text token for none)."""
+    model = tiny_model(hidden=32, layers=2).eval()
+    data = str(evalwork / 'data' / 'e')
+    got = ev.heldout(model, data, 3, 512, 'cpu', nbytes=models.token_bytes(bytes_tok, BYTES_VOCAB))
+    from data import load_split
+    split = load_split(data, 'val')
+    ce = size = 0.0
+    for d in range(len(split['idx']) - 1):
+        tokens = split['tokens'][split['idx'][d]:split['idx'][d + 1]].astype('int64')
+        mask = split['mask'][split['idx'][d]:split['idx'][d + 1]]
+        logp = F.log_softmax(model(input_ids=torch.tensor(tokens[:-1])[None]).logits[0].double(), -1)
+        for i in range(len(tokens) - 1):
+            if mask[i + 1]:
+                ce -= logp[i, tokens[i + 1]].item()
+                size += tokens[i + 1] < 256
+    assert 0 < size < got['val_tokens'] and got['val_bytes'] == size
+    assert got['val_bpb'] == pytest.approx(ce / math.log(2) / size, rel=1e-5)
