@@ -25,7 +25,7 @@ their last supervised target (what packing keeps), the padding share is the rest
 import argparse, contextlib, json, os, resource, statistics, subprocess, sys, time
 import torch
 from configurator import exit_on_error
-from data import block_windows, check_dataset, doc_order, load_split, make_batch, pack_rows
+from data import block_windows, check_dataset, doc_order, kept_lengths, load_split, make_batch, pack_rows
 from distill import ChunkedHeadLoss, Trainable, configure_optimizer, loss_sums
 from machine import cpu_name, flops_per_token, keep_freed_memory, measure_matmul_flops
 from models import cast_parameters, demo_tokenizer, load_model, student_from_teacher_layers
@@ -310,7 +310,7 @@ if args.part in ('all', 'pack'):
             times, shapes = {False: [], True: []}, {}
             for r in range(args.rounds + 1):  # round 0 warms up; padded and packed alternate on the same windows
                 batch = make_batch(split, windows[doc_order(r * n, n, len(windows), 1337)], B, meta['pad_id'], 'cpu')
-                real = ((batch.M.shape[1] - batch.M.flip(1).argmax(1)) * batch.M.any(1)).sum().item()
+                real = kept_lengths(batch.M).sum().item()
                 for packed in (False, True):
                     b = pack_rows(batch, B, meta['pad_id']) if packed else batch
                     t0 = time.perf_counter()

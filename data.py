@@ -178,6 +178,11 @@ def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
         topk = TopK(*map(laid_out, (t.ids, t.logp, t.tail, t.logw)))
     return Batch(X.to(device), Y.to(device), M.to(device), align, topk)
 
+def kept_lengths(M):
+    """Each row's positions up to and including its last supervised target (0 for a row with none): what a causal
+    model's losses read, so what packing keeps and what counts as real tokens."""
+    return (M.shape[1] - M.flip(1).argmax(1)) * M.any(1)
+
 def pack_rows(batch, block_size, pad_id, teacher_pad_id=0):
     """The batch with its rows packed several to a row of <= block_size positions, each window attending only to
     itself: its position ids restart at 0 (Batch.pos), from which the model's attention builds the block-diagonal
@@ -187,7 +192,7 @@ def pack_rows(batch, block_size, pad_id, teacher_pad_id=0):
     same packed row after those of the rows before it. Every (rows, L, ...) tensor moves with its positions, so the
     losses are the unpacked batch's. The batch comes back unchanged when no two rows fit in one."""
     M, align = batch.M, batch.align
-    n = ((M.shape[1] - M.flip(1).argmax(1)) * M.any(1)).tolist()  # positions kept: up to the last supervised target
+    n = kept_lengths(M).tolist()
     place, fill = {}, []  # row -> (packed row, offset); the packed rows' lengths
     for i in sorted((i for i in range(len(n)) if n[i]), key=lambda i: -n[i]):
         r = next((r for r, f in enumerate(fill) if f + n[i] <= block_size), len(fill))

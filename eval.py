@@ -23,12 +23,14 @@ from sampling import prompt_lengths, sample_rows, stop_tokens
 # held-out loss and agreement with a teacher, over supervised tokens (prepare_data.py's mask)
 
 @torch.no_grad()
-def heldout(model, data_dir, batch_size, block_size, device, teacher=None, limit=None, nbytes=None):
-    """Mean CE per supervised token (nats) and, given each id's length in bytes (models.token_bytes), bits per byte
-    of the supervised text: CE summed / ln 2 / bytes, the one loss that compares models of different tokenizers."""
+def heldout(model, data_dir, batch_size, block_size, device, teacher=None, limit=None, tok=None):
+    """Mean CE per supervised token (nats) and, given the data's tokenizer, bits per byte of the supervised text
+    (each token's bytes: models.token_bytes): CE summed / ln 2 / bytes, the one loss that compares models of
+    different tokenizers."""
     meta = json.load(open(os.path.join(data_dir, 'meta.json')))
     split = load_split(data_dir, 'val')
     windows = block_windows(split, block_size)[:limit]  # every supervised token, block_size at a time
+    nbytes = None if tok is None else token_bytes(tok, meta['vocab_size'])
     ce = kl = agree = accept = n = size = 0.0
     for k in range(0, len(windows), batch_size):
         X, Y, M = make_batch(split, windows[k:k + batch_size], block_size, meta['pad_id'], device)[:3]
@@ -111,7 +113,7 @@ def score(spec, tok, tasks, teacher, args, progress):
     if args.data:
         print(f'{progress.model} held-out loss on {args.data}' + (' and agreement with the teacher' if teacher else ''), file=sys.stderr)
         row.update(heldout(model, args.data, args.batch_size, args.block_size, args.device, teacher, args.val_windows,
-                           token_bytes(tok, json.load(open(os.path.join(args.data, 'meta.json')))['vocab_size'])))
+                           tok))
         if teacher is not None and args.sample_prompts:
             row.update(own_samples(model, teacher, args.data, args.batch_size, args.block_size, args.max_new_tokens,
                                    args.device, args.sample_prompts))

@@ -118,16 +118,16 @@ def token_bytes(tok, V):
     """Each id's length in bytes of text, for ids < V: what a token stands for in the text (a byte-level token's
     bytes, a SentencePiece piece with its leading space, <0xNN> one byte); special tokens and rows past the
     vocabulary 0 (they mark the text's structure, not its bytes). Bits per byte divide by these."""
-    specials, n = special_ids(tok), min(V, vocab_size(tok))
+    specials, ids = special_ids(tok), list(range(min(V, vocab_size(tok))))
     if is_tiktoken(tok):
-        lengths = [0 if i in specials else len(tok.decode_single_token_bytes(i)) for i in range(n)]
-    else:
-        lengths = byte_lengths(tok, list(range(n)))
-        if lengths is None:  # SentencePiece: '▁' is a space, '<0x0A>' one byte
-            piece = lambda t: 1 if re.fullmatch(r'<0x[0-9A-F]{2}>', t) else len(t.replace('\u2581', ' ').encode())
-            lengths = [piece(t) for t in tok.convert_ids_to_tokens(list(range(n)))]
-        lengths = [0 if i in specials else int(b) for i, b in enumerate(lengths)]
-    return np.array(lengths + [0] * (V - n), dtype=np.int64)
+        lengths = [0 if i in specials else len(tok.decode_single_token_bytes(i)) for i in ids]
+    elif (lengths := byte_lengths(tok, ids)) is None:  # SentencePiece: '▁' is a space, '<0x0A>' one byte
+        piece = lambda t: 1 if re.fullmatch(r'<0x[0-9A-F]{2}>', t) else len(t.replace('\u2581', ' ').encode())
+        lengths = [piece(t) for t in tok.convert_ids_to_tokens(ids)]
+    out = np.zeros(V, dtype=np.int64)
+    out[ids] = lengths
+    out[[i for i in specials if i < len(ids)]] = 0
+    return out
 
 def special_ids(tok):
     return set(tok._special_tokens.values()) if is_tiktoken(tok) else set(tok.all_special_ids) | {

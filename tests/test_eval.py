@@ -185,7 +185,7 @@ def test_bits_per_byte_is_ce_over_the_texts_bytes(evalwork, bytes_tok):
     token stands for one byte, the end-of-text token for none)."""
     model = tiny_model(hidden=32, layers=2).eval()
     data = str(evalwork / 'data' / 'e')
-    got = ev.heldout(model, data, 3, 512, 'cpu', nbytes=models.token_bytes(bytes_tok, BYTES_VOCAB))
+    got = ev.heldout(model, data, 3, 512, 'cpu', tok=bytes_tok)
     from data import load_split
     split = load_split(data, 'val')
     ce = size = 0.0
