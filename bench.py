@@ -10,7 +10,8 @@ Speed and memory of distillation, plain (full logits) vs chunked (loss_chunk), a
 
 --part=loss: forward + backward of CE + forward KL at T=2 from final hidden states, for V = 49,152 and
 151,936, hidden 576 and 1,536, 8,192 positions; each case in a fresh process, peak memory = its peak RSS
-above the inputs. --part=step: one whole KD step (the packaged SmolLM2-135M teacher -> its 10-layer copy)
+above the inputs; also the chunked path across tokenizers (the teacher's distribution carried onto the student's
+tokens, autograd). --part=step: one whole KD step (the packaged SmolLM2-135M teacher -> its 10-layer copy)
 through distill.py's own Trainable, plain and chunked (and compiled, with --compile), in fp32 and in bf16
 autocast, with the cost of each part of the step. MFU is the median over the steps of each step's FLOP/s over
 this machine's matmul rate in that dtype, measured just before that step: a shared machine's speed drifts by
@@ -26,7 +27,7 @@ import argparse, contextlib, json, os, resource, statistics, subprocess, sys, ti
 import torch
 from configurator import exit_on_error
 from data import block_windows, check_dataset, doc_order, kept_lengths, load_split, make_batch, pack_rows
-from distill import ChunkedHeadLoss, Trainable, configure_optimizer, loss_sums
+from distill import ChunkedHeadLoss, Trainable, chunk_loss, configure_optimizer, loss_sums
 from machine import cpu_name, flops_per_token, keep_freed_memory, measure_matmul_flops
 from models import cast_parameters, demo_tokenizer, load_model, student_from_teacher_layers
 from sampling import prompt_lengths, sample_rows, stop_tokens
@@ -60,7 +61,8 @@ def rss_gb():
 def loss_case(path, V, d, n, chunk, repeats=2):
     """One loss case in this process: prints seconds per forward + backward and peak memory above the inputs.
     path 'autograd': the chunked path with forward KL written as jsd at beta 0 (the same divergence), so that its
-    gradient comes from autograd instead of forward KL's closed form."""
+    gradient comes from autograd instead of forward KL's closed form; 'cross': the chunked path across tokenizers,
+    the teacher's V tokens carried onto the student's V at random (to_student_vocab; autograd)."""
     if path != 'plain':
         keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0
     torch.manual_seed(0)
@@ -74,6 +76,10 @@ def loss_case(path, V, d, n, chunk, repeats=2):
         t0 = time.perf_counter()
         if path == 'plain':
             ce, kd = loss_sums(h @ W.T, Y, t_h @ t_W.T, V, 'fkl', 2.0)
+        elif path == 'cross':
+            cols = torch.randint(0, V, (V,), generator=torch.Generator().manual_seed(0))
+            ce, kd = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, (0.5 / n, 2.0 / n), torch.arange(V), 'fkl', 2.0, 0.5, chunk,
+                                           chunk_loss, cols)
         else:
             kind, beta = ('fkl', 0.5) if path == 'chunked' else ('jsd', 0.0)
             ce, kd = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, (0.5 / n, 2.0 / n), V, kind, 2.0, beta, chunk)
@@ -93,21 +99,21 @@ if not args.row:
 if args.part in ('all', 'loss'):
     print(f'\nloss alone (CE + forward KL, T=2), {args.positions} positions, chunk {args.chunk}: forward + backward')
     print(f'{"V":>8s} {"hidden":>6s} {"plain s":>8s} {"plain GB":>9s} {"chunked s":>10s} {"chunked GB":>11s} {"time ratio":>11s} '
-          f'{"memory ratio":>13s} {"autograd s":>11s}')
+          f'{"memory ratio":>13s} {"autograd s":>11s} {"cross-tok s":>12s}')
     for V in args.vocabs:
         for d in (576, 1536):
             n = args.positions
             while 10 * n * V * 4 / 2 ** 30 > args.max_gb:  # the plain path peaks at ~10 (n, V) fp32 tensors (measured)
                 n //= 2
             res = {}
-            for path in ('plain', 'chunked', 'autograd'):
+            for path in ('plain', 'chunked', 'autograd', 'cross'):
                 out = subprocess.run([sys.executable, __file__, f'--case={path},{V},{d},{n}', f'--chunk={args.chunk}'],
                                      capture_output=True, text=True)
                 res[path] = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
-            pl, ch, ag = res['plain'], res['chunked'], res['autograd']
-            assert pl and ch and ag and all(abs(pl['loss'] - r['loss']) <= 1e-4 * abs(pl['loss']) for r in (ch, ag)), res
+            pl, ch, ag, cr = res['plain'], res['chunked'], res['autograd'], res['cross']
+            assert pl and ch and ag and cr and all(abs(pl['loss'] - r['loss']) <= 1e-4 * abs(pl['loss']) for r in (ch, ag)), res
             print(f'{V:8d} {d:6d} {pl["seconds"]:8.2f} {pl["peak_gb"]:9.2f} {ch["seconds"]:10.2f} {ch["peak_gb"]:11.2f} '
-                  f'{ch["seconds"] / pl["seconds"]:11.2f} {ch["peak_gb"] / pl["peak_gb"]:13.2f} {ag["seconds"]:11.2f}'
+                  f'{ch["seconds"] / pl["seconds"]:11.2f} {ch["peak_gb"] / pl["peak_gb"]:13.2f} {ag["seconds"]:11.2f} {cr["seconds"]:12.2f}'
                   + (f'   at {n} positions: the plain path at {args.positions} would need ~{10 * args.positions * V * 4 / 2 ** 30:.0f} GB'
                      if n != args.positions else ''))
             if n != args.positions:  # the chunked path at the full size: its memory over plain's at n bounds the ratio

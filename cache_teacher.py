@@ -92,8 +92,9 @@ def main(argv=None):
     meta = check_dataset(args.dataset)
     vocab = meta['vocab_size']
     for bad, message in (
-            ('teacher_tokenizer' in meta, f'{args.dataset} pairs two tokenizers: a cache serves logit distillation, '
-                                          'which needs one shared tokenizer'),
+            ('teacher_tokenizer' in meta, f'{args.dataset} pairs two tokenizers: a cache holds the teacher\'s '
+                                          "distribution at the student's targets in one shared vocabulary (not built "
+                                          'across tokenizers: distill the teacher online)'),
             (args.k > vocab, f'--k={args.k} is more than the vocabulary ({vocab} tokens)'),
             (args.k < vocab and not args.samples, f'--samples=0 with --k={args.k} of {vocab} tokens leaves the tail '
                                                   f'unrepresented: pass --samples=32 (or --k={vocab})'),

@@ -94,6 +94,9 @@ class TopK:
     def __init__(self, ids, logp, tail, logw):
         self.ids, self.logp, self.tail, self.logw = ids, logp, tail, logw  # (..., k + m), (..., k + m), (...), (..., m)
 
+    def __len__(self):
+        return len(self.ids)
+
     def __getitem__(self, i):
         return TopK(self.ids[i], self.logp[i], self.tail[i], self.logw[i])
 

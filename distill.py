@@ -39,7 +39,8 @@ from configurator import ConfigError, check_config, exit_on_error, parse_config,
 from data import TopK, attach_topk, block_windows, check_dataset, load_split, make_batch, pack_rows, step_doc_ids
 from machine import (choose_dtype, flops_per_token, full_state, gathered, gb, init_distributed, keep_freed_memory,
                      measure_matmul_flops, memory_estimate, memory_line, shard, teacher_head)
-from models import build_student, cast_parameters, check_vocabularies, load_model, model_tokenizer, packs, plain_head
+from models import (build_student, cast_parameters, check_vocabularies, load_model, load_tokenizer, model_tokenizer,
+                    output_rows, packs, plain_head, vocab_columns)
 from sampling import check_prompts, on_policy_rows, prompt_lengths, row_seed, sample_rows, stop_tokens
 
 # -----------------------------------------------------------------------------
@@ -172,16 +173,36 @@ def kd_divergence(student_logits, teacher_logits, kind='fkl', temperature=1.0, b
     return (weight * DIVERGENCES[kind](log_p, log_q.gather(-1, t.ids.long()), beta)).sum(-1)
 
 # -----------------------------------------------------------------------------
+# logits across tokenizers
+
+def to_student_vocab(zt, cols, n, temperature):
+    """The teacher's logits zt (rows, V_t) as logits over n student tokens: each one's probability at temperature T is
+    the sum of those of the teacher tokens carried onto it, cols[j] for teacher token j (n: none, dropped; the rest
+    renormalised), returned as T log-probabilities, so that softmax(. / T) gives them and every divergence applies
+    unchanged. cols comes from models.vocab_map: a token of the same bytes (the shared vocabulary) or the longest
+    student token the teacher's begins with; identical tokenizers give the identity, a byte-level student each
+    next byte's probability."""
+    z = (zt if zt.dtype == torch.float64 else zt.float()) / temperature
+    cols = cols.expand(len(z), -1)
+    top = z.new_full((len(z), n + 1), -math.inf).scatter_reduce_(1, cols, z, 'amax')  # a log-sum-exp per student token
+    total = torch.zeros_like(top).scatter_add_(1, cols, (z - top.gather(1, cols)).exp())
+    return (top + total.log())[:, :n] * temperature
+
+# -----------------------------------------------------------------------------
 # the head loss, plain and chunked
 
 def loss_sums(z, y, zt, vocab, kind='fkl', temperature=1.0, beta=0.5):
     """Sums over the rows (supervised positions) of logits z (n, V) of the CE against targets y and of the divergence
-    from the teacher's logits zt (a TopK: its cached distribution; None: CE alone), over the real vocabulary: rows
-    past it are embedding padding and differ between models, so they are never compared. The plain path calls it on
-    all rows, the chunked one per chunk."""
+    from the teacher's logits zt (a TopK: its cached distribution; None: CE alone) at the first len(zt) rows, over
+    the real vocabulary: rows past it are embedding padding and differ between models, so they are never compared.
+    Across tokenizers vocab is the student's compared tokens (a tensor of ids) and zt already over them
+    (to_student_vocab). The plain path calls it on all rows, the chunked one per chunk."""
     ce = F.cross_entropy(z.float(), y, reduction='sum')
     if zt is None:
         return ce, torch.zeros_like(ce)
+    z = z[:len(zt)]
+    if isinstance(vocab, torch.Tensor):
+        return ce, kd_divergence(z[:, vocab], zt, kind, temperature, beta).sum()
     return ce, kd_divergence(z[:, :vocab], zt if isinstance(zt, TopK) else zt[:, :vocab], kind, temperature, beta).sum()
 
 def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta):
@@ -190,7 +211,7 @@ def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta):
     over (n, V): d CE/dz = softmax(z) - onehot(y), d KL(p || q)/dz = (q - p) / T."""
     if coef is None:
         return *loss_sums(z, y, zt, vocab, kind, temperature, beta), None
-    if DIVERGENCES[kind] is not forward_kl or not isinstance(zt, torch.Tensor):
+    if DIVERGENCES[kind] is not forward_kl or not isinstance(zt, torch.Tensor) or isinstance(vocab, torch.Tensor):
         with torch.enable_grad():
             z = z.requires_grad_()
             ce, kd = loss_sums(z, y, zt, vocab, kind, temperature, beta)
@@ -202,7 +223,7 @@ def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta):
     ce = -dz.gather(1, y).mul(labeled).sum()
     dz = dz.exp_().mul_(coef[0] * labeled)
     dz.scatter_add_(1, y, labeled * -coef[0])
-    log_p = F.log_softmax(zt[:, :vocab] / temperature, dim=-1)
+    log_p = F.log_softmax(zt[:, :vocab] / temperature, dim=-1).clamp_(min=torch.finfo(z.dtype).min)  # (-inf logits)
     log_q = F.log_softmax(z[:, :vocab] / temperature, dim=-1)
     p = log_p.exp()
     kd = torch.sub(log_p, log_q).mul_(p).sum()
@@ -216,9 +237,12 @@ class ChunkedHeadLoss(torch.autograd.Function):
     w.r.t. h and W (positions x d, V x d) are kept; backward checks that combination and scales them (1/N, the world
     size, the fp16 loss scale). The plain path's matmuls, none repeated. h (n, d_s): the student's final hidden
     states at supervised positions, W (V_s, d_s) its head; t_h (n, d_t), t_W (V_t, d_t) the teacher's, or None (CE
-    alone); or t_h a TopK of n positions and t_W None (a cached teacher)."""
+    alone); or t_h a TopK of n positions and t_W None (a cached teacher). The teacher may have fewer rows than h:
+    they are h's first (across tokenizers, the aligned positions; the others have CE alone), and t_cols carries its
+    distribution onto the student's compared tokens, vocab (to_student_vocab)."""
     @staticmethod
-    def forward(ctx, h, W, Y, t_h, t_W, coef, vocab, kind, temperature, beta, chunk, chunk_fn=chunk_loss):
+    def forward(ctx, h, W, Y, t_h, t_W, coef, vocab, kind, temperature, beta, chunk, chunk_fn=chunk_loss,
+                t_cols=None):
         need_grad = coef is not None  # None: values only (evaluation)
         Wc = W.to(h.dtype)  # the heads in the compute dtype once, not once per chunk (autocast)
         t_Wc = None if t_W is None else t_W.to(t_h.dtype)
@@ -227,6 +251,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
         for a in range(0, len(h), chunk):
             hc = h[a:a + chunk]
             zt = None if t_h is None else t_h[a:a + chunk] if t_Wc is None else (t_h[a:a + chunk] @ t_Wc.T).float()
+            if t_cols is not None:  # across tokenizers: the teacher's distribution on the student's tokens
+                zt = to_student_vocab(zt, t_cols, len(vocab), temperature)
             ce, kd, dz = chunk_fn((hc @ Wc.T).float(), Y[a:a + chunk], zt, vocab, coef, kind, temperature, beta)
             ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
             if need_grad:
@@ -249,7 +275,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         if not torch.allclose(torch.stack([g_ce, g_kd]).float(), wanted, rtol=1e-4, atol=0):
             raise RuntimeError(f'ChunkedHeadLoss computed the gradient of {c_ce:g} CE + {c_kd:g} D, but the loss '
                                'weighs its outputs otherwise: pass the weights the loss uses as coef')
-        return dh.mul_(scale), dW.mul_(scale).to(ctx.head_dtype), *[None] * 10
+        return dh.mul_(scale), dW.mul_(scale).to(ctx.head_dtype), *[None] * 11
 
 # -----------------------------------------------------------------------------
 # hidden states: the distance and the layer map
@@ -312,11 +338,14 @@ class Losses(NamedTuple):
 class Trainable(nn.Module):
     """The student and its loss. Everything that trains (the student and the hidden-state projections) sits in this
     one module, so that DDP, the optimizer and checkpoints see the same parameters; only .model is exported.
-    chunk > 0: CE and D by ChunkedHeadLoss, this many positions at a time; 0: from the full logits."""
+    chunk > 0: CE and D by ChunkedHeadLoss, this many positions at a time; 0: from the full logits. cross: logit
+    distillation across tokenizers, (the student ids compared, each teacher id's column among them) (vocab_columns)."""
     def __init__(self, model, vocab, weights=(1.0, 0.0, 0.0), kind='fkl', temperature=1.0, beta=0.5, chunk=0,
-                 layer_pairs=(), teacher_width=0, hidden_loss='mse', rms_norm=False, proj_init='xavier', compile=False):
+                 layer_pairs=(), teacher_width=0, hidden_loss='mse', rms_norm=False, proj_init='xavier', compile=False,
+                 cross=None):
         super().__init__()
         self.model, self.vocab, (self.w_ce, self.w_kd, self.w_hidden) = model, vocab, weights
+        self.compared, self.t_cols = cross or (vocab, None)
         self.kind, self.temperature, self.beta, self.chunk = kind, temperature, beta, chunk
         self.layer_pairs, self.hidden_loss, self.rms_norm = list(layer_pairs), hidden_loss, rms_norm
         self.chunk_fn = torch.compile(chunk_loss, dynamic=True) if compile else chunk_loss
@@ -355,24 +384,34 @@ class Trainable(nn.Module):
         return self.w_ce / (n_labeled or n_targets), c_kd, self.w_hidden / n_hidden
 
     def forward(self, batch, teacher, n_targets=1, n_hidden=1, n_labeled=None):
-        """The loss: c_ce CE + c_kd D + c_hidden H (coefficients); CE only where Y has a label (not -100)."""
+        """The loss: c_ce CE + c_kd D + c_hidden H (coefficients); CE only where Y has a label (not -100). The rows: the
+        supervised positions (b, s), whose teacher rows are (tb, tt): the same positions, or across tokenizers the
+        aligned pairs, first (then the student's other supervised positions, CE alone)."""
         X, Y, M, align = batch.X, batch.Y, batch.M, batch.align
-        keep = M.bool()
+        b, s = M.nonzero(as_tuple=True)
+        tb, tt = b, s
+        if self.t_cols is not None:
+            rest = M.bool().index_put((align.b, align.s), torch.zeros_like(align.s, dtype=torch.bool))
+            (rb, rs), tb, tt = rest.nonzero(as_tuple=True), align.b, align.t
+            b, s = torch.cat([align.b, rb]), torch.cat([align.s, rs])
         c_ce, c_kd, c_hidden = self.coefficients(n_targets, n_hidden, n_labeled)
-        settings = (self.vocab, self.kind, self.temperature, self.beta)
+        settings = (self.compared, self.kind, self.temperature, self.beta)
         if self.chunk:
             t_h = teacher.topk if teacher.topk is not None else teacher.last_hidden
             out = self.model.base_model(input_ids=X, position_ids=batch.pos, use_cache=False,
                                         output_hidden_states=teacher.hidden is not None)
             coef = (c_ce, c_kd) if torch.is_grad_enabled() else None  # (evaluation: values alone)
-            ce, kd = ChunkedHeadLoss.apply(out.last_hidden_state[keep], self.model.get_output_embeddings().weight,
-                                           Y[keep], None if t_h is None else t_h[keep], teacher.head, coef, *settings,
-                                           self.chunk, self.chunk_fn)
+            ce, kd = ChunkedHeadLoss.apply(out.last_hidden_state[b, s], self.model.get_output_embeddings().weight,
+                                           Y[b, s], None if t_h is None else t_h[tb, tt], teacher.head, coef,
+                                           *settings, self.chunk, self.chunk_fn, self.t_cols)
         else:
             zt = teacher.topk if teacher.topk is not None else teacher.logits
             out = self.model(input_ids=X, position_ids=batch.pos, use_cache=False,
                              output_hidden_states=teacher.hidden is not None)
-            ce, kd = loss_sums(out.logits[keep], Y[keep], None if zt is None else zt[keep], *settings)
+            zt = None if zt is None else zt[tb, tt]
+            if self.t_cols is not None:
+                zt = to_student_vocab(zt, self.t_cols, len(self.compared), self.temperature)
+            ce, kd = loss_sums(out.logits[b, s], Y[b, s], zt, *settings)
         hidden = torch.zeros_like(ce)
         if teacher.hidden is not None:
             with torch.autocast(X.device.type, enabled=False):  # projections and distances in fp32
@@ -447,9 +486,9 @@ if __name__ == '__main__':
     data_dir = os.path.join(data_root, dataset)
     meta = check_dataset(data_dir)
     vocab, cross_tokenizer = meta['vocab_size'], 'teacher_tokenizer' in meta
-    if cross_tokenizer and w_kd > 0:
-        raise ConfigError(f"{data_dir} pairs two tokenizers: logit distillation compares distributions token by token "
-                          "and needs one shared tokenizer; use distill='hidden' (or kd_weight=0)")
+    if cross_tokenizer and on_policy:
+        raise ConfigError(f"on_policy: {data_dir} pairs two tokenizers, and the teacher would have to read the "
+                          "student's replies in its own tokens (not built): prepare the data with one tokenizer")
     train_data, val_data = load_split(data_dir, 'train'), load_split(data_dir, 'val')
     if teacher_cache is not None:  # a folder, or its name inside the dataset's
         cache_dir = teacher_cache if os.path.isdir(teacher_cache) else os.path.join(data_dir, teacher_cache)
@@ -490,6 +529,21 @@ if __name__ == '__main__':
     notes = check_vocabularies(meta, data_dir, student_model, student_tok, teacher_model, teacher_tok)
     if master_process and notes:
         print('\n'.join(notes))
+    cross = None  # logits across tokenizers: each teacher token's mass goes to a student token (models.vocab_map)
+    if cross_tokenizer and w_kd > 0:
+        compared, cols, counts = vocab_columns(student_tok or load_tokenizer(meta['tokenizer']),
+                                               teacher_tok or load_tokenizer(meta['teacher_tokenizer']), vocab,
+                                               output_rows(teacher_model))
+        cross = (torch.from_numpy(compared).to(torch_device), torch.from_numpy(cols).to(torch_device))
+        if master_process:
+            train = meta['splits']['train']  # (counted by prepare_data.py)
+            aligned, alone = train['aligned_supervised_fraction'], round(
+                (1 - train['aligned_supervised_fraction']) * train['supervised_tokens'])
+            print(f'across tokenizers: the divergence at the {aligned:.1%} of supervised training targets where both '
+                  f'tokenizations end on one byte boundary, CE alone at the other {1 - aligned:.1%} ({alone:,}); the '
+                  f"teacher's tokens go to the student's {counts['same']:,} of the same bytes, {counts['prefix']:,} to "
+                  f"the longest student token they begin with, {counts['none']:,} nowhere; {len(compared):,} of the "
+                  f"student's {vocab:,} tokens are compared")
     if teacher_model is not None:  # frozen, never wrapped, in the compute dtype (fp32 under fp16: it could overflow)
         teacher_model.to(torch_device).eval().requires_grad_(False)
         cast_parameters(teacher_model, torch.float32 if compute_dtype == 'float16' else ptdtype)
@@ -513,7 +567,7 @@ if __name__ == '__main__':
         layers if student_init == 'teacher_layers' else None)
     model = Trainable(student_model, vocab, (w_ce, w_kd, w_hidden), kd_kind, temperature, beta, chunk, layer_pairs,
                       teacher_model.config.hidden_size if layer_pairs else 0, hidden_loss, hidden_rms_norm, proj_init,
-                      compile)
+                      compile, cross)
     raw_model = model = model.to(torch_device).train()  # from_pretrained returns models in eval mode
 
     # across processes: FSDP2 shards before the optimizer is made (it must hold the shards), DDP wraps after the

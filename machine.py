@@ -133,6 +133,8 @@ def memory_estimate(trainable, teacher, tokens, compute, world=1, fsdp=False):
     act = tokens * (cs.num_hidden_layers * block_activation_bytes(cs, s) + 9 * d)  # (+ the embedding and final norm)
     if trainable.chunk:  # dL/dh and dL/dW (fp32); passing: a chunk's logits, teacher logits, softmaxes and gradient
         act, passing = act + tokens * d * 4 + vocab * d * 4, trainable.chunk * vocab * 4 * 6
+        if trainable.t_cols is not None:  # across tokenizers: the teacher's own logits, carried onto the student's
+            passing += trainable.chunk * len(trainable.t_cols) * 4 * 4
     else:  # the logits in fp32 and the loss's softmaxes; passing: the logits in the compute dtype, their gradients, ...
         act, passing = act + tokens * vocab * 12, tokens * vocab * (s + 12)
     if pairs:  # per pair and position: the projection's fp32 input and output (and the RMS-normalised one), indices

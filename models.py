@@ -114,20 +114,72 @@ def byte_lengths(tok, ids):
     tokens = tok.convert_ids_to_tokens(ids)
     return np.array([len(added[i].encode()) if i in added else len(t) for i, t in zip(ids, tokens)], dtype=np.int64)
 
-def token_bytes(tok, V):
-    """Each id's length in bytes of text, for ids < V: what a token stands for in the text (a byte-level token's
-    bytes, a SentencePiece piece with its leading space, <0xNN> one byte); special tokens and rows past the
-    vocabulary 0 (they mark the text's structure, not its bytes). Bits per byte divide by these."""
-    specials, ids = special_ids(tok), list(range(min(V, vocab_size(tok))))
+def token_strings(tok, V):
+    """The bytes of text each id < V stands for (a byte-level token's bytes, a SentencePiece piece with its leading
+    space, <0xNN> its one byte); b'' for special tokens and rows past the vocabulary (they mark the text's structure,
+    not its bytes)."""
+    specials, ids = special_ids(tok), range(min(V, vocab_size(tok)))
     if is_tiktoken(tok):
-        lengths = [0 if i in specials else len(tok.decode_single_token_bytes(i)) for i in ids]
-    elif (lengths := byte_lengths(tok, ids)) is None:  # SentencePiece: '▁' is a space, '<0x0A>' one byte
-        piece = lambda t: 1 if re.fullmatch(r'<0x[0-9A-F]{2}>', t) else len(t.replace('\u2581', ' ').encode())
-        lengths = [piece(t) for t in tok.convert_ids_to_tokens(ids)]
-    out = np.zeros(V, dtype=np.int64)
-    out[ids] = lengths
-    out[[i for i in specials if i < len(ids)]] = 0
+        out = [b'' if i in specials else tok.decode_single_token_bytes(i) for i in ids]
+    elif 'ByteLevel' in str(tok.backend_tokenizer.pre_tokenizer):  # GPT-2's alphabet: one character per byte
+        byte_of, added = {c: b for b, c in byte_alphabet().items()}, tok.added_tokens_decoder
+        text = lambda i, t: added[i].content.encode() if i in added else b''.join(
+            bytes([byte_of[c]]) if c in byte_of else c.encode() for c in t)
+        out = [b'' if i in specials else text(i, t) for i, t in zip(ids, tok.convert_ids_to_tokens(list(ids)))]
+    else:  # SentencePiece: '▁' is a space, '<0x0A>' one byte
+        piece = lambda t: bytes([int(t[3:5], 16)]) if re.fullmatch(r'<0x[0-9A-F]{2}>', t) else \
+            t.replace('\u2581', ' ').encode()
+        out = [b'' if i in specials else piece(t) for i, t in zip(ids, tok.convert_ids_to_tokens(list(ids)))]
+    return out + [b''] * (V - len(out))
+
+def byte_alphabet():
+    """GPT-2's byte-level alphabet: byte -> the printable character that stands for it in a token."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + k) for k, b in enumerate(moved)}}
+
+def token_bytes(tok, V):
+    """Each id's length in bytes of text (token_strings; 0 for special tokens): bits per byte divide by these."""
+    return np.array([len(b) for b in token_strings(tok, V)], dtype=np.int64)
+
+def vocab_map(student_tok, teacher_tok, student_vocab, teacher_rows):
+    """For each teacher id < teacher_rows, the student id its mass goes to in logit distillation across tokenizers
+    (-1: none): the student token of the same bytes where there is one (the shared vocabulary), else the longest
+    student token its bytes begin with (what the student's next token is when the text goes on with the teacher's);
+    a special token to the student's special token of the same name. Identical tokenizers: the identity."""
+    student = {}
+    for i, b in enumerate(token_strings(student_tok, student_vocab)):
+        if b:
+            student.setdefault(b, i)
+    longest = max(map(len, student), default=0)
+    out = np.full(teacher_rows, -1, dtype=np.int64)
+    for j, b in enumerate(token_strings(teacher_tok, teacher_rows)):
+        for n in range(min(len(b), longest), 0, -1):
+            if b[:n] in student:
+                out[j] = student[b[:n]]
+                break
+    student_specials = {name: i for name, i in special_names(student_tok).items() if i < student_vocab}
+    for name, j in special_names(teacher_tok).items():
+        if j < teacher_rows and name in student_specials:
+            out[j] = student_specials[name]
     return out
+
+def vocab_columns(student_tok, teacher_tok, student_vocab, teacher_rows):
+    """What logit distillation across tokenizers compares: the student ids some teacher token is carried onto
+    (vocab_map), ascending; each teacher id's column among them (len(compared): none); and how the teacher's tokens
+    were carried ({'same': of equal bytes, 'prefix': to a prefix, 'none'})."""
+    carried = vocab_map(student_tok, teacher_tok, student_vocab, teacher_rows)
+    compared = np.unique(carried[carried >= 0])
+    cols = np.where(carried >= 0, np.searchsorted(compared, carried), len(compared))
+    s, t = token_strings(student_tok, student_vocab), token_strings(teacher_tok, teacher_rows)
+    same = sum(1 for j, i in enumerate(carried) if i >= 0 and (t[j] == s[i]))
+    return compared, cols, {'same': same, 'prefix': int((carried >= 0).sum()) - same, 'none': int((carried < 0).sum())}
+
+def special_names(tok):
+    """name -> id of the special tokens."""
+    if is_tiktoken(tok):
+        return dict(tok._special_tokens)
+    return {t: i for t, i in tok.get_vocab().items() if i in special_ids(tok)}
 
 def special_ids(tok):
     return set(tok._special_tokens.values()) if is_tiktoken(tok) else set(tok.all_special_ids) | {
@@ -226,9 +278,9 @@ def check_vocabularies(meta, data_dir, student_model, student_tok, teacher_model
                             'were meant could not be checked (only its output rows are); add the tokenizer files '
                             'to its folder')
         elif vocab_fingerprint(tok) != fingerprint:
-            raise ConfigError(f"the {name}'s tokenizer differs from the one {data_dir} was prepared with for it; logit "
-                              'distillation needs one shared tokenizer, hidden-state distillation across tokenizers '
-                              'needs prepare_data.py --teacher_tokenizer')
+            raise ConfigError(f"the {name}'s tokenizer differs from the one {data_dir} was prepared with for it: "
+                              'prepare the data with its tokenizer (across tokenizers: prepare_data.py '
+                              "--tokenizer=<the student's> --teacher_tokenizer=<the teacher's>)")
         if output_rows(model) < rows:
             raise ConfigError(f'the {name} has {output_rows(model)} output rows but the tokenizer of {data_dir} has '
                               f'{rows} tokens')
@@ -320,10 +372,15 @@ def build_student(student, student_init, student_layers, teacher_model, teacher,
         return student_from_teacher_layers(teacher_model, layers), model_tokenizer(teacher), layers, scores
     if student is None:
         raise ConfigError('set student (an HF hub id, a local folder or a .gguf file)')
-    model = load_model(student, trust_remote_code)
-    if student_init == 'config':
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    if student_init == 'pretrained':
+        return load_model(student, trust_remote_code), model_tokenizer(student), None, None
+    from transformers import AutoConfig, AutoModelForCausalLM  # 'config': its config.json alone is read
+    try:
+        config = AutoConfig.from_pretrained(model_path(student), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ConfigError(f"cannot read the config of student '{student}': "
+                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     return model, model_tokenizer(student), None, None
 
 def block_influence(model, batches, blocks):

@@ -436,8 +436,9 @@ def main(argv=None):
     p.add_argument('--fortunes', action='store_true', help="the demo and Debian's fortunes (apt-get install fortunes): "
                    '15k short texts on 41 topics, broader than the demo alone')
     p.add_argument('--tokenizer', help="hub id, folder, .gguf file, 'tiktoken:<encoding>' or 'bytes'")
-    p.add_argument('--teacher_tokenizer', help='for hidden-state distillation across tokenizers: also tokenize every '
-                   'document with this one and record the positions where both tokenizations end at the same byte')
+    p.add_argument('--teacher_tokenizer', help='for distillation across tokenizers (logits or hidden states): also '
+                   'tokenize every document with this one and record the positions where both tokenizations end at the '
+                   'same byte')
     p.add_argument('--format', choices=FORMATS, help='force a record shape instead of detecting it per record')
     p.add_argument('--name', help='output folder data/<name> (default: the input file name, or "demo")')
     p.add_argument('--out_root', default='data', help='the dataset is written to <out_root>/<name>')

@@ -14,6 +14,10 @@
 # activations 14 GB at 4,096 tokens (HF's blocks keep an fp32 residual stream: ~3.4 MB per token in all). So: peak
 # ~49.5 GB per GPU at 4,096 tokens on 8 GPUs (~38.9 GB on 16); a micro-batch of up to ~12,288 tokens fits 8 x 80 GB,
 # ~16,384 on 16. Longer: activation recomputation (not built in).
+# Logits across the two tokenizers (the teacher's distribution carried onto the student's tokens by their bytes):
+# --distill=logits, the logit route: peak ~49.0 GB per GPU at 4,096 tokens on 8 GPUs (~38.5 GB on 16); a micro-batch
+# of up to ~14,336 tokens fits 8 x 80 GB, ~18,432 on 16. Both terms (--kd_weight=0.5 --hidden_weight=0.5): peak
+# ~52.2 GB at 4,096 tokens on 8 GPUs.
 # Batch: 1 document x 64 micro-batches (8 per rank) x 8 ranks = 64 documents of <= 4096 tokens per step.
 teacher = 'meta-llama/Llama-3.1-70B'
 student = 'stabilityai/stablelm-2-1_6b'
@@ -25,11 +29,9 @@ alpha = 0.5  # loss = 0.5 CE + 0.5 H
 layer_map = [(4, 13), (8, 27), (12, 40), (16, 53), (20, 67), (24, 80)]  # every 4th of the student's 24 blocks <- 80 x l / 24
 hidden_loss = 'cosine'
 hidden_rms_norm = True  # Llama's massive activations would dominate an unnormalised distance
-proj_init = 'xavier'
 block_size = 4096
 batch_size = 1
 gradient_accumulation_steps = 64
-epochs = 1.0
 learning_rate = 2e-5
 min_lr = 2e-6
 warmup_frac = 0.05

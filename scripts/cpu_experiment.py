@@ -15,6 +15,9 @@ over the same documents) and each run's steps' time and input positions; writes 
 <out>/results.json, and the held-out curves (each method's, and minus SFT's) to <out>/loss_curves.png. A rerun
 reuses finished runs and evaluations and resumes a killed run from its checkpoint
 (deleted once the run is done).
+On a dataset of two tokenizers (configs/cross_tokenizer.py: the student reads other tokens than the teacher) the
+teacher is not scored (it cannot read the data's tokens): bits per byte compare the students, and 'pruned' is the
+untrained start; with several seeds the held-out loss and bits per byte are also compared paired by seed.
 --short: 15 steps per method in the fastest dtype, held-out figures on 40 validation windows (distill.py's own on
 8 documents), no benchmark (at 15 steps every student sits at chance there), no checkpoints.
 """
@@ -31,14 +34,15 @@ def summarize(results, teacher, pruned, groups, tasks):
     the mean over seeds; losses, KL and agreement ± the standard error of that mean (with 2+ seeds); accuracies ±
     the binomial standard error sqrt(p (1 - p) / documents), the mean over tasks ± sqrt(sum se^2) / tasks; the
     fraction of the pruned -> teacher held-out-loss gap closed and of the teacher's mean accuracy retained."""
-    l_teacher, l_pruned = results[teacher]['val_loss'], results[pruned]['val_loss']
+    l_teacher, l_pruned = results[teacher]['val_loss'] if teacher else None, results[pruned]['val_loss']
     def mean_row(specs):
         rows = [results[s] for s in specs]
         r = {c: statistics.mean(x[c] for x in rows) for c in rows[0] if isinstance(rows[0][c], (int, float))}
-        r['gap_closed'] = (l_pruned - r['val_loss']) / (l_pruned - l_teacher) if l_pruned != l_teacher else None  # (no gap)
+        r['gap_closed'] = (l_pruned - r['val_loss']) / (l_pruned - l_teacher) if l_teacher not in (None, l_pruned) \
+            else None  # (no gap, or no teacher on this data: across tokenizers)
         if len(rows) > 1:
             r.update({f'{c}_se': statistics.stdev(x[c] for x in rows) / math.sqrt(len(rows)) for c in
-                      ('val_loss', 'kl_to_teacher', 'top1_agreement', *OWN) if c in r})
+                      ('val_loss', 'val_bpb', 'kl_to_teacher', 'top1_agreement', *OWN) if c in r})
         for t in tasks:
             for a in ('acc', 'acc_norm'):
                 p, n = r[f'{t}/{a}'], r[f'{t}/documents']
@@ -48,9 +52,10 @@ def summarize(results, teacher, pruned, groups, tasks):
             r[f'mean_{a}_se'] = math.sqrt(sum(r[f'{t}/{a}_se'] ** 2 for t in tasks)) / len(tasks)
         r['seeds'] = [x['val_loss'] for x in rows]
         return r
-    table = {'teacher': mean_row([teacher]), 'pruned': mean_row([pruned]), **{m: mean_row(g) for m, g in groups.items()}}
+    table = {**({'teacher': mean_row([teacher])} if teacher else {}), 'pruned': mean_row([pruned]),
+             **{m: mean_row(g) for m, g in groups.items()}}
     for r in table.values():
-        if len(tasks) > 1:
+        if len(tasks) > 1 and teacher:
             r['retained'] = r['mean_acc_norm'] / table['teacher']['mean_acc_norm']
     return table
 
@@ -92,6 +97,9 @@ def main():
     runs = {(m, s): f'{m}-{s}' if len(seeds) > 1 or os.path.isdir(os.path.join(out, f'{m}-{s}')) else m
             for s in seeds for m in args.methods}  # -> out/<name> (one seed: <method>, unless a many-seed run left <method>-<seed>)
     teacher = demo_tokenizer()
+    meta = json.load(open(os.path.join(ROOT, 'data', cfg['dataset'], 'meta.json')))
+    if 'teacher_tokenizer' in meta:  # across tokenizers: the teacher cannot read the data's tokens; bits per byte compare
+        teacher = None
     t_start = time.time()
 
     def run(*cmd):
@@ -105,7 +113,8 @@ def main():
     # the untrained pruned student: iteration 0, exported as is
     if not os.path.exists(os.path.join(out, 'pruned', 'student', 'config.json')):
         run('distill.py', config, '--max_iters=0', '--distill=none', f'--out_dir={args.out}/pruned', '--checkpoint=False')
-    models = {'teacher': teacher, 'pruned': f'{args.out}/pruned', **{n: f'{args.out}/{n}' for n in runs.values()}}
+    models = {**({'teacher': teacher} if teacher else {}), 'pruned': f'{args.out}/pruned',
+              **{n: f'{args.out}/{n}' for n in runs.values()}}
     settings = {'tasks': ','.join(tasks), 'limit': args.limit, 'val_windows': val_windows, 'block_size': 128}
     eval_file = os.path.join(out, 'eval.json')
     saved = json.load(open(eval_file)) if os.path.exists(eval_file) else {}
@@ -127,7 +136,8 @@ def main():
         call and keeps each row as it is done; the quick start, all in one call."""
         missing = [spec for spec in specs if spec not in results]
         for group in [missing] if args.short and missing else [[spec] for spec in missing]:
-            run('eval.py', *group, f'--teacher={teacher}', f'--data=data/{cfg["dataset"]}', f'--tasks={settings["tasks"]}', '--batch_size=16',
+            run('eval.py', *group, f'--teacher={teacher}' if teacher else f'--tokenizer={meta["tokenizer"]}',
+                f'--data=data/{cfg["dataset"]}', f'--tasks={settings["tasks"]}', '--batch_size=16',
                 f'--output={args.out}/eval-new.json', '--block_size=128', *(f'--{k}={settings[k]}' for k in ('limit', 'val_windows') if settings[k]))
             results.update(json.load(open(os.path.join(out, 'eval-new.json')))['results'])
             json.dump({'settings': settings, 'results': results}, open(eval_file + '.tmp', 'w'), indent=2)
@@ -138,14 +148,16 @@ def main():
         for method in args.methods:
             train(method, seed, runs[method, seed])
         if not args.short:
-            evaluate([teacher, models['pruned']] + [models[runs[m, seed]] for m in args.methods])
+            evaluate([*([teacher] if teacher else []), models['pruned']] + [models[runs[m, seed]] for m in args.methods])
     evaluate(models.values())
 
     # the table
     table = summarize(results, teacher, models['pruned'], {m: [models[runs[m, s]] for s in seeds] for m in args.methods}, tasks)
-    columns = ['val_loss', 'gap_closed', 'kl_to_teacher', 'top1_agreement'] + [f'{t}/acc_norm' for t in tasks] + \
-        (['mean_acc_norm', 'retained'] if len(tasks) > 1 else []) + [c for c in OWN if c in table['teacher']]
-    heads = {'val_loss': 'val loss', 'gap_closed': 'gap closed', 'kl_to_teacher': 'KL(t||s)', 'top1_agreement': 'top-1 agr',
+    first = table['pruned']
+    columns = [c for c in ('val_loss', 'val_bpb', 'gap_closed', 'kl_to_teacher', 'top1_agreement') if c in first] + \
+        [f'{t}/acc_norm' for t in tasks] + (['mean_acc_norm', 'retained'] if len(tasks) > 1 and teacher else []) + \
+        [c for c in OWN if c in first]
+    heads = {'val_loss': 'val loss', 'val_bpb': 'bits/byte', 'gap_closed': 'gap closed', 'kl_to_teacher': 'KL(t||s)', 'top1_agreement': 'top-1 agr',
              'mean_acc_norm': 'mean acc_norm', 'retained': 'of teacher', 'draft_acceptance': 'draft accept',
              'own_sample_rkl': 'own-sample rKL', 'own_sample_teacher_nll': 'teacher NLL'}
     cell = lambda c, r: '-' if r[c] is None else f'{r[c]:.1%}' if c in ('gap_closed', 'retained') else f'{r[c]:.4f}' + (f' ±{r[c + "_se"]:.4f}' if c + '_se' in r else '')
@@ -157,11 +169,18 @@ def main():
     accuracy = 'mean_acc_norm' if len(tasks) > 1 else f'{tasks[0]}/acc_norm' if tasks else 'none'
     verdict = lambda d, se: f'(2 SE {2 * se:.4f}: ' + ('resolved)' if abs(d) > 2 * se else 'within the noise)')
     for method in args.methods[1:]:  # against the first (SFT): a difference is resolved when it exceeds twice its standard error
-        for c in ('val_loss', accuracy, *OWN):
+        for c in ('val_loss', 'val_bpb', accuracy, *OWN):
             a, b = table[method], table[args.methods[0]]
             if c + '_se' in a:
                 d, se = a[c] - b[c], math.hypot(a[c + '_se'], b[c + '_se'])
                 print(f'{method} - {args.methods[0]}: {c} {d:+.4f} {verdict(d, se)}')
+        for c in ('val_loss', 'val_bpb') if len(seeds) > 1 else ():  # the same seed: the same start and data order
+            diffs = [results[models[runs[method, s]]].get(c, math.nan) - results[models[runs[args.methods[0], s]]].get(c, math.nan)
+                     for s in seeds]
+            if all(map(math.isfinite, diffs)):
+                d, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+                table[method][f'paired_{c}_vs_{args.methods[0]}'] = {'mean': d, 'se': se, 'per_seed': diffs}
+                print(f'{method} - {args.methods[0]}: {c} {d:+.4f}, paired over seeds {verdict(d, se)}')
         pair = paired(results, [models[runs[method, s]] for s in seeds], [models[runs[args.methods[0], s]] for s in seeds], tasks)
         if pair:  # the same documents: their paired differences are far less noisy than two independent binomials
             d, se = pair
@@ -191,8 +210,9 @@ def main():
                 ref = val[runs[base, seed]]
                 both = [i for i in its if i in ref]
                 b.plot(both, [val[name][i] - ref[i] for i in both], marker='o', label=label, color=color, alpha=0.8)
-        l_teacher = table['teacher']['val_loss']
-        a.axhline(l_teacher, color='k', ls='--', label=f'teacher (eval.py: {val_windows or "all"} val windows of 128 tokens)')
+        l_teacher = table['teacher']['val_loss'] if teacher else min(v for rows in val.values() for v in rows.values())
+        if teacher:
+            a.axhline(l_teacher, color='k', ls='--', label=f'teacher (eval.py: {val_windows or "all"} val windows of 128 tokens)')
         b.axhline(0, color='C0', ls='--', label=base)
         flat = [v for rows in val.values() for v in rows.values()] + [l_teacher]
         low, top = min(flat) - 0.3, min(max(flat) + 0.3, l_teacher + 5)  # (a pruned start far above is in the table)

@@ -20,6 +20,11 @@ def smol_gguf():
 def smol_tok(smol_gguf):
     return models.load_tokenizer(smol_gguf)
 
+@pytest.fixture(scope='session')
+def gpt2_tok():
+    """GPT-2's tokenizer (r50k ranks, packaged with openai-whisper): another byte-level BPE than SmolLM2's."""
+    return models.load_tokenizer(os.path.join(models.package_dir('whisper'), 'assets', 'gpt2.tiktoken'))
+
 def tiny_model(arch='llama', vocab=BYTES_VOCAB, hidden=32, layers=2, heads=4, seed=0):
     """A randomly initialised causal LM small enough for CPU tests (fp32)."""
     import transformers as T

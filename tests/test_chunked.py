@@ -25,6 +25,19 @@ def test_chunk_gradient(kind, beta, temperature):
     assert ce.item() == pytest.approx(ce64.item(), rel=1e-6) and kd.item() == pytest.approx(kd64.item(), rel=1e-5, abs=1e-6)
     assert torch.allclose(dz.double(), z64.grad, rtol=1e-4, atol=1e-6)
 
+def test_forward_kl_closed_form_with_masked_teacher_tokens():
+    """A teacher with -inf logits (masked tokens, or a student token no teacher token is carried onto): forward KL's
+    closed form gives the float64 reference's value and gradient, not NaN (0 * -inf)."""
+    torch.manual_seed(4)
+    z, zt, y = torch.randn(5, 20) * 2, torch.randn(5, 20) * 2, torch.randint(0, 20, (5,))
+    zt[:, [3, 7]] = -float('inf')
+    z64 = z.double().requires_grad_()
+    ce64, kd64 = loss_sums(z64, y, zt.double(), 20, 'fkl', 2.0)
+    (0.5 * ce64 + 1.5 * kd64).backward()
+    ce, kd, dz = chunk_loss(z, y, zt, 20, (0.5, 1.5), 'fkl', 2.0, 0.5)
+    assert torch.isfinite(kd) and kd.item() == pytest.approx(kd64.item(), rel=1e-5)
+    assert torch.allclose(dz.double(), z64.grad, rtol=1e-4, atol=1e-6)
+
 def test_an_edited_divergence_entry_is_what_the_chunked_loss_takes(monkeypatch):
     """A fork that replaces DIVERGENCES['fkl'] gets what it wrote on the default (chunked) path too, value and
     gradient: here reverse KL's terms under the name 'fkl', against float64 autograd through loss_sums with 'rkl'."""

@@ -230,6 +230,20 @@ def test_llama70b_config_figures():
     assert float(figures[1]) == round(peak(8) / 1e9, 1) and int(figures[2].replace(',', '')) == tokens
     assert float(figures[3]) == round(peak(16) / 1e9, 1)
     assert int(figures[4].replace(',', '')) == fits(8) and int(figures[5].replace(',', '')) == fits(16)
+    # the logit route across the tokenizers (and both terms): the teacher's 128,256 columns carried onto the student's
+    for weights, pattern in (((0.5, 0.5, 0.0), r'logit route: peak ~([\d.]+) GB per GPU at [\d,]+ tokens on 8 GPUs \(~([\d.]+) '
+                              r'GB on 16\); a micro-batch of up to ~([\d,]+) tokens fits 8 x 80 GB, ~([\d,]+) on 16'),
+                             ((0.5, 0.5, 0.5), r'Both terms .{,40}: peak ~([\d.]+) GB at [\d,]+ tokens on 8 GPUs')):
+        with torch.device('meta'):
+            model = distill.Trainable(model.model, 100352, weights, 'fkl', 2.0, 0.5, 256,
+                                      config['layer_map'] if weights[2] else [], 8192, 'cosine', True,
+                                      cross=(torch.arange(100352), torch.zeros(128256, dtype=torch.long)))
+        figures = re.search(pattern, text)
+        assert figures, 'the header states the estimate of the logit route'
+        assert float(figures[1]) == round(peak(8) / 1e9, 1)
+        if not weights[2]:
+            assert float(figures[2]) == round(peak(16) / 1e9, 1)
+            assert int(figures[3].replace(',', '')) == fits(8) and int(figures[4].replace(',', '')) == fits(16)
 
 KEEP_AND_TRIM = r'''
 import os, sys, torch

@@ -417,6 +417,13 @@ def plain_text(w):
         assert P.main([src, '--tokenizer=bytes', f'--out_root={w / "plain"}', '--name=tiny', '--val_fraction=0.1']) == 0
     return str(w / 'plain')
 
+def two_tokenizers(w):
+    """A data root whose dataset 'tiny' pairs the bytes tokenizer with SmolLM2's (--teacher_tokenizer)."""
+    if not os.path.exists(w / 'paired'):
+        assert P.main([str(w / 'in.jsonl'), '--tokenizer=bytes', f'--teacher_tokenizer={models.demo_tokenizer()}',
+                       f'--out_root={w / "paired"}', '--name=tiny', '--val_fraction=0.1']) == 0
+    return str(w / 'paired')
+
 def tampered_run(w):
     if not os.path.exists(w / 'tampered'):
         shutil.copytree(w / 'straight', w / 'tampered')
@@ -477,6 +484,10 @@ CONFIG = {  # distill.py: (overrides given the work folder, expected text); each
     'on_policy under fsdp': (lambda w: ['--on_policy=1', '--parallel=fsdp'], "sampling would gather every block"),
     'on_policy with a prompt longer than the block': (lambda w: ['--on_policy=1', '--block_size=8'],
                                                       'no room for a reply in block_size=8'),
+    'on_policy across tokenizers': (lambda w: ['--on_policy=1', f'--data_root={two_tokenizers(w)}'],
+                                    'pairs two tokenizers, and the teacher would have to read'),
+    'student_init config of no model': (lambda w: ['--student_init=config', f'--student={w / "in.jsonl"}'],
+                                        "cannot read the config of student '"),
     'a checkpoint carrying code': (lambda w: [f'--out_dir={tampered_run(w)}', '--init_from=resume'],
                                    'holds objects other than tensors and plain values, refused: reading them could run code'),
 }
