@@ -82,6 +82,7 @@ def main():
     p.add_argument('--seeds', default='1337', help='comma-separated: every method is trained once per seed (data order)')
     p.add_argument('--tasks', default=None, help="eval.py's benchmarks (default: arc_easy; none with --short)")
     p.add_argument('--limit', type=int, help='at most this many documents per benchmark (default: all)')
+    p.add_argument('--steps', type=int, help="each run's steps (default: the config's max_iters)")
     args = p.parse_args()
     args.out = args.out or ('out-cpu-experiment-short' if args.short else 'out-cpu-experiment')
     args.methods = (args.methods or ('sft,logits,hidden' if args.short else 'sft,logits,hidden,mix')).split(',')
@@ -89,7 +90,7 @@ def main():
     seeds = [int(s) for s in args.seeds.split(',')]
     config = os.path.join(ROOT, args.config)
     cfg = runpy.run_path(config)
-    steps, val_windows, eval_docs = (15, 40, 8) if args.short else (cfg['max_iters'], None, cfg['eval_docs'])  # (None: all)
+    steps, val_windows, eval_docs = (15, 40, 8) if args.short else (args.steps or cfg['max_iters'], None, cfg['eval_docs'])
     methods = {'sft': ['--distill=none'], 'logits': ['--distill=logits'], 'hidden': ['--distill=hidden'],
                'mix': ['--distill=logits', '--ce_weight=0.5', '--kd_weight=0.5', '--hidden_weight=0.5'],
                'onpolicy': ['--distill=logits', '--on_policy=1'], 'mixed': ['--distill=logits', '--on_policy=0.5']}
