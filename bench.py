@@ -78,8 +78,8 @@ def loss_case(path, V, d, n, chunk, repeats=2):
             ce, kd = loss_sums(h @ W.T, Y, t_h @ t_W.T, V, 'fkl', 2.0)
         elif path == 'cross':
             cols = torch.randint(0, V, (V,), generator=torch.Generator().manual_seed(0))
-            ce, kd = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, (0.5 / n, 2.0 / n), torch.arange(V), 'fkl', 2.0, 0.5, chunk,
-                                           chunk_loss, cols)
+            ce, kd = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, (0.5 / n, 2.0 / n), torch.arange(V), 'fkl', 2.0, 0.5,
+                                           chunk, chunk_loss, cols)
         else:
             kind, beta = ('fkl', 0.5) if path == 'chunked' else ('jsd', 0.0)
             ce, kd = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, (0.5 / n, 2.0 / n), V, kind, 2.0, beta, chunk)
@@ -111,7 +111,8 @@ if args.part in ('all', 'loss'):
                                      capture_output=True, text=True)
                 res[path] = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
             pl, ch, ag, cr = res['plain'], res['chunked'], res['autograd'], res['cross']
-            assert pl and ch and ag and cr and all(abs(pl['loss'] - r['loss']) <= 1e-4 * abs(pl['loss']) for r in (ch, ag)), res
+            assert pl and ch and ag and cr, res  # (the cross-tokenizer loss is another loss: its value differs)
+            assert all(abs(pl['loss'] - r['loss']) <= 1e-4 * abs(pl['loss']) for r in (ch, ag)), res
             print(f'{V:8d} {d:6d} {pl["seconds"]:8.2f} {pl["peak_gb"]:9.2f} {ch["seconds"]:10.2f} {ch["peak_gb"]:11.2f} '
                   f'{ch["seconds"] / pl["seconds"]:11.2f} {ch["peak_gb"] / pl["peak_gb"]:13.2f} {ag["seconds"]:11.2f} {cr["seconds"]:12.2f}'
                   + (f'   at {n} positions: the plain path at {args.positions} would need ~{10 * args.positions * V * 4 / 2 ** 30:.0f} GB'
