@@ -98,7 +98,8 @@ def main():
     runs = {(m, s): f'{m}-{s}' if len(seeds) > 1 or os.path.isdir(os.path.join(out, f'{m}-{s}')) else m
             for s in seeds for m in args.methods}  # -> out/<name> (one seed: <method>, unless a many-seed run left <method>-<seed>)
     teacher = demo_tokenizer()
-    meta = json.load(open(os.path.join(ROOT, 'data', cfg['dataset'], 'meta.json')))
+    meta_file = os.path.join(ROOT, 'data', cfg['dataset'], 'meta.json')
+    meta = json.load(open(meta_file)) if os.path.exists(meta_file) else {}  # (none yet: distill.py's first run says so)
     if 'teacher_tokenizer' in meta:  # across tokenizers: the teacher cannot read the data's tokens; bits per byte compare
         teacher = None
     t_start = time.time()

@@ -281,7 +281,9 @@ rank = int(os.environ['RANK'])  # rank 0 measures bf16 clearly faster, rank 1 no
 rates = [{'float32': 2e11, 'bfloat16': 4e11}, {'float32': 2e11, 'bfloat16': 2.5e11}][rank]
 machine.measure_matmul_flops = lambda device, dtype: rates[str(dtype)[6:]]
 machine.init_distributed('cpu')
-print(f'rank {rank} chose', *machine.choose_dtype('auto', 'cpu')[::2], flush=True)
+dtype, _, rate = machine.choose_dtype('auto', 'cpu')
+with open(os.path.join(sys.argv[2], f'rank{rank}.txt'), 'w') as f:  # (a file each: two ranks' prints can interleave)
+    f.write(f'rank {rank} chose {dtype} {rate}')
 machine.dist.barrier()  # (as distill.py ends: together, then the group torn down; without it gloo may abort at exit)
 machine.dist.destroy_process_group()
 """
@@ -290,11 +292,11 @@ def test_auto_dtype_is_decided_once_for_all_ranks(tmp_path):
     """Each rank measures its own matmul rates; rank 0's choice (and rate) is every rank's."""
     (tmp_path / 'probe.py').write_text(DTYPE_PROBE)
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           str(tmp_path / 'probe.py'), ROOT], capture_output=True, text=True, timeout=300,
+                           str(tmp_path / 'probe.py'), ROOT, str(tmp_path)], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[:3000]  # (the ranks' own lines come before torchrun's)
-    chose = sorted(l for l in proc.stdout.splitlines() if ' chose ' in l)
-    assert chose == ['rank 0 chose bfloat16 400000000000.0', 'rank 1 chose bfloat16 400000000000.0'], proc.stdout
+    chose = [(tmp_path / f'rank{r}.txt').read_text() for r in (0, 1)]
+    assert chose == ['rank 0 chose bfloat16 400000000000.0', 'rank 1 chose bfloat16 400000000000.0']
 
 def test_settings_that_change_nothing_are_said(work):
     """layer_map without a hidden-state term, parallel='fsdp' in one process: a note each, and the run as without them."""
