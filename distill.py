@@ -197,7 +197,7 @@ def loss_sums(z, y, zt, vocab, kind='fkl', temperature=1.0, beta=0.5):
     the real vocabulary: rows past it are embedding padding and differ between models, so they are never compared.
     Across tokenizers vocab is the student's compared tokens (a tensor of ids) and zt already over them
     (to_student_vocab). The plain path calls it on all rows, the chunked one per chunk."""
-    ce = F.cross_entropy(z.float(), y, reduction='sum')
+    ce = F.cross_entropy(z if z.dtype == torch.float64 else z.float(), y, reduction='sum')  # (fp32 at least)
     if zt is None:
         return ce, torch.zeros_like(ce)
     z = z[:len(zt)]
@@ -205,29 +205,47 @@ def loss_sums(z, y, zt, vocab, kind='fkl', temperature=1.0, beta=0.5):
         return ce, kd_divergence(z[:, vocab], zt, kind, temperature, beta).sum()
     return ce, kd_divergence(z[:, :vocab], zt if isinstance(zt, TopK) else zt[:, :vocab], kind, temperature, beta).sum()
 
-def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta):
-    """One chunk of ChunkedHeadLoss: loss_sums of fp32 logits z and, unless coef is None, the gradient of
-    coef[0] CE + coef[1] D w.r.t. z, by autograd. Forward KL as shipped has a closed form that makes fewer passes
-    over (n, V): d CE/dz = softmax(z) - onehot(y), d KL(p || q)/dz = (q - p) / T."""
+def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta, rows=16):
+    """One chunk of ChunkedHeadLoss: loss_sums of logits z (in the compute dtype, read in fp32) and, unless coef is
+    None, the gradient of coef[0] CE + coef[1] D w.r.t. z in z's dtype, by autograd. Forward KL as shipped has a
+    closed form, d CE/dz = softmax(z) - onehot(y), d KL(p || q)/dz = (q - p) / T, taken a few rows at a time so
+    that its fp32 temporaries stay in the CPU's cache: three exponentials per logit, one read of z and zt, one write
+    of the gradient (where autograd makes some twenty passes over (n, V) in memory)."""
+    fp = torch.float64 if z.dtype == torch.float64 else torch.float32  # never below fp32
     if coef is None:
-        return *loss_sums(z, y, zt, vocab, kind, temperature, beta), None
+        return *loss_sums(z.to(fp), y, zt, vocab, kind, temperature, beta), None
     if DIVERGENCES[kind] is not forward_kl or not isinstance(zt, torch.Tensor) or isinstance(vocab, torch.Tensor):
         with torch.enable_grad():
-            z = z.requires_grad_()
-            ce, kd = loss_sums(z, y, zt, vocab, kind, temperature, beta)
-            dz, = torch.autograd.grad(coef[0] * ce + coef[1] * kd, z)
-        return ce.detach(), kd.detach(), dz
-    labeled = (y >= 0)[:, None].to(z.dtype)  # 0 where y = -100 (a token the student sampled: no hard label)
-    y = y.clamp(min=0)[:, None]
-    dz = F.log_softmax(z, dim=-1)
-    ce = -dz.gather(1, y).mul(labeled).sum()
-    dz = dz.exp_().mul_(coef[0] * labeled)
-    dz.scatter_add_(1, y, labeled * -coef[0])
-    log_p = F.log_softmax(zt[:, :vocab] / temperature, dim=-1).clamp_(min=torch.finfo(z.dtype).min)  # (-inf logits)
-    log_q = F.log_softmax(z[:, :vocab] / temperature, dim=-1)
-    p = log_p.exp()
-    kd = torch.sub(log_p, log_q).mul_(p).sum()
-    dz[:, :vocab].add_(log_q.exp_().sub_(p), alpha=coef[1] / temperature)
+            z_fp = z.to(fp).requires_grad_()
+            ce, kd = loss_sums(z_fp, y, zt, vocab, kind, temperature, beta)
+            dz, = torch.autograd.grad(coef[0] * ce + coef[1] * kd, z_fp)
+        return ce.detach(), kd.detach(), dz.to(z.dtype)
+    T, tiny = temperature, torch.finfo(fp).min
+    ce, kd, dz = z.new_zeros((), dtype=fp), z.new_zeros((), dtype=fp), torch.empty_like(z)
+    rows = rows if z.device.type == 'cpu' else len(z)  # (a GPU has no such cache to fit, and pays per launch)
+    for a in range(0, len(z), rows):
+        zr, yr = z[a:a + rows].to(fp), y[a:a + rows]
+        labeled = (yr >= 0)[:, None].to(fp)  # 0 where y = -100 (a token the student sampled: no hard label)
+        yr = yr.clamp(min=0)[:, None]
+        m = zr.amax(1, keepdim=True)
+        e = torch.sub(zr, m).exp_()  # softmax(z) = e / s
+        s = e.sum(1, keepdim=True)
+        ce += ((m + s.log() - zr.gather(1, yr)) * labeled).sum()
+        g = e.mul_(labeled * coef[0] / s).scatter_add_(1, yr, labeled * -coef[0])  # the CE part of the gradient
+        log_q = zr[:, :vocab] / T
+        log_q -= log_q.amax(1, keepdim=True)
+        q = log_q.exp()
+        s_q = q.sum(1, keepdim=True)
+        log_q -= s_q.log()
+        log_p = zt[a:a + rows, :vocab].to(fp) / T
+        log_p -= log_p.amax(1, keepdim=True)
+        p = log_p.exp()
+        s_p = p.sum(1, keepdim=True)
+        log_p -= s_p.log()
+        p /= s_p
+        kd += (p * log_p.clamp_(min=tiny).sub_(log_q)).sum()  # (a -inf teacher logit: p = 0, and no 0 * -inf)
+        g[:, :vocab].add_(q.div_(s_q).sub_(p), alpha=coef[1] / T)  # d KL/dz = (q - p) / T
+        dz[a:a + rows] = g
     return ce, kd, dz
 
 class ChunkedHeadLoss(torch.autograd.Function):
@@ -250,13 +268,12 @@ class ChunkedHeadLoss(torch.autograd.Function):
         ce_sum, kd_sum = torch.zeros((), device=h.device), torch.zeros((), device=h.device)
         for a in range(0, len(h), chunk):
             hc = h[a:a + chunk]
-            zt = None if t_h is None else t_h[a:a + chunk] if t_Wc is None else (t_h[a:a + chunk] @ t_Wc.T).float()
+            zt = None if t_h is None else t_h[a:a + chunk] if t_Wc is None else t_h[a:a + chunk] @ t_Wc.T
             if t_cols is not None:  # across tokenizers: the teacher's distribution on the student's tokens
                 zt = to_student_vocab(zt, t_cols, len(vocab), temperature)
-            ce, kd, dz = chunk_fn((hc @ Wc.T).float(), Y[a:a + chunk], zt, vocab, coef, kind, temperature, beta)
+            ce, kd, dz = chunk_fn(hc @ Wc.T, Y[a:a + chunk], zt, vocab, coef, kind, temperature, beta)
             ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
             if need_grad:
-                dz = dz.to(hc.dtype)
                 dh[a:a + chunk] = dz @ Wc
                 if dz.dtype == dW.dtype:
                     dW.addmm_(dz.T, hc)  # accumulated in place: no second (V, d) buffer
