@@ -3,6 +3,7 @@ Speed and memory of distillation, plain (full logits) vs chunked (loss_chunk), a
 
     python prepare_data.py && python bench.py            # both parts below
     python bench.py --part=loss                           # the loss alone: peak memory and time
+    python bench.py --part=chunk                          # forward KL's closed form per chunk, by rows per block
     python bench.py --part=step                           # 4 x 512 tokens, distill.py's defaults
     python bench.py --part=step --profile                 # and where a step's time goes, by kind of op
     python bench.py --part=sample                         # on-policy sampling against HF generate's own rate
@@ -11,7 +12,9 @@ Speed and memory of distillation, plain (full logits) vs chunked (loss_chunk), a
 --part=loss: forward + backward of CE + forward KL at T=2 from final hidden states, for V = 49,152 and
 151,936, hidden 576 and 1,536, 8,192 positions; each case in a fresh process, peak memory = its peak RSS
 above the inputs; also the chunked path across tokenizers (the teacher's distribution carried onto the student's
-tokens, autograd). --part=step: one whole KD step (the packaged SmolLM2-135M teacher -> its 10-layer copy)
+tokens, autograd). --part=chunk: chunk_loss's closed form (CE + forward KL at T=2 and the gradient) on one chunk of
+--chunk x V logits in fp32 and in bf16, taken 4 to 256 rows at a time, alternated over --steps rounds.
+--part=step: one whole KD step (the packaged SmolLM2-135M teacher -> its 10-layer copy)
 through distill.py's own Trainable, plain and chunked (and compiled, with --compile), in fp32 and in bf16
 autocast, with the cost of each part of the step. MFU is the median over the steps of each step's FLOP/s over
 this machine's matmul rate in that dtype, measured just before that step: a shared machine's speed drifts by
@@ -33,7 +36,7 @@ from models import cast_parameters, demo_tokenizer, load_model, student_from_tea
 from sampling import prompt_lengths, sample_rows, stop_tokens
 
 p = argparse.ArgumentParser()
-p.add_argument('--part', default='all', choices=['all', 'loss', 'step', 'sample', 'pack'])
+p.add_argument('--part', default='all', choices=['all', 'loss', 'chunk', 'step', 'sample', 'pack'])
 p.add_argument('--positions', type=int, default=8192)
 p.add_argument('--chunk', type=int, default=256, help='positions per chunk on the chunked path (distill.py: loss_chunk)')
 p.add_argument('--max_gb', type=float, default=16.0, help='fewer positions where the plain path would need more memory')
@@ -52,7 +55,7 @@ p.add_argument('--case', help=argparse.SUPPRESS)  # internal: one loss case in t
 p.add_argument('--row', help=argparse.SUPPRESS)  # internal: one step row in this process
 args = p.parse_args()
 exit_on_error()  # bad input: one line `error: ...`, exit 2
-if args.part != 'loss':
+if args.part not in ('loss', 'chunk'):
     check_dataset(args.dataset)  # (before any part runs: the step and sampling parts read it)
 
 def rss_gb():
@@ -128,6 +131,25 @@ if args.part in ('all', 'loss'):
         print('liger-kernel is installed, but its fused linear JSD runs on CUDA devices only: not measured on this CPU')
     except ImportError:
         print('liger-kernel: not installed (its fused kernels are Triton, CUDA only): not measured on this CPU')
+
+if args.part in ('all', 'chunk'):
+    keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0
+    print(f'\nforward KL\'s closed form on one {args.chunk} x V chunk (chunk_loss: CE + forward KL at T=2 and the '
+          f'gradient w.r.t. the logits), by rows per block; median of {args.steps} alternated rounds, ms')
+    blocks = (4, 8, 16, 32, 64, 256)
+    print(f'{"V":>8s} {"logits":>8s} ' + ' '.join(f'{f"{r} rows":>9s}' for r in blocks))
+    for V in args.vocabs:
+        for dtype in (torch.float32, torch.bfloat16):
+            g = torch.Generator().manual_seed(0)
+            z, zt = [(torch.randn(args.chunk, V, generator=g) * 3).to(dtype) for _ in range(2)]
+            y, times = torch.randint(0, V, (args.chunk,), generator=g), {r: [] for r in blocks}
+            for i in range(args.steps + 1):  # (round 0 warms up)
+                for r in blocks:
+                    t0 = time.perf_counter()
+                    chunk_loss(z, y, zt, V, (0.5, 2.0), 'fkl', 2.0, 0.5, rows=r)
+                    times[r] += [time.perf_counter() - t0] if i else []
+            medians = [statistics.median(times[r]) * 1000 for r in blocks]
+            print(f'{V:8d} {str(dtype)[6:]:>8s} ' + ' '.join(f'{m:9.1f}' for m in medians))
 
 def loss_alone(model, batch, t_out, kind='fkl', beta=0.5):
     """Seconds per forward + backward of the step's loss alone (CE + divergence), from the student's final hidden

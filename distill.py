@@ -205,12 +205,12 @@ def loss_sums(z, y, zt, vocab, kind='fkl', temperature=1.0, beta=0.5):
         return ce, kd_divergence(z[:, vocab], zt, kind, temperature, beta).sum()
     return ce, kd_divergence(z[:, :vocab], zt if isinstance(zt, TopK) else zt[:, :vocab], kind, temperature, beta).sum()
 
-def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta, rows=16):
+def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta, rows=8):
     """One chunk of ChunkedHeadLoss: loss_sums of logits z (in the compute dtype, read in fp32) and, unless coef is
     None, the gradient of coef[0] CE + coef[1] D w.r.t. z in z's dtype, by autograd. Forward KL as shipped has a
     closed form, d CE/dz = softmax(z) - onehot(y), d KL(p || q)/dz = (q - p) / T, taken a few rows at a time so
-    that its fp32 temporaries stay in the CPU's cache: three exponentials per logit, one read of z and zt, one write
-    of the gradient (where autograd makes some twenty passes over (n, V) in memory)."""
+    that its fp32 temporaries stay in the CPU's cache: one read of z and zt from memory, one write of the gradient,
+    three exponentials per logit (the whole chunk at once made some twenty passes over (n, V) in memory, six exps)."""
     fp = torch.float64 if z.dtype == torch.float64 else torch.float32  # never below fp32
     if coef is None:
         return *loss_sums(z.to(fp), y, zt, vocab, kind, temperature, beta), None
@@ -564,6 +564,8 @@ if __name__ == '__main__':
     if teacher_model is not None:  # frozen, never wrapped, in the compute dtype (fp32 under fp16: it could overflow)
         teacher_model.to(torch_device).eval().requires_grad_(False)
         cast_parameters(teacher_model, torch.float32 if compute_dtype == 'float16' else ptdtype)
+
+    student_model.to(torch_device)  # (the probes below run both models on the device)
 
     # the loss: the chunked path computes logits = final hidden states @ head, so only where a probe shows that is so
     heads = [m for m in (student_model, teacher_model if w_kd else None) if m is not None]
