@@ -144,7 +144,7 @@ def load_checkpoint(folder, raw_model, optimizer, scaler, config, world_size, sh
     from safetensors.torch import load_file, load_model as load_weights
     path = os.path.join(folder, 'state.pt')
     try:  # weights_only: tensors, numbers, strings and containers are rebuilt; anything else is refused unrun
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, map_location='cpu', weights_only=True)  # (the optimizer moves it to its device)
     except pickle.UnpicklingError:
         raise ConfigError(f'{path} holds objects other than tensors and plain values, refused: reading them could '
                           "run code; resume only checkpoints distill.py wrote, or start again with init_from='scratch'")
