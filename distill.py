@@ -222,7 +222,7 @@ def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta, rows=8):
         return ce.detach(), kd.detach(), dz.to(z.dtype)
     T, tiny = temperature, torch.finfo(fp).min
     ce, kd, dz = z.new_zeros((), dtype=fp), z.new_zeros((), dtype=fp), torch.empty_like(z)
-    rows = rows if z.device.type == 'cpu' else len(z)  # (a GPU has no such cache to fit, and pays per launch)
+    rows = rows if z.device.type == 'cpu' else max(len(z), 1)  # (a GPU has no such cache to fit, and pays per launch)
     for a in range(0, len(z), rows):
         zr, yr = z[a:a + rows].to(fp), y[a:a + rows]
         labeled = (yr >= 0)[:, None].to(fp)  # 0 where y = -100 (a token the student sampled: no hard label)

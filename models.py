@@ -142,18 +142,20 @@ def token_bytes(tok, V):
     """Each id's length in bytes of text (token_strings; 0 for special tokens): bits per byte divide by these."""
     return np.array([len(b) for b in token_strings(tok, V)], dtype=np.int64)
 
-def vocab_map(student_tok, teacher_tok, student_vocab, teacher_rows):
+def vocab_map(student_tok, teacher_tok, student_vocab, teacher_rows, strings=None):
     """For each teacher id < teacher_rows, the student id its mass goes to in logit distillation across tokenizers
     (-1: none): the student token of the same bytes where there is one (the shared vocabulary), else the longest
     student token its bytes begin with (what the student's next token is when the text goes on with the teacher's);
-    a special token to the student's special token of the same name. Identical tokenizers: the identity."""
+    a special token to the student's special token of the same name. Identical tokenizers: the identity. strings:
+    the two token_strings, where the caller has them."""
+    s, t = strings or (token_strings(student_tok, student_vocab), token_strings(teacher_tok, teacher_rows))
     student = {}
-    for i, b in enumerate(token_strings(student_tok, student_vocab)):
+    for i, b in enumerate(s):
         if b:
             student.setdefault(b, i)
     longest = max(map(len, student), default=0)
     out = np.full(teacher_rows, -1, dtype=np.int64)
-    for j, b in enumerate(token_strings(teacher_tok, teacher_rows)):
+    for j, b in enumerate(t):
         for n in range(min(len(b), longest), 0, -1):
             if b[:n] in student:
                 out[j] = student[b[:n]]
@@ -168,10 +170,10 @@ def vocab_columns(student_tok, teacher_tok, student_vocab, teacher_rows):
     """What logit distillation across tokenizers compares: the student ids some teacher token is carried onto
     (vocab_map), ascending; each teacher id's column among them (len(compared): none); and how the teacher's tokens
     were carried ({'same': of equal bytes, 'prefix': to a prefix, 'none'})."""
-    carried = vocab_map(student_tok, teacher_tok, student_vocab, teacher_rows)
+    s, t = token_strings(student_tok, student_vocab), token_strings(teacher_tok, teacher_rows)
+    carried = vocab_map(student_tok, teacher_tok, student_vocab, teacher_rows, (s, t))
     compared = np.unique(carried[carried >= 0])
     cols = np.where(carried >= 0, np.searchsorted(compared, carried), len(compared))
-    s, t = token_strings(student_tok, student_vocab), token_strings(teacher_tok, teacher_rows)
     same = sum(1 for j, i in enumerate(carried) if i >= 0 and (t[j] == s[i]))
     return compared, cols, {'same': same, 'prefix': int((carried >= 0).sum()) - same, 'none': int((carried < 0).sum())}
 

@@ -27,8 +27,8 @@ def main():
     meta = json.load(open(os.path.join(args.data, 'meta.json')))
     tok_s, tok_t = load_tokenizer(meta['tokenizer']), load_tokenizer(meta['teacher_tokenizer'])
     V_s, V_t = meta['vocab_size'], meta['teacher_vocab_size']
-    carried = vocab_map(tok_s, tok_t, V_s, V_t)
     s_str, t_str = token_strings(tok_s, V_s), token_strings(tok_t, V_t)
+    carried = vocab_map(tok_s, tok_t, V_s, V_t, (s_str, t_str))
     same = torch.tensor([c >= 0 and t_str[j] == s_str[c] for j, c in enumerate(carried)])  # (a special: by name)
     kind = torch.where(torch.from_numpy(carried) < 0, 2, torch.where(same, 0, 1))  # 0 same bytes, 1 prefix, 2 none
     compared = np.zeros(V_s, bool)
