@@ -30,15 +30,16 @@ import argparse, contextlib, json, os, resource, statistics, subprocess, sys, ti
 import torch
 from configurator import exit_on_error
 from data import block_windows, check_dataset, doc_order, kept_lengths, load_split, make_batch, pack_rows
-from distill import ChunkedHeadLoss, Trainable, chunk_loss, configure_optimizer, loss_sums
+from distill import ChunkedHeadLoss, Trainable, auto_chunk, chunk_loss, configure_optimizer, loss_sums
 from machine import cpu_name, flops_per_token, keep_freed_memory, measure_matmul_flops
-from models import cast_parameters, demo_tokenizer, load_model, student_from_teacher_layers
+from models import cast_parameters, demo_tokenizer, load_model, output_rows, student_from_teacher_layers
 from sampling import prompt_lengths, sample_rows, stop_tokens
 
 p = argparse.ArgumentParser()
 p.add_argument('--part', default='all', choices=['all', 'loss', 'chunk', 'step', 'sample', 'pack'])
 p.add_argument('--positions', type=int, default=8192)
-p.add_argument('--chunk', type=int, default=256, help='positions per chunk on the chunked path (distill.py: loss_chunk)')
+p.add_argument('--chunk', type=int, default=0, help="positions per chunk on the chunked path (distill.py's loss_chunk); "
+               "0: what loss_chunk='auto' picks for the V and dtype (--part=chunk: 256)")
 p.add_argument('--max_gb', type=float, default=16.0, help='fewer positions where the plain path would need more memory')
 p.add_argument('--vocabs', type=int, nargs='+', default=[49152, 151936])
 p.add_argument('--batch_size', type=int, default=4)  # distill.py's defaults
@@ -82,7 +83,7 @@ def loss_case(path, V, d, n, chunk, repeats=2):
         elif path == 'cross':
             cols = torch.randint(0, V, (V,), generator=torch.Generator().manual_seed(0))
             ce, kd = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, (0.5 / n, 2.0 / n), torch.arange(V), 'fkl', 2.0, 0.5,
-                                           chunk, chunk_loss, cols)
+                                           chunk, cols)
         else:
             kind, beta = ('fkl', 0.5) if path == 'chunked' else ('jsd', 0.0)
             ce, kd = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, (0.5 / n, 2.0 / n), V, kind, 2.0, beta, chunk)
@@ -94,13 +95,13 @@ def loss_case(path, V, d, n, chunk, repeats=2):
 
 if args.case:
     path, V, d, n = args.case.split(',')
-    loss_case(path, int(V), int(d), int(n), args.chunk)
+    loss_case(path, int(V), int(d), int(n), args.chunk or auto_chunk(int(V), 'float32'))
     sys.exit(0)
 
 if not args.row:
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}')
 if args.part in ('all', 'loss'):
-    print(f'\nloss alone (CE + forward KL, T=2), {args.positions} positions, chunk {args.chunk}: forward + backward')
+    print(f'\nloss alone (CE + forward KL, T=2), {args.positions} positions, chunk {args.chunk or "auto"}: forward + backward')
     print(f'{"V":>8s} {"hidden":>6s} {"plain s":>8s} {"plain GB":>9s} {"chunked s":>10s} {"chunked GB":>11s} {"time ratio":>11s} '
           f'{"memory ratio":>13s} {"autograd s":>11s} {"cross-tok s":>12s}')
     for V in args.vocabs:
@@ -134,15 +135,16 @@ if args.part in ('all', 'loss'):
 
 if args.part in ('all', 'chunk'):
     keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0
-    print(f'\nforward KL\'s closed form on one {args.chunk} x V chunk (chunk_loss: CE + forward KL at T=2 and the '
+    size = args.chunk or 256
+    print(f'\nforward KL\'s closed form on one {size} x V chunk (chunk_loss: CE + forward KL at T=2 and the '
           f'gradient w.r.t. the logits), by rows per block; median of {args.steps} alternated rounds, ms')
     blocks = (4, 8, 16, 32, 64, 256)
     print(f'{"V":>8s} {"logits":>8s} ' + ' '.join(f'{f"{r} rows":>9s}' for r in blocks))
     for V in args.vocabs:
         for dtype in (torch.float32, torch.bfloat16):
             g = torch.Generator().manual_seed(0)
-            z, zt = [(torch.randn(args.chunk, V, generator=g) * 3).to(dtype) for _ in range(2)]
-            y, times = torch.randint(0, V, (args.chunk,), generator=g), {r: [] for r in blocks}
+            z, zt = [(torch.randn(size, V, generator=g) * 3).to(dtype) for _ in range(2)]
+            y, times = torch.randint(0, V, (size,), generator=g), {r: [] for r in blocks}
             for i in range(args.steps + 1):  # (round 0 warms up)
                 for r in blocks:
                     t0 = time.perf_counter()
@@ -164,7 +166,7 @@ def loss_alone(model, batch, t_out, kind='fkl', beta=0.5):
         t0 = time.perf_counter()
         if model.chunk:
             ce, kd = ChunkedHeadLoss.apply(hs[keep], W, Y[keep], t_out.last_hidden[keep], t_out.head, coef, model.vocab, kind,
-                                           model.temperature, beta, model.chunk, model.chunk_fn)
+                                           model.temperature, beta, model.chunk)
         else:
             ce, kd = loss_sums(model.model.lm_head(hs)[keep], Y[keep], t_out.logits[keep], model.vocab, kind, model.temperature, beta)
         (coef[0] * ce + coef[1] * kd).backward()
@@ -206,8 +208,8 @@ if args.part in ('all', 'step'):
     split = load_split(args.dataset, 'train')
     idx = split['idx']
     long_docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
-    rows = [('plain', 0, False), (f'chunked (loss_chunk={args.chunk})', args.chunk, False)]
-    rows += [(f'chunked (loss_chunk={args.chunk}), compile=True', args.chunk, True)] if args.compile else []
+    rows = [('plain', 0, False), (f'chunked (loss_chunk={args.chunk or "auto"})', args.chunk or 'auto', False)]
+    rows += [(f'chunked (loss_chunk={args.chunk or "auto"}), compile=True', args.chunk or 'auto', True)] if args.compile else []
     if not args.row:  # each row in a fresh process: its own peak memory
         print(f'\nKD step: {args.batch_size} x {args.block_size} tokens; each step next to the matmul rate (2048 x 2048) of its '
               'dtype measured just before it; peak RSS of the row\'s process')
@@ -227,12 +229,15 @@ if args.part in ('all', 'step'):
     teacher = load_model(demo_tokenizer()).eval().requires_grad_(False)
     student = student_from_teacher_layers(teacher, list(range(0, 30, 3))).train()
     cast_parameters(teacher, dtype)  # frozen: in the compute dtype, as distill.py does (after the student's copy)
-    model = Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=chunk, compile=compiled)  # the defaults
+    if chunk == 'auto':
+        chunk = auto_chunk(output_rows(student), str(dtype)[6:])
+        label = label.replace('auto', f'auto: {chunk}')
+    model = Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=chunk)  # the defaults
     flops = flops_per_token(student, args.block_size, True) + flops_per_token(teacher, args.block_size, False)
     if chunk:
         keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0 (process-wide from here on)
     optimizer = configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))  # lr 0: every row sees the same weights
-    if compiled:  # as distill.py --compile=True: both transformer stacks and the loss
+    if compiled:  # as distill.py --compile=True: both transformer stacks
         student.base_model.compile()
         teacher.base_model.compile()
     def step():
@@ -332,7 +337,8 @@ if args.part in ('all', 'pack'):
         if (ctx := autocast(dtype)) is None:
             continue
         cast_parameters(teacher, getattr(torch, dtype))
-        model = Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=args.chunk)
+        model = Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0,
+                          chunk=args.chunk or auto_chunk(output_rows(student), dtype))
         for shape in args.shapes.split(','):
             B, n = map(int, shape.split('x'))
             windows = block_windows(split, B)

@@ -114,8 +114,11 @@ def check_config(c, choices, cuda_available):
     for key in ('beta1', 'beta2'):  # (AdamW's)
         if not 0 <= c[key] < 1:
             raise ConfigError(f'{key} must be in [0, 1), got {c[key]}')
+    if isinstance(c['loss_chunk'], str) and c['loss_chunk'] != 'auto':
+        raise ConfigError(f"loss_chunk must be 'auto' or a number of positions (0: the plain path), got "
+                          f"'{c['loss_chunk']}'")
     for key in ('loss_chunk', 'eval_docs', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'max_iters'):
-        if c[key] is not None and c[key] < 0:  # (max_iters=0 exports the student as it starts)
+        if isinstance(c[key], (int, float)) and c[key] < 0:  # (max_iters=0 exports the student as it starts)
             raise ConfigError(f'{key} must be >= 0, got {c[key]}')
     if not re.fullmatch(r'cpu|cuda(:\d+)?', c['device']):
         raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got '{c['device']}'")

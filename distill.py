@@ -83,7 +83,7 @@ layer_map = 'uniform'  # 'uniform', 'last', 'kept' or [(student, teacher), ...];
 hidden_loss = 'mse'  # 'mse' (squared error / d_teacher) or 'cosine' (1 - cos)
 hidden_rms_norm = False  # RMS-normalise both sides first: a guard against the teacher's massive activations
 proj_init = 'xavier'  # projection init: 'xavier' or 'identity' (rectangular identity)
-loss_chunk = 256  # >0: CE and divergence from hidden states, this many positions at a time (no full logits); 0: plain
+loss_chunk = 'auto'  # CE and D from hidden states, this many positions at a time, no full logits (auto_chunk); 0: plain
 pack = True  # a micro-batch's windows packed several to a row, each attending only to itself: the losses unchanged
 on_policy = 0.0  # GKD's lambda: the share of each step's rows whose reply the student writes (divergence only); 0: none
 max_new_tokens = 256  # on-policy: the longest reply the student writes (shorter where block_size ends first)
@@ -103,12 +103,12 @@ grad_clip = 1.0  # clip the gradient norm at this value; 0: off
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto' (bf16 where this device's bf16 matmul is clearly fastest), 'float32', 'bfloat16', 'float16'
 parallel = 'ddp'  # under torchrun: 'ddp' (each rank holds both models) or 'fsdp' (FSDP2: 1/world of each parameter)
-compile = False  # torch.compile both transformer stacks and the chunked loss (21-23 s at start on a CPU)
+compile = False  # torch.compile both transformer stacks (minutes at start on a CPU; the loss's chunks run eagerly)
 seed = 1337  # data order and initialisation
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: the matmul rate of the run's dtype, measured at start
 OPTIONAL_TYPES = {'teacher': str, 'teacher_cache': str, 'student': str, 'student_layers': (list, str), 'stop_iter': int,
                   'max_iters': int, 'ce_weight': float, 'kd_weight': float, 'hidden_weight': float,
-                  'wandb_run_name': str}  # (the types of the settings whose default is None)
+                  'wandb_run_name': str, 'loss_chunk': (int, str)}  # (the settings whose default is None or 'auto')
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, type(None)))]
 # -----------------------------------------------------------------------------
@@ -210,7 +210,8 @@ def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta, rows=8):
     None, the gradient of coef[0] CE + coef[1] D w.r.t. z in z's dtype, by autograd. Forward KL as shipped has a
     closed form, d CE/dz = softmax(z) - onehot(y), d KL(p || q)/dz = (q - p) / T, taken a few rows at a time so
     that its fp32 temporaries stay in the CPU's cache: one read of z and zt from memory, one write of the gradient,
-    three exponentials per logit (the whole chunk at once made some twenty passes over (n, V) in memory, six exps)."""
+    three exponentials per logit (the whole chunk at once made some twenty passes over (n, V) in memory, six exps).
+    On a GPU, 256 rows at a time: no cache to fit, a launch per op, and the fp32 temporaries bounded."""
     fp = torch.float64 if z.dtype == torch.float64 else torch.float32  # never below fp32
     if coef is None:
         return *loss_sums(z.to(fp), y, zt, vocab, kind, temperature, beta), None
@@ -222,7 +223,7 @@ def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta, rows=8):
         return ce.detach(), kd.detach(), dz.to(z.dtype)
     T, tiny = temperature, torch.finfo(fp).min
     ce, kd, dz = z.new_zeros((), dtype=fp), z.new_zeros((), dtype=fp), torch.empty_like(z)
-    rows = rows if z.device.type == 'cpu' else max(len(z), 1)  # (a GPU has no such cache to fit, and pays per launch)
+    rows = rows if z.device.type == 'cpu' else 256
     for a in range(0, len(z), rows):
         zr, yr = z[a:a + rows].to(fp), y[a:a + rows]
         labeled = (yr >= 0)[:, None].to(fp)  # 0 where y = -100 (a token the student sampled: no hard label)
@@ -248,6 +249,14 @@ def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta, rows=8):
         dz[a:a + rows] = g
     return ce, kd, dz
 
+def auto_chunk(vocab_rows, compute_dtype):
+    """loss_chunk='auto': 1,024 positions; in fp32 the most, a power of two from 256, whose logits stay within 2^26 per
+    model. Measured on a 2-core CPU (docs/performance.md): 1,024 beat 256 in bf16 at V = 49,152 and 151,936, in fp32 at
+    49,152, and lost in fp32 at 151,936 (256 fastest there, and a quarter of the memory)."""
+    if compute_dtype != 'float32':
+        return 1024
+    return min(1024, max(256, 2 ** int(math.log2(2 ** 26 / vocab_rows))))
+
 class ChunkedHeadLoss(torch.autograd.Function):
     """loss_sums(h @ W.T, Y, t_h @ t_W.T) without a (positions, V) tensor of either model: a chunk of positions at a
     time. Backward would need every chunk's logits again, so each chunk's gradient is taken in forward (chunk_loss)
@@ -259,19 +268,19 @@ class ChunkedHeadLoss(torch.autograd.Function):
     they are h's first (across tokenizers, the aligned positions; the others have CE alone), and t_cols carries its
     distribution onto the student's compared tokens, vocab (to_student_vocab)."""
     @staticmethod
-    def forward(ctx, h, W, Y, t_h, t_W, coef, vocab, kind, temperature, beta, chunk, chunk_fn=chunk_loss,
-                t_cols=None):
+    def forward(ctx, h, W, Y, t_h, t_W, coef, vocab, kind, temperature, beta, chunk, t_cols=None):
         need_grad = coef is not None  # None: values only (evaluation)
         Wc = W.to(h.dtype)  # the heads in the compute dtype once, not once per chunk (autocast)
         t_Wc = None if t_W is None else t_W.to(t_h.dtype)
-        dh, dW = (torch.empty_like(h), torch.zeros_like(W, dtype=torch.float32)) if need_grad else (None, None)
+        acc = torch.promote_types(W.dtype, torch.float32)  # the head's gradient accumulated in fp32 at least
+        dh, dW = (torch.empty_like(h), torch.zeros_like(W, dtype=acc)) if need_grad else (None, None)
         ce_sum, kd_sum = torch.zeros((), device=h.device), torch.zeros((), device=h.device)
         for a in range(0, len(h), chunk):
             hc = h[a:a + chunk]
             zt = None if t_h is None else t_h[a:a + chunk] if t_Wc is None else t_h[a:a + chunk] @ t_Wc.T
             if t_cols is not None:  # across tokenizers: the teacher's distribution on the student's tokens
                 zt = to_student_vocab(zt, t_cols, len(vocab), temperature)
-            ce, kd, dz = chunk_fn(hc @ Wc.T, Y[a:a + chunk], zt, vocab, coef, kind, temperature, beta)
+            ce, kd, dz = chunk_loss(hc @ Wc.T, Y[a:a + chunk], zt, vocab, coef, kind, temperature, beta)
             ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
             if need_grad:
                 dh[a:a + chunk] = dz @ Wc
@@ -292,7 +301,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         if not torch.allclose(torch.stack([g_ce, g_kd]).float(), wanted, rtol=1e-4, atol=0):
             raise RuntimeError(f'ChunkedHeadLoss computed the gradient of {c_ce:g} CE + {c_kd:g} D, but the loss '
                                'weighs its outputs otherwise: pass the weights the loss uses as coef')
-        return dh.mul_(scale), dW.mul_(scale).to(ctx.head_dtype), *[None] * 11
+        return dh.mul_(scale), dW.mul_(scale).to(ctx.head_dtype), *[None] * 10
 
 # -----------------------------------------------------------------------------
 # hidden states: the distance and the layer map
@@ -358,14 +367,12 @@ class Trainable(nn.Module):
     chunk > 0: CE and D by ChunkedHeadLoss, this many positions at a time; 0: from the full logits. cross: logit
     distillation across tokenizers, (the student ids compared, each teacher id's column among them) (vocab_columns)."""
     def __init__(self, model, vocab, weights=(1.0, 0.0, 0.0), kind='fkl', temperature=1.0, beta=0.5, chunk=0,
-                 layer_pairs=(), teacher_width=0, hidden_loss='mse', rms_norm=False, proj_init='xavier', compile=False,
-                 cross=None):
+                 layer_pairs=(), teacher_width=0, hidden_loss='mse', rms_norm=False, proj_init='xavier', cross=None):
         super().__init__()
         self.model, self.vocab, (self.w_ce, self.w_kd, self.w_hidden) = model, vocab, weights
         self.compared, self.t_cols = cross or (vocab, None)
         self.kind, self.temperature, self.beta, self.chunk = kind, temperature, beta, chunk
         self.layer_pairs, self.hidden_loss, self.rms_norm = list(layer_pairs), hidden_loss, rms_norm
-        self.chunk_fn = torch.compile(chunk_loss, dynamic=True) if compile else chunk_loss
         width = model.config.hidden_size
         self.proj = nn.ModuleList(nn.Linear(width, teacher_width, bias=False) for _ in self.layer_pairs)
         for p in self.proj:
@@ -420,7 +427,7 @@ class Trainable(nn.Module):
             coef = (c_ce, c_kd) if torch.is_grad_enabled() else None  # (evaluation: values alone)
             ce, kd = ChunkedHeadLoss.apply(out.last_hidden_state[b, s], self.model.get_output_embeddings().weight,
                                            Y[b, s], None if t_h is None else t_h[tb, tt], teacher.head, coef,
-                                           *settings, self.chunk, self.chunk_fn, self.t_cols)
+                                           *settings, self.chunk, self.t_cols)
         else:
             zt = teacher.topk if teacher.topk is not None else teacher.logits
             out = self.model(input_ids=X, position_ids=batch.pos, use_cache=False,
@@ -570,10 +577,12 @@ if __name__ == '__main__':
     # the loss: the chunked path computes logits = final hidden states @ head, so only where a probe shows that is so
     heads = [m for m in (student_model, teacher_model if w_kd else None) if m is not None]
     probe = torch.arange(1, 17, device=torch_device)[None]
-    chunk = loss_chunk if all(plain_head(m, probe) for m in heads) else 0
-    if chunk != loss_chunk and master_process:
-        print("note: a model's logits are not its final hidden states times its head (a bias, a logit scale or "
-              'multiplier, soft-capping): using the plain loss path (loss_chunk=0)')
+    chunk = auto_chunk(output_rows(student_model), compute_dtype) if loss_chunk == 'auto' else loss_chunk
+    if chunk and not all(plain_head(m, probe) for m in heads):
+        chunk = 0
+        if master_process:
+            print("note: a model's logits are not its final hidden states times its head (a bias, a logit scale or "
+                  'multiplier, soft-capping): using the plain loss path (loss_chunk=0)')
     # packed rows need a model whose attention keeps each window to itself given restarting position ids: probed too
     packing = pack and all(packs(m, probe) for m in (student_model, teacher_model) if m is not None)
     if pack and not packing and master_process:
@@ -586,7 +595,7 @@ if __name__ == '__main__':
         layers if student_init == 'teacher_layers' else None)
     model = Trainable(student_model, vocab, (w_ce, w_kd, w_hidden), kd_kind, temperature, beta, chunk, layer_pairs,
                       teacher_model.config.hidden_size if layer_pairs else 0, hidden_loss, hidden_rms_norm, proj_init,
-                      compile, cross)
+                      cross)
     raw_model = model = model.to(torch_device).train()  # from_pretrained returns models in eval mode
 
     # across processes: FSDP2 shards before the optimizer is made (it must hold the shards), DDP wraps after the
@@ -631,8 +640,8 @@ if __name__ == '__main__':
               'not take it for this run)')
         for s in ('', '.tmp', '.tmp.old'):
             shutil.rmtree(ckpt_dir + s, ignore_errors=True)
-    if compile:  # the transformer stacks, in place (parameter names unchanged), apart from the loss, whose number
-        for m in (student_model, teacher_model):  # of positions changes every batch (Trainable compiles chunk_loss)
+    if compile:  # the transformer stacks, in place (parameter names unchanged); not the loss's chunks, whose weights
+        for m in (student_model, teacher_model):  # and number of positions change every batch (each a recompile)
             if m is not None:
                 m.base_model.compile()
     if ddp and not fsdp:
@@ -708,7 +717,8 @@ if __name__ == '__main__':
         print(f'loss = {w_ce:g} CE' + (f' + {w_kd:g} T^2 {kd_kind} (T={temperature:g})' if w_kd else '')
               + (f' + {w_hidden:g} hidden {hidden_loss}' if w_hidden else '')
               + (' (RMS-normalised)' if w_hidden and hidden_rms_norm else '')
-              + (' [across tokenizers]' if cross_tokenizer else ''))
+              + (' [across tokenizers]' if cross_tokenizer else '')
+              + (f'; {chunk} positions a chunk' if chunk else '; from the full logits'))
         print(memory_line(memory))
         if on_policy:
             print(f'on-policy: the student writes {on_policy:g} of the rows (up to {max_new_tokens} tokens at T='

@@ -131,8 +131,9 @@ def memory_estimate(trainable, teacher, tokens, compute, world=1, fsdp=False):
     est = {'student parameters': params, 'gradients': params * (2 if world > 1 and not fsdp else 1),  # (DDP: buckets)
            'AdamW': 2 * params}
     act = tokens * (cs.num_hidden_layers * block_activation_bytes(cs, s) + 9 * d)  # (+ the embedding and final norm)
-    if trainable.chunk:  # dL/dh and dL/dW (fp32); passing: a chunk's logits, teacher logits, softmaxes and gradient
-        act, passing = act + tokens * d * 4 + vocab * d * 4, trainable.chunk * vocab * 4 * 6
+    if trainable.chunk:  # dL/dh and dL/dW (fp32); passing: a chunk's logits (both models) and their gradient in the
+        rows = min(trainable.chunk, 256)  # compute dtype, and the fp32 softmaxes of a block of its rows (chunk_loss)
+        act, passing = act + tokens * d * 4 + vocab * d * 4, trainable.chunk * vocab * 3 * s + rows * vocab * 4 * 6
         if trainable.t_cols is not None:  # across tokenizers: the teacher's own logits, carried onto the student's
             passing += trainable.chunk * len(trainable.t_cols) * 4 * 4
     else:  # the logits in fp32 and the loss's softmaxes; passing: the logits in the compute dtype, their gradients, ...

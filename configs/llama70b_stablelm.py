@@ -12,12 +12,12 @@
 # (1.64B + 6 projections 2,048 -> 8,192, 0.10B) in fp32 with gradients and AdamW / 8 = 3.5 GB, + 4.9 GB gathered (its
 # root unit, embeddings, head and projections, with their gradients) + 2.9 GB of bf16 weight copies (autocast); its
 # activations 14 GB at 4,096 tokens (HF's blocks keep an fp32 residual stream: ~3.4 MB per token in all). So: peak
-# ~49.5 GB per GPU at 4,096 tokens on 8 GPUs (~38.9 GB on 16); a micro-batch of up to ~12,288 tokens fits 8 x 80 GB,
-# ~16,384 on 16. Longer: activation recomputation (not built in).
+# ~50.1 GB per GPU at 4,096 tokens on 8 GPUs (~39.5 GB on 16); a micro-batch of up to ~12,288 tokens fits 8 x 80 GB,
+# ~15,360 on 16. Longer: activation recomputation (not built in).
 # Logits across the two tokenizers (the teacher's distribution carried onto the student's tokens by their bytes):
-# --distill=logits, the logit route: peak ~49.0 GB per GPU at 4,096 tokens on 8 GPUs (~38.5 GB on 16); a micro-batch
-# of up to ~14,336 tokens fits 8 x 80 GB, ~18,432 on 16. Both terms (--kd_weight=0.5 --hidden_weight=0.5): peak
-# ~52.2 GB at 4,096 tokens on 8 GPUs.
+# --distill=logits, the logit route: peak ~51.2 GB per GPU at 4,096 tokens on 8 GPUs (~40.7 GB on 16); a micro-batch
+# of up to ~14,336 tokens fits 8 x 80 GB, ~17,408 on 16. Both terms (--kd_weight=0.5 --hidden_weight=0.5): peak
+# ~54.4 GB at 4,096 tokens on 8 GPUs.
 # Batch: 1 document x 64 micro-batches (8 per rank) x 8 ranks = 64 documents of <= 4096 tokens per step.
 teacher = 'meta-llama/Llama-3.1-70B'
 student = 'stabilityai/stablelm-2-1_6b'

@@ -20,13 +20,13 @@ import torch
 import distill
 from data import load_split, make_batch
 from machine import cpu_name, keep_freed_memory
-from models import cast_parameters, demo_tokenizer, load_model, model_tokenizer, student_from_teacher_layers
+from models import cast_parameters, demo_tokenizer, load_model, model_tokenizer, output_rows, student_from_teacher_layers
 
 p = argparse.ArgumentParser()
 p.add_argument('--batch_size', type=int, default=4)  # distill.py's defaults
 p.add_argument('--block_size', type=int, default=512)
 p.add_argument('--steps', type=int, default=4)
-p.add_argument('--chunk', type=int, default=256, help="distill.py's loss_chunk")
+p.add_argument('--chunk', type=int, default=0, help="distill.py's loss_chunk (0: what 'auto' picks)")
 p.add_argument('--dataset', default='data/demo')
 p.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'], choices=['float32', 'bfloat16'],
                help='both tools in each of these dtypes (bf16: autocast)')
@@ -51,7 +51,8 @@ def one_tool(tool, dtype):
     X, Y, M = batch.X, batch.Y, batch.M
     bf16 = dtype == 'bfloat16'
     if tool == 'distill':  # distill.py's defaults: alpha 0.5, forward KL at T = 2
-        model = distill.Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=args.chunk)
+        chunk = args.chunk or distill.auto_chunk(output_rows(student), dtype)
+        model = distill.Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=chunk)
         optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))
         cast_parameters(teacher, getattr(torch, dtype))  # as distill.py: the frozen teacher in the compute dtype
         ctx = torch.autocast('cpu', torch.bfloat16) if bf16 else contextlib.nullcontext()

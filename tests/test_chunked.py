@@ -150,6 +150,16 @@ def test_chunked_ddp_and_split_invariance(work):
     assert_same_run(work / 'plain', work / 'chunk2')
     assert_same_run(work / 'plain', work / 'chunk1')
 
+def test_auto_chunk_rule():
+    """loss_chunk='auto': 1,024 positions in 16-bit compute; in fp32 the most, a power of two from 256 to 1,024,
+    whose logits fit 2^26 elements."""
+    from distill import auto_chunk
+    for V in (259, 32000, 49152, 50257, 100352, 128256, 151936, 256000):
+        assert auto_chunk(V, 'bfloat16') == auto_chunk(V, 'float16') == 1024
+        c = auto_chunk(V, 'float32')
+        assert c in (256, 512, 1024) and (c == 256 or c * V <= 2 ** 26) and (c == 1024 or 2 * c * V > 2 ** 26), (V, c)
+    assert [auto_chunk(V, 'float32') for V in (49152, 100352, 151936)] == [1024, 512, 256]
+
 def test_chunked_second_backward_raises():
     """backward scales its saved gradients in place (no extra V x d buffer): a second backward through the same
     graph must fail loudly, never return doubly scaled gradients."""

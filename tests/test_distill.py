@@ -317,6 +317,8 @@ def test_auto_dtype_run_says_what_it_chose(work):
     assert int(m[4].replace(',', '')) == pytest.approx(bf16 if m[1] == 'bfloat16' else fp32, rel=0.01, abs=1)
     log = train_log(work / 'auto')
     assert len(log) == 3 and all(math.isfinite(r['loss']) for r in log)
+    config = json.load(open(work / 'auto' / 'ckpt' / 'state.json'))['config']  # what ran: loss_chunk='auto' resolved
+    assert config['dtype'] == m[1] and config['loss_chunk'] == 1024 and '; 1024 positions a chunk' in out
 
 def test_mfu_never_above_one(work, tmp_path):
     """The matmul rate measured at start can read low (a loaded machine): a step faster than it raises the MFU

@@ -4,8 +4,8 @@ import ast, glob, os
 from conftest import ROOT
 
 FLOORS = {'configurator': 0, 'checkpoint': 1, 'models': 1, 'data': 2, 'machine': 2, 'benchmarks': 2, 'sampling': 3}  # libraries
-LOSS = {'ChunkedHeadLoss', 'KD_KINDS', 'TeacherOut', 'Trainable', 'chunk_loss', 'configure_optimizer', 'kd_divergence',
-        'loss_sums', 'to_student_vocab'}
+LOSS = {'ChunkedHeadLoss', 'KD_KINDS', 'TeacherOut', 'Trainable', 'auto_chunk', 'chunk_loss', 'configure_optimizer',
+        'kd_divergence', 'loss_sums', 'to_student_vocab'}
 USES_THE_LOSS = {'eval.py', 'bench.py', 'scripts/bench_cache.py', 'scripts/compare_trl.py'}
 
 def local_imports(path):

@@ -201,6 +201,8 @@ def test_ddp_gradients_and_buckets_are_the_estimate(tmp_path):
         got = json.load(open(tmp_path / f'ddp{r}.json'))
         assert got['held'] == got['estimate']
 
+CHUNK = distill.auto_chunk(100352, 'bfloat16')  # the config's loss_chunk ('auto', bf16)
+
 def big_pair(world_pairs=((4, 13), (8, 27), (12, 40), (16, 53), (20, 67), (24, 80))):
     """configs/llama70b_stablelm.py's models, by their published shapes, on the meta device (no memory)."""
     with torch.device('meta'):
@@ -210,7 +212,7 @@ def big_pair(world_pairs=((4, 13), (8, 27), (12, 40), (16, 53), (20, 67), (24, 8
         student = T.AutoModelForCausalLM.from_config(T.StableLmConfig(
             vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32,
             num_key_value_heads=32, use_qkv_bias=True, partial_rotary_factor=0.25, tie_word_embeddings=False), dtype=torch.float32)
-        model = distill.Trainable(student, 100352, (0.5, 0.0, 0.5), 'fkl', 1.0, 0.5, 256, world_pairs, 8192, 'cosine', True)
+        model = distill.Trainable(student, 100352, (0.5, 0.0, 0.5), 'fkl', 1.0, 0.5, CHUNK, world_pairs, 8192, 'cosine', True)
     return model, teacher
 
 def test_llama70b_config_figures():
@@ -235,7 +237,7 @@ def test_llama70b_config_figures():
                               r'GB on 16\); a micro-batch of up to ~([\d,]+) tokens fits 8 x 80 GB, ~([\d,]+) on 16'),
                              ((0.5, 0.5, 0.5), r'Both terms .{,40}: peak ~([\d.]+) GB at [\d,]+ tokens on 8 GPUs')):
         with torch.device('meta'):
-            model = distill.Trainable(model.model, 100352, weights, 'fkl', 2.0, 0.5, 256,
+            model = distill.Trainable(model.model, 100352, weights, 'fkl', 2.0, 0.5, CHUNK,
                                       config['layer_map'] if weights[2] else [], 8192, 'cosine', True,
                                       cross=(torch.arange(100352), torch.zeros(128256, dtype=torch.long)))
         figures = re.search(pattern, text)

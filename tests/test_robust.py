@@ -452,6 +452,7 @@ CONFIG = {  # distill.py: (overrides given the work folder, expected text); each
     'device gpu': (lambda w: ['--device=gpu'], "device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
     'alpha 1.5': (lambda w: ['--alpha=1.5'], 'alpha must be in [0, 1], got 1.5'),
     'loss_chunk -1': (lambda w: ['--loss_chunk=-1'], 'loss_chunk must be >= 0, got -1'),
+    'loss_chunk big': (lambda w: ['--loss_chunk=big'], "loss_chunk must be 'auto' or a number of positions (0: the plain path), got 'big'"),
     'dtype bfloat': (lambda w: ['--dtype=bfloat'], "dtype must be one of auto, float32, bfloat16, float16; got 'bfloat' (did you mean 'bfloat16'?)"),
     'max_iters abc': (lambda w: ['--max_iters=abc'], "max_iters must be int or None (its default), got 'abc'"),
     'stop_iter abc': (lambda w: ['--stop_iter=abc'], "stop_iter must be int or None (its default), got 'abc'"),
