@@ -101,7 +101,8 @@ if args.case:
 if not args.row:
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}')
 if args.part in ('all', 'loss'):
-    print(f'\nloss alone (CE + forward KL, T=2), {args.positions} positions, chunk {args.chunk or "auto"}: forward + backward')
+    print(f'\nloss alone (CE + forward KL, T=2), {args.positions} positions, chunk {args.chunk or "auto"}: '
+          'forward + backward')
     print(f'{"V":>8s} {"hidden":>6s} {"plain s":>8s} {"plain GB":>9s} {"chunked s":>10s} {"chunked GB":>11s} {"time ratio":>11s} '
           f'{"memory ratio":>13s} {"autograd s":>11s} {"cross-tok s":>12s}')
     for V in args.vocabs:
@@ -208,8 +209,9 @@ if args.part in ('all', 'step'):
     split = load_split(args.dataset, 'train')
     idx = split['idx']
     long_docs = [d for d in range(len(idx) - 1) if idx[d + 1] - idx[d] > args.block_size][:args.batch_size]
-    rows = [('plain', 0, False), (f'chunked (loss_chunk={args.chunk or "auto"})', args.chunk or 'auto', False)]
-    rows += [(f'chunked (loss_chunk={args.chunk or "auto"}), compile=True', args.chunk or 'auto', True)] if args.compile else []
+    chunked = args.chunk or 'auto'  # ('auto': resolved in the row's process, for its dtype, as distill.py does)
+    rows = [('plain', 0, False), (f'chunked (loss_chunk={chunked})', chunked, False)]
+    rows += [(f'chunked (loss_chunk={chunked}), compile=True', chunked, True)] if args.compile else []
     if not args.row:  # each row in a fresh process: its own peak memory
         print(f'\nKD step: {args.batch_size} x {args.block_size} tokens; each step next to the matmul rate (2048 x 2048) of its '
               'dtype measured just before it; peak RSS of the row\'s process')

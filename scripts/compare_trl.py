@@ -20,7 +20,8 @@ import torch
 import distill
 from data import load_split, make_batch
 from machine import cpu_name, keep_freed_memory
-from models import cast_parameters, demo_tokenizer, load_model, model_tokenizer, output_rows, student_from_teacher_layers
+from models import (cast_parameters, demo_tokenizer, load_model, model_tokenizer, output_rows,
+                    student_from_teacher_layers)
 
 p = argparse.ArgumentParser()
 p.add_argument('--batch_size', type=int, default=4)  # distill.py's defaults
