@@ -32,7 +32,8 @@ from configurator import exit_on_error
 from data import block_windows, check_dataset, doc_order, kept_lengths, load_split, make_batch, pack_rows
 from distill import ChunkedHeadLoss, Trainable, auto_chunk, chunk_loss, configure_optimizer, loss_sums
 from machine import cpu_name, flops_per_token, keep_freed_memory, measure_matmul_flops
-from models import cast_parameters, demo_tokenizer, load_model, output_rows, student_from_teacher_layers
+from models import (cast_parameters, demo_tokenizer, load_model, load_tokenizer, output_rows, special_ids,
+                    student_from_teacher_layers)
 from sampling import prompt_lengths, sample_rows, stop_tokens
 
 p = argparse.ArgumentParser()
@@ -290,7 +291,8 @@ if args.part in ('all', 'step'):
 
 if args.part in ('all', 'sample'):
     meta, split = json.load(open(os.path.join(args.dataset, 'meta.json'))), load_split(args.dataset, 'train')
-    lengths, stops = prompt_lengths(split), stop_tokens(split, meta['eos_id'])
+    lengths = prompt_lengths(split)
+    stops = stop_tokens(split, lengths, meta['eos_id'], special_ids(load_tokenizer(meta['tokenizer'])), args.dataset)
     windows = block_windows(split, args.block_size)
     windows = windows[(windows[:, 1] == 0) & (lengths[windows[:, 0]] > 1)][:args.batch_size]
     model = load_model(demo_tokenizer()).eval()

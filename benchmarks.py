@@ -53,24 +53,29 @@ def load_documents(path, num_fewshot=0):
             else:
                 raise DataError(f'{path}:{lineno}: unknown document shape: expected an lm-eval request line '
                                 '(doc_id, request) or {"query", "choices", "gold"}')
-    if plain:
-        for k, rec in enumerate(plain):
-            shots = [plain[(k + 1 + j) % len(plain)] for j in range(min(num_fewshot, len(plain) - 1))]
-            prefix = ''.join(f"{s['query']} {s['choices'][s['gold']]}\n\n" for s in shots)
-            requests = [(prefix + rec['query'], ' ' + c) for c in rec['choices']]
-            docs[k] = {'requests': requests, 'choices': rec['choices'], 'gold': rec['gold']}
+    docs.update({k: {'choices': rec['choices'], 'gold': rec['gold']} for k, rec in enumerate(plain)})
     if not docs:
         raise DataError(f'{path}: no documents')
     out = [docs[k] for k in sorted(docs)]
-    for k, d in zip(sorted(docs), out):
-        if d['choices'] is None or len(d['choices']) != len(d['requests']):
+    for k, d in zip(sorted(docs), out):  # (plain documents checked before any reads another's gold as a few-shot)
+        if 'requests' in d and (not isinstance(d['choices'], list) or len(d['choices']) != len(d['requests'])):
             d['choices'] = [c[1:] if c.startswith(' ') else c for _, c in d['requests']]
-        if not isinstance(d['gold'], int) or not 0 <= d['gold'] < len(d['requests']):
+        if not isinstance(d['choices'], list):  # a string would be scored as its characters
+            raise DataError(f"{path}: document {k}'s choices are {d['choices']!r:.60} ({type(d['choices']).__name__}), "
+                            'not a list of strings')
+        for j, c in enumerate(d['choices']):
+            if not isinstance(c, str):
+                raise DataError(f"{path}: document {k}'s choice {j} is {c!r:.60} ({type(c).__name__}), not a string")
+        if not isinstance(d['gold'], int) or not 0 <= d['gold'] < len(d['choices']):
             raise DataError(f"{path}: document {k} has gold {d['gold']!r}, not an index into its "
-                            f"{len(d['requests'])} choices")
-        if any(not isinstance(c, str) or not c.strip() for c in d['choices']):
+                            f"{len(d['choices'])} choices")
+        if any(not c.strip() for c in d['choices']):
             raise DataError(f'{path}: document {k} has an empty choice (acc_norm divides by its length): fix or '
                             'drop it')
+    for k, rec in enumerate(plain):
+        shots = [plain[(k + 1 + j) % len(plain)] for j in range(min(num_fewshot, len(plain) - 1))]
+        prefix = ''.join(f"{s['query']} {s['choices'][s['gold']]}\n\n" for s in shots)
+        docs[k]['requests'] = [(prefix + rec['query'], ' ' + c) for c in rec['choices']]
     return out
 
 def encode_pair(tok, context, continuation):

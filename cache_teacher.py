@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from checkpoint import remove_stale, seal, swap_in
 from configurator import ArgumentParser, ConfigError, HelpFormatter, exit_on_error
-from data import cache_rows, check_dataset, data_hash, load_split, make_batch, top_k, window_bos
+from data import cache_rows, check_dataset, data_hash, foreign, load_split, make_batch, top_k, window_bos
 from machine import choose_dtype, init_distributed
 from models import cast_parameters, check_vocabularies, load_model, model_tokenizer
 
@@ -91,7 +91,16 @@ def main(argv=None):
                           '--temperatures positive numbers (e.g. 1,2)')
     meta = check_dataset(args.dataset)
     vocab = meta['vocab_size']
-    for bad, message in (
+    name = f'teacher_k{args.k}_b{args.block_size}' if args.name is None else args.name
+    folder = os.path.join(args.dataset, name)
+    one_name = name not in ('', '.', '..') and os.sep not in name and (os.altsep or os.sep) not in name
+    there = one_name and foreign(folder, 'teacher cache')  # a new cache replaces an old one whole, nothing else
+    for bad, message in (  # (all before the teacher is read: minutes for a large one)
+            (not one_name, f'--name must be one folder name inside --dataset, got {name!r}'),
+            (name in meta['files'] or name == 'meta.json',
+             f"--name={name} is one of the dataset's own files: pass another --name"),
+            (there, f'{folder} is {there}, not a teacher cache cache_teacher.py wrote: pass another --name, or remove '
+                    'it yourself'),
             ('teacher_tokenizer' in meta, f'{args.dataset} pairs two tokenizers: a cache holds the teacher\'s '
                                           "distribution at the student's targets in one shared vocabulary (not built "
                                           'across tokenizers: distill the teacher online)'),
@@ -106,7 +115,6 @@ def main(argv=None):
             raise ConfigError(message)
     args.ids_dtype = 'uint16' if vocab <= 2 ** 16 else 'int32'
     splits = args.splits.split(',')
-    folder = os.path.join(args.dataset, args.name or f'teacher_k{args.k}_b{args.block_size}')
     if ddp and rank:
         dist.barrier()  # rank 0 converts a .gguf once
     teacher = load_model(args.teacher)

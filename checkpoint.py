@@ -83,18 +83,37 @@ def content_hash(paths):
 # -----------------------------------------------------------------------------
 # checkpoints
 
+CHECKPOINT_FILES = ('model.safetensors', 'state.pt', 'state.json')
+
 def checkpoint_iter(folder):
     """(iteration, None) for a complete checkpoint, else (None, what is wrong). Complete: its manifest, written
-    last, is there and every file it lists has the size it records."""
+    last, is there, lists the checkpoint's files, and every file it lists has the size it records and the content
+    hash where it records one (state.json: small, and its damage can keep its size)."""
+    path = os.path.join(folder, 'manifest.json')
     try:
-        with open(os.path.join(folder, 'manifest.json')) as f:
+        with open(path) as f:
             manifest = json.load(f)
     except (OSError, ValueError):
         return None, f'{folder} has no manifest (a save that did not finish)'
-    problem = verify_files(folder, manifest['files'])
-    return (None, problem) if problem else (manifest['iter_num'], None)
+    files, it, hashes = (manifest.get(k) if isinstance(manifest, dict) else None
+                         for k in ('files', 'iter_num', 'hashes'))
+    hashes = {} if hashes is None else hashes  # (a manifest written before they were)
+    if not (isinstance(files, dict) and all(type(n) is int for n in files.values()) and type(it) is int and it >= 0
+            and isinstance(hashes, dict) and set(hashes) <= set(CHECKPOINT_FILES)):
+        return None, f'{path} is not a checkpoint manifest (iter_num, an int; files, their sizes)'
+    missing = [name for name in CHECKPOINT_FILES if name not in files]
+    if missing:
+        return None, f'{path} lists no {missing[0]}'
+    problem = verify_files(folder, files)
+    if problem:
+        return None, problem
+    damaged = [name for name, h in hashes.items() if content_hash([os.path.join(folder, name)]) != h]
+    if damaged:
+        return None, f'{os.path.join(folder, damaged[0])} is not as it was written (its content hash differs)'
+    return it, None
 
-def save_checkpoint(folder, weights, optimizer_state, scaler, iter_num, data_position, rng_states, config, history=()):
+def save_checkpoint(folder, weights, optimizer_state, scaler, iter_num, data_position, rng_states, config, history=(),
+                    val_history=()):
     """Weights (a model, or under fsdp its gathered state dict) as safetensors, the optimizer's and scaler's state and
     every rank's RNG state as a torch file of tensors (state.pt), the run's settings, position and recent training
     losses as JSON (state.json), written into folder.tmp, sealed and
@@ -114,9 +133,29 @@ def save_checkpoint(folder, weights, optimizer_state, scaler, iter_num, data_pos
                os.path.join(tmp, 'state.pt'))  # tensors in plain containers: read back with weights_only=True
     with open(os.path.join(tmp, 'state.json'), 'w') as f:
         json.dump({'iter_num': iter_num, 'data_position': data_position, 'config': config,
-                   'loss_history': list(history)}, f, indent=1)
-    seal(tmp, 'manifest.json', {'iter_num': iter_num})
+                   'loss_history': list(history), 'val_history': list(val_history)}, f, indent=1)
+    hashes = {'state.json': content_hash([os.path.join(tmp, 'state.json')])}  # (state.pt: too big to hash cheaply)
+    seal(tmp, 'manifest.json', {'iter_num': iter_num, 'hashes': hashes})
     swap_in(tmp, folder)
+
+def set_aside(out_dir):
+    """A run from scratch in out_dir: the earlier run's complete checkpoint (and its log) goes to out_dir/earlier,
+    where it stays until the new run has a checkpoint of its own (then distill.py removes it), so that a run that
+    fails first leaves the earlier one whole. Half-written saves beside no complete checkpoint are a failed run's
+    and go; so does an older out_dir/earlier when a newer complete checkpoint takes its place. The move is made in
+    out_dir/earlier.new, which a later call finishes if a kill cut it short. Returns whether out_dir/earlier exists."""
+    earlier, new = os.path.join(out_dir, 'earlier'), os.path.join(out_dir, 'earlier.new')
+    names = [n for n in ('ckpt', 'ckpt.tmp', 'ckpt.tmp.old') if os.path.isdir(os.path.join(out_dir, n))]
+    if os.path.isdir(new) or any(checkpoint_iter(os.path.join(out_dir, n))[0] is not None for n in names):
+        os.makedirs(new, exist_ok=True)
+        for name in names + ['log.jsonl']:
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.replace(os.path.join(out_dir, name), os.path.join(new, name))
+        shutil.rmtree(earlier, ignore_errors=True)
+        os.replace(new, earlier)
+    for name in names:  # (none complete: a run killed before its first save finished)
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    return os.path.isdir(earlier)
 
 def find_checkpoint(folder):
     """The newest complete checkpoint among folder and what an interrupted save left (folder.tmp, folder.tmp.old):
@@ -130,42 +169,174 @@ def find_checkpoint(folder):
             else:
                 found.append((it, path))
     if not found:
+        earlier = os.path.join(os.path.dirname(folder), 'earlier')  # (set_aside's)
         raise ConfigError(f"init_from='resume' but there is no complete checkpoint in {folder}" +
-                          (f' ({problems[0]})' if problems else '') + "; start again with init_from='scratch'")
+                          (f' ({problems[0]})' if problems else '') + "; start again with init_from='scratch'" +
+                          (f' (an earlier run\'s is in {earlier}: move its ckpt back to resume that run)'
+                           if os.path.isdir(earlier) else ''))
     it, path = max(found, key=lambda f: f[0])  # the first of equals: folder itself
     return path, it, problems
+
+STATE_JSON = {'iter_num': int, 'data_position': int, 'config': dict, 'loss_history': list, 'val_history': list}
+OPTIONAL = ('val_history',)  # (a checkpoint written before it was)
+KINDS = {int: 'an int >= 0', dict: 'a dict', list: 'a list of numbers'}
+SAME_DATA = ('batch_size', 'gradient_accumulation_steps', 'seed', 'dataset', 'parallel')  # the data order
+SAME_RUN = ('distill', 'teacher', 'teacher_cache', 'student', 'student_init', 'student_layers', 'kd_kind')
+
+def state_json_problem(meta):
+    """What keeps state.json's content from being what save_checkpoint writes, or None: its keys, of their types
+    (another key, such as state.pt's 'optimizer', would replace that file's), and the settings compared on resuming."""
+    if not isinstance(meta, dict):
+        return f'holds a {type(meta).__name__}, not a dict'
+    for key, kind in STATE_JSON.items():
+        if key not in meta:
+            if key in OPTIONAL:
+                continue
+            return f'{key} is missing'
+        value = meta[key]
+        if type(value) is not kind or (kind is int and value < 0) or (
+                kind is list and not all(type(x) in (int, float) for x in value)):
+            return f'{key} is {value!r:.40}, not {KINDS[kind]}'
+    extra = [key for key in meta if key not in STATE_JSON]
+    if extra:
+        return f'holds {extra}, which distill.py does not write there'
+    missing = [key for key in SAME_DATA + SAME_RUN if key not in meta['config']]
+    return f'config has no {missing[0]!r}' if missing else None
+
+def describe(x):
+    return f'{tuple(x.shape)} {x.dtype}' if torch.is_tensor(x) else type(x).__name__
+
+def optimizer_problem(saved, optimizer, named=None):
+    """What keeps saved, AdamW's state dict (sharded: a full one keyed by parameter name; named maps this model's
+    names to its parameters), from fitting optimizer, or None: checked before loading because fused AdamW writes
+    a parameter's number of elements into whatever moment tensor it is given (a transposed one trains wrong
+    weights, a smaller one corrupts memory), and optimizer.load_state_dict checks none of it."""
+    if not (isinstance(saved, dict) and isinstance(saved.get('state'), dict)
+            and isinstance(saved.get('param_groups'), list)):
+        return 'the optimizer state is not a dict of state and param_groups'
+    groups = optimizer.param_groups
+    if len(saved['param_groups']) != len(groups):
+        return f"the optimizer state has {len(saved['param_groups'])} parameter groups, this optimizer {len(groups)}"
+    names = None if named is None else {p: name for name, p in named.items()}
+    params = {}  # a key of the saved state: (this optimizer's parameter, the saved group, which replaces its own)
+    for i, (g, group) in enumerate(zip(saved['param_groups'], groups)):
+        keys = g.get('params') if isinstance(g, dict) else None
+        if not (isinstance(keys, list) and all(isinstance(k, int if names is None else str) for k in keys)):
+            return f"the optimizer state's parameter group {i} has no list of parameters"
+        mine = group['params'] if names is None else [names.get(p) for p in group['params']]
+        if len(keys) != len(mine):
+            return (f"the optimizer state's parameter group {i} lists {len(keys)} parameters, "
+                    f"this optimizer's {len(mine)}")
+        if names is not None and set(keys) != set(mine):
+            return (f"the optimizer state's parameter group {i} lists {sorted(set(keys) - set(mine))[:3]}, not "
+                    "this optimizer's")
+        # torch pairs saved parameters with this optimizer's by position; the sharded path, by name
+        params.update(zip(keys if names is None else mine, ((p, g) for p in group['params'])))
+    if len(params) != sum(len(group['params']) for group in groups):
+        return 'the optimizer state lists a parameter twice'
+    for key, s in saved['state'].items():
+        if key not in params:
+            return f'the optimizer state has state for {key!r}, a parameter in no group'
+        p, g = params[key]
+        expected = ['exp_avg', 'exp_avg_sq', *(['max_exp_avg_sq'] if g.get('amsgrad') else []), 'step']
+        if not isinstance(s, dict) or sorted(map(str, s)) != sorted(expected):
+            return (f"parameter {key!r}'s optimizer state holds "
+                    f"{sorted(map(str, s)) if isinstance(s, dict) else type(s).__name__}, not {sorted(expected)}")
+        if not (torch.is_tensor(s['step']) and s['step'].dim() == 0 and s['step'].is_floating_point()):
+            return f"step of parameter {key!r} is {describe(s['step'])}, not a float scalar tensor"
+        for name in expected[:-1]:
+            if not (torch.is_tensor(s[name]) and s[name].is_floating_point() and s[name].shape == p.shape):
+                return f'{name} of parameter {key!r} is {describe(s[name])}, its parameter {describe(p)}'
+    return None
+
+def scaler_problem(saved, scaler):
+    """What keeps saved from fitting scaler, or None. ({}: a run without loss scaling, and a disabled scaler
+    loads nothing.)"""
+    if not isinstance(saved, dict):
+        return "the loss scaler's state is not a dict"
+    fresh = scaler.state_dict()
+    if saved and scaler.is_enabled() and (set(saved) != set(fresh) or
+                                          not all(type(v) in (int, float) for v in saved.values())):
+        return f"the loss scaler's state is {saved!r:.80}, not numbers for {sorted(fresh)}"
+    return None
+
+def rng_problem(states):
+    """What keeps states from being every rank's RNG states as rng_states writes them (set_rng_state would fail on
+    them, after the weights were loaded), or None."""
+    def byte_state(t, size=None):
+        return torch.is_tensor(t) and t.dtype == torch.uint8 and t.dim() == 1 and t.numel() == (size or t.numel())
+    if not isinstance(states, list):
+        return 'rng_states is not a list (one per rank)'
+    cpu = torch.get_rng_state().numel()
+    cuda = lambda: torch.cuda.get_rng_state().numel() if torch.cuda.is_available() else None  # (set only there)
+    for rank, s in enumerate(states):
+        if not (isinstance(s, dict) and set(s) == {'cpu', 'cuda'} and byte_state(s['cpu'], cpu)
+                and (s['cuda'] is None or byte_state(s['cuda'], cuda()))):
+            return f"rank {rank}'s RNG state is not a CPU generator's ({cpu} bytes) and a CUDA one's (or None)"
+    return None
 
 def load_checkpoint(folder, raw_model, optimizer, scaler, config, world_size, sharded=False):
     """Weights and optimizer state into this run's, if it is the same run reading the same data stream: the data
     order depends on batch_size, gradient_accumulation_steps, seed and dataset, each rank's RNG state on the number of
     ranks, and the models and the loss make the run what it is. config: this run's settings as resolved (max_iters,
     loss_chunk, dtype); the others that differ from the checkpoint's come back in state['changed'], to be said.
-    sharded (fsdp): every rank reads the whole state and keeps its shard (the files must be on a shared filesystem)."""
+    sharded (fsdp): every rank reads the whole state and keeps its shard (the files must be on a shared filesystem).
+    A checkpoint is data: every part of it is checked against this run before anything is loaded, and one that does
+    not fit is refused in one line (ConfigError), this run's model and optimizer as they were (every rank reads the
+    same files, so every rank refuses alike)."""
     from safetensors.torch import load_file, load_model as load_weights
-    path = os.path.join(folder, 'state.pt')
+    it, problem = checkpoint_iter(folder)  # (find_checkpoint took it as complete; a caller may not have asked)
+    if problem:
+        raise ConfigError(f"{problem}; start again with init_from='scratch'")
+    path, json_path = os.path.join(folder, 'state.pt'), os.path.join(folder, 'state.json')
+    refused = lambda what: ConfigError(f'{what}; not a checkpoint as distill.py writes it (damaged or edited): start '
+                                       "again with init_from='scratch'")
     try:  # weights_only: tensors, numbers, strings and containers are rebuilt; anything else is refused unrun
         state = torch.load(path, map_location='cpu', weights_only=True)  # (the optimizer moves it to its device)
     except pickle.UnpicklingError:
         raise ConfigError(f'{path} holds objects other than tensors and plain values, refused: reading them could '
                           "run code; resume only checkpoints distill.py wrote, or start again with init_from='scratch'")
-    with open(os.path.join(folder, 'state.json')) as f:
-        state.update(json.load(f))
+    if not isinstance(state, dict) or set(state) != {'optimizer', 'scaler', 'rng_states'}:
+        raise refused(f"{path} holds {list(state) if isinstance(state, dict) else type(state).__name__}, not "
+                      'optimizer, scaler and rng_states')
+    try:
+        with open(json_path) as f:
+            meta = json.load(f)
+    except ValueError as e:  # (UnicodeDecodeError too)
+        raise refused(f'{json_path} is not JSON ({e})')
+    problem = state_json_problem(meta)
+    if problem:
+        raise refused(f'{json_path}: {problem}')
+    if meta['iter_num'] != it:
+        raise refused(f"{json_path} is of iteration {meta['iter_num']}, its manifest of {it}")
+    state.update(meta)
     config = json.loads(json.dumps(config))  # (as the checkpoint holds it: tuples are lists)
-    for key in ('batch_size', 'gradient_accumulation_steps', 'seed', 'dataset', 'parallel'):
+    for key in SAME_DATA:
         if state['config'][key] != config[key]:
             raise ConfigError(f"{key} was {state['config'][key]!r} when {folder} was written, now {config[key]!r}: "
                               f"resume with --{key}={state['config'][key]!r} (the data order depends on it), or "
                               'start a new out_dir')
-    for key in ('distill', 'teacher', 'teacher_cache', 'student', 'student_init', 'student_layers', 'kd_kind'):
+    saved = state['config'].get('data_fingerprint')  # (each split's arrays; a checkpoint written before: not compared)
+    if saved is not None and saved != config.get('data_fingerprint'):
+        raise ConfigError(f"the data of dataset {config['dataset']!r} changed since {folder} was written (prepared "
+                          'anew under the same name?): resume on the data it was written with, or start a new out_dir')
+    for key in SAME_RUN:
         if state['config'][key] != config[key]:
             raise ConfigError(f"{key} was {state['config'][key]!r} when {folder} was written, now {config[key]!r}: "
                               f"that is another run; resume with --{key}={state['config'][key]!r}, or start a new "
                               'out_dir')
     state['changed'] = [f"{k} {v!r} -> {config[k]!r}" for k, v in state['config'].items()
                         if k in config and v != config[k] and k not in ('init_from', 'stop_iter', 'peak_flops')]
+    problem = rng_problem(state['rng_states'])
+    if problem:
+        raise refused(f'{path}: {problem}')
     if len(state['rng_states']) != world_size:
         raise ConfigError(f"the checkpoint was written by {len(state['rng_states'])} ranks; resume with the same "
                           'number')
+    problem = scaler_problem(state['scaler'], scaler) or optimizer_problem(
+        state['optimizer'], optimizer, dict(raw_model.named_parameters()) if sharded else None)
+    if problem:
+        raise refused(f'{path}: {problem}')
     try:
         if sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -178,7 +349,8 @@ def load_checkpoint(folder, raw_model, optimizer, scaler, config, world_size, sh
                           f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}")
     if not sharded:
         optimizer.load_state_dict(state['optimizer'])
-    scaler.load_state_dict(state['scaler'])
+    if state['scaler']:  # ({}: saved without loss scaling; under float16 now, the scaler starts afresh)
+        scaler.load_state_dict(state['scaler'])
     return state
 
 def trim_log(path, iter_num):

@@ -3,7 +3,7 @@ Settings and mistakes: distill.py's config file (Python, assignments only), then
 against the defaults at the top of distill.py; `--help` lists them with their comments. A mistake in a setting or
 an input is one line (ConfigError, DataError): the config file's own line, the data file's, or the closest valid key.
 """
-import argparse, ast, builtins, difflib, os, re, sys, traceback
+import argparse, ast, builtins, difflib, math, os, re, sys, traceback
 
 class ConfigError(Exception):
     """A setting, a model, a checkpoint or a run that cannot go on: one line says what and how to fix it."""
@@ -108,6 +108,12 @@ def check_config(c, choices, cuda_available):
                 'temperature', 'epochs', 'stop_iter', 'max_new_tokens', 'sample_temperature', 'top_p'):
         if c[key] is not None and c[key] <= 0:
             raise ConfigError(f'{key} must be > 0, got {c[key]}')
+    for key, value in c.items():  # (inf or nan passes every comparison below, or fails them all)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f'{key} must be a finite number, got {value}')
+    for key in ('temperature', 'sample_temperature'):  # (z / T: 1e-40 overflows the logits, 1e6 flattens them)
+        if not 1e-2 <= c[key] <= 1e2:
+            raise ConfigError(f'{key} must be in [0.01, 100], got {c[key]}')
     for key in ('alpha', 'beta', 'warmup_frac', 'on_policy', 'top_p'):
         if not 0 <= c[key] <= 1:
             raise ConfigError(f'{key} must be in [0, 1], got {c[key]}')

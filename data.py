@@ -13,6 +13,32 @@ from configurator import ConfigError, DataError
 # -----------------------------------------------------------------------------
 # datasets
 
+KINDS = {'dataset': ('vocab_fingerprint', 'documents'), 'teacher cache': ('teacher', 'splits')}  # their meta.json's
+
+def kind_of(folder):
+    """'dataset' (prepare_data.py's), 'teacher cache' (cache_teacher.py's) or None, by the keys of its meta.json
+    (complete or not: the files it lists are not checked)."""
+    try:
+        with open(os.path.join(folder, 'meta.json')) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return next((kind for kind, keys in KINDS.items() if isinstance(meta, dict) and all(k in meta for k in keys)), None)
+
+def foreign(path, kind):
+    """What is at path that a new `kind` (a KINDS key) must not replace, in words; None where it may: nothing, an
+    empty folder, or a kind of its own, complete or damaged (what writing it again repairs)."""
+    if not os.path.lexists(path):
+        return None
+    if os.path.islink(path) or not os.path.isdir(path):  # (swapping a link out would leave its target as it was)
+        return f'a link to {os.readlink(path)}' if os.path.islink(path) else 'a file'
+    found, names = kind_of(path), sorted(os.listdir(path))
+    if found or not names:
+        return None if found in (kind, None) else f'a {found}'
+    if 'manifest.json' in names:
+        return 'a checkpoint (distill.py)'
+    return 'a folder holding ' + ', '.join(names[:3]) + (f' and {len(names) - 3} more' if len(names) > 3 else '')
+
 def check_dataset(folder):
     """meta.json of a complete prepared dataset (every file it lists, at its size), else DataError in one line."""
     path = os.path.join(folder, 'meta.json')

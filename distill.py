@@ -34,13 +34,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_state, trim_log
-from configurator import ConfigError, check_config, exit_on_error, parse_config, print_help
+from checkpoint import (content_hash, find_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_aside,
+                        set_rng_state, trim_log)
+from configurator import ConfigError, DataError, check_config, exit_on_error, parse_config, print_help
 from data import TopK, attach_topk, block_windows, check_dataset, load_split, make_batch, pack_rows, step_doc_ids
 from machine import (choose_dtype, flops_per_token, full_state, gathered, gb, init_distributed, keep_freed_memory,
                      measure_matmul_flops, memory_estimate, memory_line, shard, teacher_head)
 from models import (build_student, cast_parameters, check_vocabularies, load_model, load_tokenizer, model_tokenizer,
-                    output_rows, packs, plain_head, vocab_columns)
+                    output_rows, packs, plain_head, special_ids, vocab_columns)
 from sampling import check_prompts, on_policy_rows, prompt_lengths, row_seed, sample_rows, stop_tokens
 
 # -----------------------------------------------------------------------------
@@ -85,7 +86,7 @@ hidden_rms_norm = False  # RMS-normalise both sides first: a guard against the t
 proj_init = 'xavier'  # projection init: 'xavier' or 'identity' (rectangular identity)
 loss_chunk = 'auto'  # CE and D from hidden states, this many positions at a time, no full logits (auto_chunk); 0: plain
 pack = True  # a micro-batch's windows packed several to a row, each attending only to itself: the losses unchanged
-on_policy = 0.0  # GKD's lambda: the share of each step's rows whose reply the student writes (divergence only); 0: none
+on_policy = 0.0  # GKD's lambda: the share of the run's rows whose reply the student writes (divergence only); 0: none
 max_new_tokens = 256  # on-policy: the longest reply the student writes (shorter where block_size ends first)
 sample_temperature = 1.0  # on-policy: the student's sampling temperature
 top_p = 1.0  # on-policy: nucleus sampling's mass (1: the whole distribution)
@@ -191,21 +192,24 @@ def to_student_vocab(zt, cols, n, temperature):
 # -----------------------------------------------------------------------------
 # the head loss, plain and chunked
 
-def loss_sums(z, y, zt, vocab, kind='fkl', temperature=1.0, beta=0.5):
+def loss_sums(z, y, zt, vocab, kind='fkl', temperature=1.0, beta=0.5, weight=None):
     """Sums over the rows (supervised positions) of logits z (n, V) of the CE against targets y and of the divergence
     from the teacher's logits zt (a TopK: its cached distribution; None: CE alone) at the first len(zt) rows, over
     the real vocabulary: rows past it are embedding padding and differ between models, so they are never compared.
     Across tokenizers vocab is the student's compared tokens (a tensor of ids) and zt already over them
-    (to_student_vocab). The plain path calls it on all rows, the chunked one per chunk."""
+    (to_student_vocab). weight: each row's weight in the divergence's sum (None: 1; on-policy's mixture, Trainable).
+    The plain path calls it on all rows, the chunked one per chunk."""
     ce = F.cross_entropy(z if z.dtype == torch.float64 else z.float(), y, reduction='sum')  # (fp32 at least)
     if zt is None:
         return ce, torch.zeros_like(ce)
     z = z[:len(zt)]
     if isinstance(vocab, torch.Tensor):
-        return ce, kd_divergence(z[:, vocab], zt, kind, temperature, beta).sum()
-    return ce, kd_divergence(z[:, :vocab], zt if isinstance(zt, TopK) else zt[:, :vocab], kind, temperature, beta).sum()
+        d = kd_divergence(z[:, vocab], zt, kind, temperature, beta)
+    else:
+        d = kd_divergence(z[:, :vocab], zt if isinstance(zt, TopK) else zt[:, :vocab], kind, temperature, beta)
+    return ce, (d if weight is None else d * weight[:len(d)].to(d.dtype)).sum()
 
-def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta, rows=8):
+def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta, weight=None, rows=8):
     """One chunk of ChunkedHeadLoss: loss_sums of logits z (in the compute dtype, read in fp32) and, unless coef is
     None, the gradient of coef[0] CE + coef[1] D w.r.t. z in z's dtype, by autograd. Forward KL as shipped has a
     closed form, d CE/dz = softmax(z) - onehot(y), d KL(p || q)/dz = (q - p) / T, taken a few rows at a time so
@@ -214,11 +218,11 @@ def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta, rows=8):
     On a GPU, 256 rows at a time: no cache to fit, a launch per op, and the fp32 temporaries bounded."""
     fp = torch.float64 if z.dtype == torch.float64 else torch.float32  # never below fp32
     if coef is None:
-        return *loss_sums(z.to(fp), y, zt, vocab, kind, temperature, beta), None
+        return *loss_sums(z.to(fp), y, zt, vocab, kind, temperature, beta, weight), None
     if DIVERGENCES[kind] is not forward_kl or not isinstance(zt, torch.Tensor) or isinstance(vocab, torch.Tensor):
         with torch.enable_grad():
             z_fp = z.to(fp).requires_grad_()
-            ce, kd = loss_sums(z_fp, y, zt, vocab, kind, temperature, beta)
+            ce, kd = loss_sums(z_fp, y, zt, vocab, kind, temperature, beta, weight)
             dz, = torch.autograd.grad(coef[0] * ce + coef[1] * kd, z_fp)
         return ce.detach(), kd.detach(), dz.to(z.dtype)
     T, tiny = temperature, torch.finfo(fp).min
@@ -244,8 +248,12 @@ def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta, rows=8):
         s_p = p.sum(1, keepdim=True)
         log_p -= s_p.log()
         p /= s_p
-        kd += (p * log_p.clamp_(min=tiny).sub_(log_q)).sum()  # (a -inf teacher logit: p = 0, and no 0 * -inf)
-        g[:, :vocab].add_(q.div_(s_q).sub_(p), alpha=coef[1] / T)  # d KL/dz = (q - p) / T
+        d = (p * log_p.clamp_(min=tiny).sub_(log_q)).sum(1)  # (a -inf teacher logit: p = 0, and no 0 * -inf)
+        dq = q.div_(s_q).sub_(p)  # d KL/dz = (q - p) / T
+        if weight is not None:  # (on-policy's mixture: each row's weight)
+            d, dq = d * weight[a:a + rows].to(fp), dq.mul_(weight[a:a + rows, None].to(fp))
+        kd += d.sum()
+        g[:, :vocab].add_(dq, alpha=coef[1] / T)
         dz[a:a + rows] = g
     return ce, kd, dz
 
@@ -268,7 +276,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     they are h's first (across tokenizers, the aligned positions; the others have CE alone), and t_cols carries its
     distribution onto the student's compared tokens, vocab (to_student_vocab)."""
     @staticmethod
-    def forward(ctx, h, W, Y, t_h, t_W, coef, vocab, kind, temperature, beta, chunk, t_cols=None):
+    def forward(ctx, h, W, Y, t_h, t_W, coef, vocab, kind, temperature, beta, chunk, t_cols=None, weight=None):
         need_grad = coef is not None  # None: values only (evaluation)
         Wc = W.to(h.dtype)  # the heads in the compute dtype once, not once per chunk (autocast)
         t_Wc = None if t_W is None else t_W.to(t_h.dtype)
@@ -280,7 +288,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
             zt = None if t_h is None else t_h[a:a + chunk] if t_Wc is None else t_h[a:a + chunk] @ t_Wc.T
             if t_cols is not None:  # across tokenizers: the teacher's distribution on the student's tokens
                 zt = to_student_vocab(zt, t_cols, len(vocab), temperature)
-            ce, kd, dz = chunk_loss(hc @ Wc.T, Y[a:a + chunk], zt, vocab, coef, kind, temperature, beta)
+            ce, kd, dz = chunk_loss(hc @ Wc.T, Y[a:a + chunk], zt, vocab, coef, kind, temperature, beta,
+                                    None if weight is None else weight[a:a + chunk])
             ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
             if need_grad:
                 dh[a:a + chunk] = dz @ Wc
@@ -296,12 +305,14 @@ class ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, g_ce, g_kd):
         dh, dW = ctx.saved_tensors  # scaled in place (a second backward through this graph raises, as it should)
         c_ce, c_kd = ctx.coef
+        if not (c_ce or c_kd):  # (hidden states alone: the loss does not read the head)
+            return dh.zero_(), dW.zero_().to(ctx.head_dtype), *[None] * 11
         scale = g_ce / c_ce if c_ce else g_kd / c_kd
         wanted = scale * torch.tensor([c_ce, c_kd], device=scale.device)
         if not torch.allclose(torch.stack([g_ce, g_kd]).float(), wanted, rtol=1e-4, atol=0):
             raise RuntimeError(f'ChunkedHeadLoss computed the gradient of {c_ce:g} CE + {c_kd:g} D, but the loss '
                                'weighs its outputs otherwise: pass the weights the loss uses as coef')
-        return dh.mul_(scale), dW.mul_(scale).to(ctx.head_dtype), *[None] * 10
+        return dh.mul_(scale), dW.mul_(scale).to(ctx.head_dtype), *[None] * 11
 
 # -----------------------------------------------------------------------------
 # hidden states: the distance and the layer map
@@ -407,10 +418,12 @@ class Trainable(nn.Module):
         c_kd = self.w_kd * self.temperature ** 2 / n_targets
         return self.w_ce / (n_labeled or n_targets), c_kd, self.w_hidden / n_hidden
 
-    def forward(self, batch, teacher, n_targets=1, n_hidden=1, n_labeled=None):
+    def forward(self, batch, teacher, n_targets=1, n_hidden=1, n_labeled=None, mix=None):
         """The loss: c_ce CE + c_kd D + c_hidden H (coefficients); CE only where Y has a label (not -100). The rows: the
         supervised positions (b, s), whose teacher rows are (tb, tt): the same positions, or across tokenizers the
-        aligned pairs, first (then the student's other supervised positions, CE alone)."""
+        aligned pairs, first (then the student's other supervised positions, CE alone). mix (on-policy): the weights
+        (w_student, w_data) of D's terms on the student's own tokens (Y = -100) and on the data's, so that the two
+        sources are mixed by rows, as GKD and TRL mix them by batch, not by tokens (mixing_weights)."""
         X, Y, M, align = batch.X, batch.Y, batch.M, batch.align
         b, s = M.nonzero(as_tuple=True)
         tb, tt = b, s
@@ -420,6 +433,9 @@ class Trainable(nn.Module):
             b, s = torch.cat([align.b, rb]), torch.cat([align.s, rs])
         c_ce, c_kd, c_hidden = self.coefficients(n_targets, n_hidden, n_labeled)
         settings = (self.compared, self.kind, self.temperature, self.beta)
+        weight = None  # (on-policy: each row's weight in D, by who wrote its token)
+        if mix is not None:
+            weight = torch.tensor(mix, dtype=torch.float64, device=Y.device)[(Y[b, s] >= 0).long()]
         if self.chunk:
             t_h = teacher.topk if teacher.topk is not None else teacher.last_hidden
             out = self.model.base_model(input_ids=X, position_ids=batch.pos, use_cache=False,
@@ -427,7 +443,7 @@ class Trainable(nn.Module):
             coef = (c_ce, c_kd) if torch.is_grad_enabled() else None  # (evaluation: values alone)
             ce, kd = ChunkedHeadLoss.apply(out.last_hidden_state[b, s], self.model.get_output_embeddings().weight,
                                            Y[b, s], None if t_h is None else t_h[tb, tt], teacher.head, coef,
-                                           *settings, self.chunk, self.t_cols)
+                                           *settings, self.chunk, self.t_cols, weight)
         else:
             zt = teacher.topk if teacher.topk is not None else teacher.logits
             out = self.model(input_ids=X, position_ids=batch.pos, use_cache=False,
@@ -435,7 +451,7 @@ class Trainable(nn.Module):
             zt = None if zt is None else zt[tb, tt]
             if self.t_cols is not None:
                 zt = to_student_vocab(zt, self.t_cols, len(self.compared), self.temperature)
-            ce, kd = loss_sums(out.logits[b, s], Y[b, s], zt, *settings)
+            ce, kd = loss_sums(out.logits[b, s], Y[b, s], zt, *settings, weight)
         hidden = torch.zeros_like(ce)
         if teacher.hidden is not None:
             with torch.autocast(X.device.type, enabled=False):  # projections and distances in fp32
@@ -445,6 +461,17 @@ class Trainable(nn.Module):
             hidden = hidden / len(self.layer_pairs)
         loss = c_ce * ce + c_kd * kd + c_hidden * hidden
         return Losses(loss, ce.detach(), kd.detach(), hidden.detach())
+
+def mixing_weights(rows, student_rows, n_targets, student_targets):
+    """On-policy's mixture (GKD's lambda) by rows: D = (R_s / R) mean_student + (1 - R_s / R) mean_data, each source's
+    terms averaged over its own tokens, for a step of R rows, R_s of them the student's. Returned as the weights of
+    the two sources' terms in D's sum over all N targets, (R_s / R) N / N_s and (1 - R_s / R) N / (N - N_s), so that
+    D / N is that mixture (D = the plain mean when the replies are as long as the data's). By tokens instead, the
+    source with the longer replies takes more than its share (docs/experiments.md: 41% for the student at 0.5)."""
+    if student_rows == 0 or student_targets == 0 or student_targets == n_targets:
+        return None  # one source: the plain mean
+    share = student_rows / rows
+    return share * n_targets / student_targets, (1 - share) * n_targets / (n_targets - student_targets)
 
 def get_lr(it, max_iters, warmup_iters, lr, min_lr):
     if it < warmup_iters:
@@ -510,17 +537,22 @@ if __name__ == '__main__':
     data_dir = os.path.join(data_root, dataset)
     meta = check_dataset(data_dir)
     vocab, cross_tokenizer = meta['vocab_size'], 'teacher_tokenizer' in meta
+    if cross_tokenizer and teacher_cache is not None:
+        raise ConfigError(f"teacher_cache: {data_dir} pairs two tokenizers (prepare_data.py --teacher_tokenizer), "
+                          "and a cache holds a teacher's distribution over the student's own tokens: distill across "
+                          'tokenizers online (unset teacher_cache), or prepare the data with one tokenizer')
     if cross_tokenizer and on_policy:
         raise ConfigError(f"on_policy: {data_dir} pairs two tokenizers, and the teacher would have to read the "
                           "student's replies in its own tokens (not built): prepare the data with one tokenizer")
     train_data, val_data = load_split(data_dir, 'train'), load_split(data_dir, 'val')
+    data_fingerprint = content_hash([os.path.join(data_dir, f) for f in sorted(meta['files'])])  # (resumes read it)
     if teacher_cache is not None:  # a folder, or its name inside the dataset's
         cache_dir = teacher_cache if os.path.isdir(teacher_cache) else os.path.join(data_dir, teacher_cache)
         for split, name in ((train_data, 'train'), (val_data, 'val')):
             cache = attach_topk(split, name, cache_dir, data_dir, block_size, temperature)
     train_windows, val_windows = block_windows(train_data, block_size), block_windows(val_data, block_size)[:eval_docs]
     if on_policy:  # the student writes replies to the documents' prompts: their lengths, and where replies stop
-        prompts, stops = prompt_lengths(train_data), stop_tokens(train_data, meta['eos_id'])
+        prompts = prompt_lengths(train_data)
         with_prompt = check_prompts(train_data, prompts, block_size, data_dir)
     n_train_docs, n_val_docs = len(train_windows), len(val_windows)  # (a document longer than block_size gives several)
     iterations = max_iters if max_iters is not None else \
@@ -553,6 +585,13 @@ if __name__ == '__main__':
     notes = check_vocabularies(meta, data_dir, student_model, student_tok, teacher_model, teacher_tok)
     if master_process and notes:
         print('\n'.join(notes))
+    if on_policy:  # where a sampled reply stops: an end of turn, one of the tokenizer's special tokens
+        try:
+            specials = special_ids(student_tok or teacher_tok or load_tokenizer(meta['tokenizer']))
+        except DataError as e:
+            raise ConfigError(f"on_policy: neither model ships a tokenizer, and the data's ({e}) is needed for its "
+                              'special tokens (where a reply stops): add the tokenizer files to the student folder')
+        stops = stop_tokens(train_data, prompts, meta['eos_id'], specials, data_dir)
     cross = None  # logits across tokenizers: each teacher token's mass goes to a student token (models.vocab_map)
     if cross_tokenizer and w_kd > 0:
         compared, cols, counts = vocab_columns(student_tok or load_tokenizer(meta['tokenizer']),
@@ -622,24 +661,28 @@ if __name__ == '__main__':
     optimizer = configure_optimizer(model, learning_rate, weight_decay, (beta1, beta2))
 
     # resume: weights, AdamW's moments, every rank's RNG state; the data position follows from iter_num
-    iter_num, last_saved, ckpt_dir, history = 0, None, os.path.join(out_dir, 'ckpt'), []  # history: training losses
+    iter_num, last_saved, ckpt_dir = 0, None, os.path.join(out_dir, 'ckpt')
+    history, val_history = [], []  # the training losses, the validation CEs
     if init_from == 'resume':  # (refused for another run or another data stream)
         path, iter_num, problems = find_checkpoint(ckpt_dir)
-        resolved = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'dtype': compute_dtype}
+        resolved = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'dtype': compute_dtype,
+                    'data_fingerprint': data_fingerprint}
         state = load_checkpoint(path, raw_model, optimizer, scaler, resolved, world_size, fsdp)
         set_rng_state(state['rng_states'][rank])
+        for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):  # (the saved groups' settings came back
+            group.update(weight_decay=decay, betas=(beta1, beta2))  # with them: a changed one is said, so applied)
+        same_windows = all(state['config'].get(k) == config[k] for k in ('eval_docs', 'block_size'))
         last_saved, history = iter_num, state['loss_history']
+        val_history = state.get('val_history', []) if same_windows else []  # (other windows: not comparable)
         if master_process:
             for problem in problems:  # e.g. a truncated file, or the leftovers of a killed save
                 print(f'note: {problem}; resuming from {path} (iteration {iter_num})')
             if state['changed']:
                 print(f"note: resuming with settings changed since the checkpoint: {', '.join(state['changed'])}")
             trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
-    elif master_process and any(os.path.exists(ckpt_dir + s) for s in ('', '.tmp', '.tmp.old')):
-        print(f"note: init_from='scratch': removing the earlier run's checkpoint in {ckpt_dir} (a later resume must "
-              'not take it for this run)')
-        for s in ('', '.tmp', '.tmp.old'):
-            shutil.rmtree(ckpt_dir + s, ignore_errors=True)
+    elif master_process and set_aside(out_dir):  # (a resume must not take the earlier run's for this run's)
+        print(f"note: init_from='scratch': the earlier run's checkpoint and log are in {out_dir}/earlier until this "
+              'run writes its first checkpoint')
     if compile:  # the transformer stacks, in place (parameter names unchanged); not the loss's chunks, whose weights
         for m in (student_model, teacher_model):  # and number of positions change every batch (each a recompile)
             if m is not None:
@@ -687,25 +730,29 @@ if __name__ == '__main__':
         ce, kd, hidden, n, n_hidden = all_reduce(*sums)
         return ce / max(n, 1), kd / max(n, 1), hidden / max(n_hidden, 1)
 
+    chance = math.log(output_rows(student_model))  # the CE of uniform outputs over the head's rows
+
     def last_good():
         if last_saved:
             return f'the last checkpoint ({ckpt_dir}, iteration {last_saved}) is intact'
         return 'no checkpoint was written'
 
-    def save(iter_num):
-        """A checkpoint, unless something in it is not finite (then stop, keeping the last good one)."""
+    def save(iter_num, states, losses):
+        """A checkpoint of the weights of iteration iter_num, with every rank's RNG states and the training losses as
+        they were before its step, unless something in it is not finite (then stop, keeping the last good one)."""
         local = lambda p: p.to_local() if hasattr(p, 'to_local') else p  # (fsdp: its shard)
         if all_reduce(float(not all(torch.isfinite(local(p)).all() for p in raw_model.parameters())))[0]:
             raise ConfigError(f'non-finite weights at iteration {iter_num}: not checkpointed; {last_good()}')
         weights, optimizer_state = full_state(model, optimizer) if fsdp else (raw_model, optimizer.state_dict())
-        states = rng_states(world_size)  # every rank's, to resume each bit for bit
         if master_process:
             save_checkpoint(ckpt_dir, weights, optimizer_state, scaler, iter_num,
-                            iter_num * batch_size * gradient_accumulation_steps, states, run_config, history[-100:])
+                            iter_num * batch_size * gradient_accumulation_steps, states, run_config, losses,
+                            val_history[-100:])
+            shutil.rmtree(os.path.join(out_dir, 'earlier'), ignore_errors=True)  # (this run has a checkpoint now)
 
     flops_peak = peak_flops or dtype_rate or measure_matmul_flops(torch_device, ptdtype)  # the MFU denominator
     run_config = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'peak_flops': flops_peak,
-                  'dtype': compute_dtype}  # what the run resolved: the checkpoint keeps it
+                  'dtype': compute_dtype, 'data_fingerprint': data_fingerprint}  # what the run resolved: kept
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
         n_params = lambda m: f'{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters'
@@ -747,9 +794,12 @@ if __name__ == '__main__':
             if wandb_log:
                 wandb.log(record)
 
-    # the loop: evaluate and checkpoint, then one optimizer step of gradient_accumulation_steps micro-batches
+    # the loop: evaluate, then one optimizer step of gradient_accumulation_steps micro-batches; a checkpoint of the
+    # weights evaluated is written once the step's loss and gradient on them passed the guards, before it is applied
+    # (at the last iteration, after the evaluation): weights that diverged, or killed the student, are never saved
     last_iter = iterations if stop_iter is None else min(stop_iter, iterations)
     while True:  # (the checkpoint a run resumed from was evaluated and written already)
+        pending = None  # (every rank's RNG states and the losses so far, as the checkpoint will hold them)
         if (iter_num % eval_interval == 0 or iter_num == last_iter) and iter_num != last_saved:
             if n_val_docs:
                 val_ce, val_kd, val_hidden = evaluate()
@@ -759,10 +809,21 @@ if __name__ == '__main__':
                     raise ConfigError(f'non-finite validation loss at iteration {iter_num} (ce {val_ce}, kd {val_kd}, '
                                       f'hidden {val_hidden}): not checkpointed; {last_good()}; lower learning_rate or '
                                       'check the data')
-            if iter_num > 0 and checkpoint:
-                save(iter_num)
-                last_saved = iter_num
+                # the weights about to be saved, judged by their own validation CE (the training loss sees them one
+                # step late; the validation windows are the same each time): diverged above twice the run's best + 1,
+                # dead at ln V (uniform outputs) once the run was below it; either way the last good checkpoint stays
+                best = min(val_history, default=math.inf)
+                dead = abs(val_ce - chance) < 1e-3 and best < chance - 0.5
+                if val_ce > 2 * best + 1 or dead:
+                    raise ConfigError(f'val ce {val_ce:.4f} at iteration {iter_num}: the student ' + (
+                        f'outputs uniform distributions (ln V = {chance:.4f}), dead' if dead else
+                        f"diverged (above twice the run's best val ce, {best:.4f}, + 1)")
+                        + f'; not checkpointed; {last_good()}; lower learning_rate')
+                val_history.append(val_ce)
+            pending = (rng_states(world_size), history[-100:]) if iter_num > 0 and checkpoint else None
         if iter_num >= last_iter:
+            if pending:
+                save(iter_num, *pending)
             break
         lr = get_lr(iter_num, iterations, warmup_iters, learning_rate, min_lr)
         for group in optimizer.param_groups:
@@ -774,20 +835,22 @@ if __name__ == '__main__':
         if on_policy:  # the student writes its share of the rows' replies (sampling.py), seeded by the micro-batch's
             for k, ids in enumerate(step_ids):  # number in the step, j, over every rank: any split draws the same
                 j = rank + k * world_size
-                rows = on_policy_rows(j * batch_size, len(ids), on_policy)
+                rows = on_policy_rows((iter_num * gradient_accumulation_steps + j) * batch_size, len(ids), on_policy)
                 with ctx:
                     micro_batches[k], n = sample_rows(raw_model.model, micro_batches[k], train_data,
                                                       train_windows[ids][:, 0], rows, prompts, block_size,
                                                       (max_new_tokens, sample_temperature, top_p, stops),
                                                       row_seed(seed, iter_num, j), meta['pad_id'], vocab)
                 generated += n
+        student_rows = sum(((b.Y < 0) & b.M.bool()).any(1).sum().item() for b in micro_batches)  # (before packing)
         micro_batches = [packed(b) for b in micro_batches]
         t_sample, t_teacher = time.time() - t_sample, 0.0
         # the step's counts over every micro-batch and rank divide its sums: the loss does not depend on the split
-        n_targets, n_hidden, n_labeled, step_tokens, generated = all_reduce(
+        n_targets, n_hidden, n_labeled, step_tokens, generated, student_rows = all_reduce(
             sum(b.M.sum().item() for b in micro_batches), sum(len(b.align.b) for b in micro_batches),
             sum((b.Y[b.M.bool()] >= 0).sum().item() for b in micro_batches), sum(b.X.numel() for b in micro_batches),
-            generated)
+            generated, student_rows)
+        mix = mixing_weights(batch_size * gradient_accumulation_steps, student_rows, n_targets, n_targets - n_labeled)
         sums = torch.zeros(4, dtype=torch.float64, device=torch_device)  # loss, ce, kd, hidden
         for micro_step, b in enumerate(micro_batches):
             if fsdp:  # gradients are reduced over ranks once per step, after its last micro-batch
@@ -798,7 +861,7 @@ if __name__ == '__main__':
                 t = time.time()
                 teacher_out = raw_model.teacher_forward(teacher_model, b)
                 t_teacher += time.time() - t
-                out = model(b, teacher_out, max(n_targets, 1), max(n_hidden, 1), max(n_labeled, 1))
+                out = model(b, teacher_out, max(n_targets, 1), max(n_hidden, 1), max(n_labeled, 1), mix)
             release_teacher()
             scaler.scale(out.loss * world_size).backward()  # DDP averages gradients over ranks; the sum is wanted
             sums += torch.stack([out.loss.detach(), out.ce, out.kd, out.hidden]).double()
@@ -823,6 +886,12 @@ if __name__ == '__main__':
         if not math.isfinite(grad_norm) and not scaler.is_enabled():  # (float16's GradScaler skips such a step itself)
             raise ConfigError(f'non-finite gradient norm at iteration {iter_num}: the step was not applied; '
                               f'{last_good()}; lower learning_rate or check the data')
+        if grad_norm == 0 and n_labeled and abs(ce_mean - chance) < 1e-3:  # (no gradient at chance: nothing to learn)
+            raise ConfigError(f'the student is dead at iteration {iter_num}: its gradient is 0 and its ce '
+                              f'{ce_mean:.4f} is ln V (uniform outputs); {last_good()}; lower learning_rate')
+        if pending:  # (the step's loss and gradient passed)
+            save(iter_num, *pending)
+            last_saved = iter_num
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -840,7 +909,9 @@ if __name__ == '__main__':
             mfu = flops * tok_s / (flops_peak * world_size)
             peak = torch.cuda.max_memory_allocated() if device_type == 'cuda' else None  # (beside the estimate)
             split = {'sample_ms': t_sample * 1000, 'teacher_ms': t_teacher * 1000, 'generated': int(generated),
-                     'generated_per_s': generated / max(t_sample, 1e-9)} if on_policy else {}  # where the time went
+                     'generated_per_s': generated / max(t_sample, 1e-9), 'student_rows': int(student_rows),
+                     'student_targets': int(n_targets - n_labeled), 'targets': int(n_targets),
+                     } if on_policy else {}  # where the time went, and what the student wrote
             log({'iter': iter_num, 'loss': loss_value, 'ce': ce_mean, 'kd': kd_mean, 'hidden': hidden_mean, 'lr': lr,
                  'grad_norm': grad_norm, 'ms': dt * 1000, 'tokens_per_s': tok_s, 'mfu': mfu, 'peak_memory': peak,
                  **split},

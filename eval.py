@@ -15,7 +15,8 @@ from configurator import ArgumentParser, ConfigError, DataError, HelpFormatter
 from data import block_windows, check_dataset, load_split, make_batch
 from distill import loss_sums
 from machine import choose_dtype
-from models import encode, eos_id, is_tiktoken, load_model, model_tokenizer, token_bytes, vocab_fingerprint
+from models import (encode, eos_id, hub_folder, is_tiktoken, load_model, model_tokenizer, special_ids, token_bytes,
+                    vocab_fingerprint)
 from models import load_tokenizer as tokenizer_from
 from sampling import prompt_lengths, sample_rows, stop_tokens
 
@@ -51,7 +52,7 @@ def heldout(model, data_dir, batch_size, block_size, device, teacher=None, limit
     return out
 
 @torch.no_grad()
-def own_samples(model, teacher, data_dir, batch_size, block_size, max_new_tokens, device, count):
+def own_samples(model, teacher, data_dir, batch_size, block_size, max_new_tokens, device, count, tok):
     """The model writes replies to the first `count` validation prompts (T = 1, seeded by batch: the same prompts and
     seeds for every model); the teacher scores them: reverse KL(q || p) per generated token, the distribution the
     model samples from against the teacher's at each of its own tokens, and the teacher's NLL of those tokens."""
@@ -60,7 +61,7 @@ def own_samples(model, teacher, data_dir, batch_size, block_size, max_new_tokens
     docs = [d for d in range(len(lengths)) if 1 < lengths[d] < block_size][:count]
     if not docs:
         return {}
-    stops, rkl, nll, n = stop_tokens(split, meta['eos_id']), 0.0, 0.0, 0
+    stops, rkl, nll, n = stop_tokens(split, lengths, meta['eos_id'], special_ids(tok), data_dir), 0.0, 0.0, 0
     for k in range(0, len(docs), batch_size):
         ds = docs[k:k + batch_size]
         b = make_batch(split, [(d, 0) for d in ds], block_size, meta['pad_id'], device)
@@ -104,6 +105,7 @@ def load(spec, device):
 def load_tokenizer(spec, tokenizer):
     tok = tokenizer_from(tokenizer) if tokenizer else model_tokenizer(resolve(spec))
     if tok is None:
+        hub_folder(resolve(spec))  # a hub id that is nowhere: said so, not that it ships no tokenizer
         raise ConfigError(f"model '{spec}' has no tokenizer: pass --tokenizer (a hub id, folder, .gguf, tiktoken:<name> or bytes)")
     return tok
 
@@ -116,7 +118,7 @@ def score(spec, tok, tasks, teacher, args, progress):
                            tok))
         if teacher is not None and args.sample_prompts:
             row.update(own_samples(model, teacher, args.data, args.batch_size, args.block_size, args.max_new_tokens,
-                                   args.device, args.sample_prompts))
+                                   args.device, args.sample_prompts, tok))
     max_length = getattr(model.config, 'max_position_embeddings', 2048) or 2048
     for task, docs in tasks.items():
         t1, progress.where = time.time(), f'{progress.model} {task}'

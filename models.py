@@ -3,7 +3,7 @@ Models and tokenizers: loading them (HF folders, hub ids, .gguf files converted 
 text with byte offsets, checking that a dataset's tokens are a model's, and a student cut from the teacher's blocks
 (pruning by block influence).
 """
-import hashlib, importlib.util, json, os, re, shutil
+import functools, hashlib, importlib.util, json, os, re, shutil
 import numpy as np
 import torch
 import torch.nn as nn
@@ -54,9 +54,11 @@ def load_tokenizer(spec):
     if spec.endswith('.gguf'):
         if not os.path.isfile(spec):
             raise DataError(f'tokenizer file {spec} does not exist')
-        spec = from_gguf(spec, weights=False)
+        path = from_gguf(spec, weights=False)
+    else:
+        path = hub_folder(spec, 'tokenizer', DataError)
     try:
-        return AutoTokenizer.from_pretrained(spec)
+        return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # a folder without tokenizer files, a hub id with no network, ...
         raise DataError(f"cannot load tokenizer '{spec}': {(str(e).strip().splitlines() or [type(e).__name__])[0]}")
 
@@ -230,6 +232,46 @@ def from_gguf(path, weights=True):
             shutil.rmtree(tmp)
     return folder
 
+@functools.lru_cache(maxsize=None)
+def hub_status(spec):
+    """Where a hub id that is no local path is read: (spec, None) from the hub; (its folder in the hub cache, None)
+    where the hub cannot be reached (no network, HF_HUB_OFFLINE); (None, why not) where neither is possible."""
+    import huggingface_hub as hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+    try:
+        cached = hub.snapshot_download(spec, local_files_only=True)
+    except HFValidationError:
+        return None, 'not a valid hub id (org/name)'
+    except OSError:  # (LocalEntryNotFoundError: not in the hub cache)
+        cached = None
+    if constants.HF_HUB_OFFLINE:
+        return (cached, None) if cached else (None, 'HF_HUB_OFFLINE is set and the hub cache has no copy')
+    try:
+        hub.HfApi().model_info(spec, timeout=5)
+    except GatedRepoError:
+        pass  # (from_pretrained says how to get access)
+    except RepositoryNotFoundError:
+        return None, f'{constants.ENDPOINT} has none of that name (a private one needs `hf auth login`)'
+    except HfHubHTTPError:
+        pass  # the hub answered otherwise (a server error, a rate limit): from_pretrained tries, and says what it is
+    except Exception as e:  # no network, a timeout, a proxy in the way
+        why = f'the hub cannot be reached ({type(e).__name__}: no network?) and the hub cache has no copy'
+        return (cached, None) if cached else (None, why)
+    return spec, None
+
+def hub_folder(spec, what='model', error=ConfigError):
+    """What from_pretrained should read for spec: spec itself (a local path, or a hub id the hub answers for) or,
+    the hub out of reach, the id's folder in the hub cache; error, one line naming both readings, for a name that is
+    neither. Asked first, because transformers retries an unreachable hub for 30 s to minutes, printing every try."""
+    if os.path.exists(spec) or spec == 'bytes' or spec.startswith(('.', '/', '~', 'tiktoken:')) \
+            or spec.endswith(('.gguf', '.tiktoken')) or spec.count('/') > 1:
+        return spec  # (no hub id: a local path, or one the caller says is missing)
+    found, why = hub_status(spec)
+    if found is None:
+        raise error(f"{what} '{spec}' is neither a local folder (no such path) nor a repository on the hub: {why}")
+    return found
+
 def model_path(spec):
     """Where a model's HF files are: a .gguf file's converted folder, anything else as it is."""
     if not spec.endswith('.gguf'):
@@ -245,6 +287,7 @@ def load_model(spec, trust_remote_code=False):
     path = model_path(spec)
     if not os.path.exists(path) and (spec.startswith(('.', '/')) or spec.count('/') != 1):
         raise ConfigError(f"model '{spec}' is neither a local folder, a .gguf file nor a hub id (org/name)")
+    path = hub_folder(path)
     if os.path.isfile(path) or (os.path.isdir(path) and not os.path.exists(os.path.join(path, 'config.json'))):
         raise ConfigError(f"'{spec}' is not a model: pass an HF model folder (with config.json), a .gguf file or a "
                           'hub id')
@@ -255,7 +298,10 @@ def load_model(spec, trust_remote_code=False):
 
 def model_tokenizer(spec):
     """The tokenizer that ships with a model, or None (e.g. a bare folder of weights)."""
-    path = model_path(spec)
+    try:
+        path = hub_folder(model_path(spec))
+    except ConfigError:
+        return None  # (no model there at all: load_model says so)
     files = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'tokenizer.model')
     if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in files):
         return None  # transformers would build an empty tokenizer from config.json alone
@@ -377,8 +423,9 @@ def build_student(student, student_init, student_layers, teacher_model, teacher,
     if student_init == 'pretrained':
         return load_model(student, trust_remote_code), model_tokenizer(student), None, None
     from transformers import AutoConfig, AutoModelForCausalLM  # 'config': its config.json alone is read
+    path = hub_folder(student, 'student')
     try:
-        config = AutoConfig.from_pretrained(model_path(student), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(model_path(path), trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ConfigError(f"cannot read the config of student '{student}': "
                           f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}")

@@ -19,7 +19,7 @@ from multiprocessing import Pool
 import numpy as np
 from checkpoint import remove_stale, seal, swap_in
 from configurator import ArgumentParser, DataError, HelpFormatter
-from data import data_hash
+from data import data_hash, foreign, kind_of
 from models import (demo_tokenizer, encode, eos_id, is_tiktoken, load_tokenizer, package_dir, special_ids, vocab_fingerprint,
                     vocab_size)
 
@@ -369,13 +369,9 @@ def teacher_caches(out):
     """{name: meta} of the teacher caches (cache_teacher.py) stored inside the dataset folder out."""
     found = {}
     for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-        try:
+        if kind_of(os.path.join(out, name)) == 'teacher cache':
             with open(os.path.join(out, name, 'meta.json')) as f:
-                meta = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(meta, dict) and 'teacher' in meta and 'splits' in meta:
-            found[name] = meta
+                found[name] = json.load(f)
     return found
 
 def write_dataset(out, splits, tok, teacher_tok, info, drop_caches=False):
@@ -471,9 +467,16 @@ def main(argv=None):
         tokenizer_spec = args.tokenizer or (demo_tokenizer() if demo else None)
         if tokenizer_spec is None:
             raise DataError('--tokenizer is required (a hub id, a folder, a .gguf file, tiktoken:<encoding> or bytes)')
+        first = os.path.splitext(os.path.basename((args.inputs or [args.dataset])[0]))[0] if not demo else None
+        name = args.name or ('demo-fortunes' if args.fortunes else 'demo-chat' if args.demo_chat else 'demo' if demo
+                             else first.replace('/', '_'))
+        out = os.path.join(args.out_root, name)
+        there = foreign(out, 'dataset')  # the new dataset replaces an old one whole, nothing else
+        if there:
+            raise DataError(f'{out} is {there}, not a dataset prepare_data.py wrote: pass another --name, or remove it '
+                            'yourself')
         records = [r for r in demo_records() if 'messages' in r] if args.demo_chat else \
             demo_records() + (fortune_records() if args.fortunes else []) if demo else read_hub_dataset(args.dataset) if args.dataset else read_records(args.inputs)
-        name = args.name or ('demo-fortunes' if args.fortunes else 'demo-chat' if args.demo_chat else 'demo' if demo else os.path.splitext(os.path.basename((args.inputs or [args.dataset])[0]))[0].replace('/', '_'))
         tok = load_tokenizer(tokenizer_spec)
         teacher_tok = load_tokenizer(args.teacher_tokenizer) if args.teacher_tokenizer else None
         if teacher_tok is not None and vocab_fingerprint(teacher_tok) == vocab_fingerprint(tok):
@@ -502,7 +505,6 @@ def main(argv=None):
         if args.val_fraction > 0 and n_val < 1:
             raise DataError(f'only {len(used)} usable record(s): too few for a validation split; add data or pass --val_fraction=0')
         splits = {'val': [d for r in used[:n_val] for d in r], 'train': [d for r in used[n_val:] for d in r]}
-        out = os.path.join(args.out_root, name)
         counts = write_dataset(out, splits, tok, teacher_tok, {
             'tokenizer': tokenizer_spec, 'teacher_tokenizer': args.teacher_tokenizer, 'bos_id': (settings['bos'] or [None])[0],
             'teacher_bos_id': (settings['teacher_bos'] or [None])[0], 'records_read': len(records), 'records_used': len(used),

@@ -35,18 +35,27 @@ def check_prompts(split, lengths, block_size, data_dir):
                           '(prepare_data.py --max_length)')
     return (lengths >= 2).sum() / max((lengths > 0).sum(), 1)
 
-def stop_tokens(split, eos_id):
-    """The tokens a sampled reply stops at: the data's EOS and the token that most often ends its supervised runs
-    (a chat template's end of turn, e.g. <|im_end|>), so the student stops where the data's replies do."""
+def stop_tokens(split, lengths, eos_id, specials, data_dir):
+    """The tokens a sampled reply stops at: the data's EOS and the special token (a chat template's end of turn, e.g.
+    <|im_end|>; EOS in the fallback template) that most often ends the first reply of a document with a prompt, so the
+    student stops where the data's replies do. Plain text (no prompt, ending in EOS) has no vote, and a reply cut short
+    ends in an ordinary token, which never stops one: when no first reply ends in a special token, one line."""
     mask = np.asarray(split['mask'], dtype=np.int8)
     ends = np.flatnonzero(np.diff(np.append(mask, 0)) == -1)  # the last target of each supervised run
-    common = Counter(np.asarray(split['tokens'])[ends[:100_000]].tolist()).most_common(1)
-    return sorted({int(eos_id), *(t for t, _ in common)})
+    prompted = np.flatnonzero(lengths >= 2)[:100_000]
+    first_ends = ends[np.searchsorted(ends, split['idx'][prompted] + lengths[prompted])]  # each first reply's last
+    votes = Counter(t for t in np.asarray(split['tokens'])[first_ends].tolist() if t in specials)
+    if not votes:
+        raise ConfigError(f'on_policy: no first reply of {data_dir} ends in a special token (an end of turn or EOS): '
+                          'were the replies cut short (prepare_data.py --max_length)? The student would not know '
+                          'where to stop; prepare the data with whole replies')
+    return sorted({int(eos_id), votes.most_common(1)[0][0]})
 
 def on_policy_rows(first_row, rows, fraction):
-    """Which of a micro-batch's rows the student writes: row j of the step (counted over every micro-batch, whatever
-    rank it runs on) when floor((j + 1) fraction) > floor(j fraction), so a step holds its share exactly and 2 ranks
-    choose what 1 process with 2x accumulation chooses."""
+    """Which of a micro-batch's rows the student writes: row j of the run (counted over every step and micro-batch,
+    whatever rank it runs on) when floor((j + 1) fraction) > floor(j fraction), so that the first n rows of the run
+    hold floor(n fraction) of them (the share to within one row, where a step's own count would round it down every
+    step), a resume chooses as the run did, and 2 ranks choose what 1 process with 2x accumulation chooses."""
     j = np.arange(first_row, first_row + rows)
     return np.flatnonzero(np.floor((j + 1) * fraction) > np.floor(j * fraction)).tolist()
 
@@ -78,12 +87,18 @@ def generate(model, prompts, block_size, settings, seed, pad_id, vocab, device):
     config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, eos_token_id=stop,
                               pad_token_id=pad_id, max_new_tokens=min(max_new, block_size + 1 - min(map(len, prompts))),
                               suppress_tokens=list(range(vocab, model.get_output_embeddings().weight.shape[0])) or None)
-    training = model.training
+    training, shipped = model.training, model.generation_config
     model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=P.to(device), attention_mask=A.to(device), generation_config=config).cpu()
-    model.train(training)
+    # generate fills every field the call leaves unset from the model's generation_config.json (a repetition penalty,
+    # min_p, no_repeat_ngram_size, ...): with a blank one in its place the draws are softmax(z / T) and top_p alone
+    model.generation_config = GenerationConfig()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=P.to(device), attention_mask=A.to(device), generation_config=config).cpu()
+    finally:
+        model.generation_config = shipped
+        model.train(training)
     replies = []
     for p, r in zip(prompts, out[:, width:]):
         stops = torch.isin(r, torch.tensor(stop)).nonzero()

@@ -96,12 +96,14 @@ def test_resume_is_bit_identical(work):
     assert not all(torch.equal(ws[k], wf[k]) for k in ws)
 
 def test_a_fresh_run_does_not_leave_an_older_checkpoint_to_resume(work):
-    """A run from scratch in a used out_dir removes the earlier run's checkpoint (said in a note): resuming it later
-    cannot continue the earlier run with the new settings (it did: the new run's iterations 0-1, then the old 4-10)."""
+    """A run from scratch in a used out_dir moves the earlier run's checkpoint aside (said in a note): resuming it
+    later cannot continue the earlier run with the new settings (it did: the new run's iterations 0-1, then the old
+    4-10)."""
     common = ['--batch_size=2', '--gradient_accumulation_steps=2', '--eval_interval=2']
     run(work, work / 'used', *common, '--max_iters=4')
     out = run(work, work / 'used', *common, '--max_iters=10', '--checkpoint=False', '--stop_iter=1').stdout
-    assert "note: init_from='scratch': removing the earlier run's checkpoint" in out and not (work / 'used' / 'ckpt').exists()
+    assert "note: init_from='scratch': the earlier run's checkpoint and log are in" in out
+    assert not (work / 'used' / 'ckpt').exists() and (work / 'used' / 'earlier' / 'ckpt').exists()
     again = run(work, work / 'used', *common, '--max_iters=10', '--init_from=resume', check=False)
     assert again.returncode == 2 and "no complete checkpoint in" in again.stderr
 

@@ -5,7 +5,7 @@ import pytest, torch
 import transformers as T
 from conftest import BYTES_VOCAB, tiny_model, tiny_work
 from test_distill import assert_same_run, run, train_log, weights
-import data, distill, sampling
+import data, distill, models, sampling
 
 @pytest.fixture(scope='module')
 def chat(tmp_path_factory):
@@ -17,7 +17,8 @@ def sampled(chat, model, rows=(1, 2), seed=0, max_new=12, temperature=1.0, top_p
     split = data.load_split(str(chat / 'data' / 'tiny'), 'train')
     windows = data.block_windows(split, B)[[0, 5, 9, 14]]
     batch = data.make_batch(split, windows, B, 256, 'cpu')
-    lengths, stops = sampling.prompt_lengths(split), sampling.stop_tokens(split, 256)
+    lengths = sampling.prompt_lengths(split)
+    stops = sampling.stop_tokens(split, lengths, 256, {256, 257, 258}, 'tiny')
     out, n = sampling.sample_rows(model, batch, split, windows[:, 0], list(rows), lengths, B,
                                   (max_new, temperature, top_p, stops), seed, 256, 259)
     return split, windows, batch, out, n, lengths, stops
@@ -139,8 +140,9 @@ def test_eval_draft_acceptance_and_own_samples(chat):
     assert got['draft_acceptance'] == pytest.approx(accept / n, rel=1e-5) and 0 < got['draft_acceptance'] < 1
     assert ev.heldout(teacher, folder, 2, 48, 'cpu', teacher)['draft_acceptance'] == pytest.approx(1.0, rel=1e-6)
     student.float(), teacher.float()
-    own = ev.own_samples(student, teacher, folder, 2, 48, 10, 'cpu', 4)
-    lengths, stops = sampling.prompt_lengths(split), sampling.stop_tokens(split, 256)
+    own = ev.own_samples(student, teacher, folder, 2, 48, 10, 'cpu', 4, models.load_tokenizer('bytes'))
+    lengths = sampling.prompt_lengths(split)
+    stops = sampling.stop_tokens(split, lengths, 256, {256, 257, 258}, 'tiny')
     docs = [d for d in range(len(lengths)) if 1 < lengths[d] < 48][:4]
     rkl = nll = count = 0
     for k in range(0, 4, 2):

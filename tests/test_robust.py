@@ -231,7 +231,7 @@ real, calls = torch.nn.utils.clip_grad_norm_, [0]
 def clip(params, *a, **k):
     params = list(params)
     calls[0] += 1
-    if calls[0] == 2:  # iteration 1: a NaN gradient behind a finite loss
+    if calls[0] == 3:  # iteration 2: a NaN gradient behind a finite loss
         params[0].grad.fill_(float('nan'))
     return real(params, *a, **k)
 torch.nn.utils.clip_grad_norm_ = clip
@@ -243,8 +243,8 @@ def test_non_finite_gradient_is_not_applied_and_the_run_resumes_exactly(work, st
     out = work / 'nangrad'
     proc = subprocess.run([sys.executable, '-c', NAN_GRAD, *args(work, out)], capture_output=True, text=True, env=ENV)
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        f'error: non-finite gradient norm at iteration 1: the step was not applied; the last checkpoint ({out / "ckpt"}, '
-        'iteration 1) is intact; lower learning_rate or check the data')
+        f'error: non-finite gradient norm at iteration 2: the step was not applied; the last checkpoint ({out / "ckpt"}, '
+        'iteration 1) is intact; lower learning_rate or check the data')  # (2's waits for its step: never written)
     proc = run(work, out, '--init_from=resume')  # from that checkpoint, without the fault: the uninterrupted run
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = load_file(out / 'ckpt' / 'model.safetensors')
@@ -338,6 +338,15 @@ def write(path, text, mode='w'):
         f.write(text)
     return str(path)
 
+def made(folder, files=()):
+    """Set up a folder holding files ({name: text}); no arguments (a case's argv lists it as *made(...))."""
+    os.makedirs(folder)
+    for name, text in dict(files).items():
+        write(os.path.join(folder, name), str(text))
+    return []
+
+NOWHERE = 'is neither a local folder (no such path) nor a repository on the hub: '  # a hub id that is nowhere
+
 PREPARE = {  # name: (arguments given the work folder, setup, the line's expected text)
     'non-UTF-8 line': (lambda d: [write(d / 'bad.jsonl', b'{"text": "ok"}\n{"text": "\xff"}\n', 'wb')],
                        'bad.jsonl:2: not UTF-8 (byte 0xff)'),
@@ -365,6 +374,18 @@ PREPARE = {  # name: (arguments given the work folder, setup, the line's expecte
                            '--val_fraction must be in [0, 1), got 1.5'),
     '--name=../escape': (lambda d: [write_jsonl(d / 'a.jsonl', [{'text': 'x'}]), '--name=../escape'],
                          "--name must be one folder name inside --out_root, got '../escape'"),
+    '--name of a folder it did not write': (
+        lambda d: [write_jsonl(d / 'a.jsonl', [{'text': 'x'}]), '--name=x', *made(d / 'data' / 'x', {'notes': 'mine'})],
+        'x is a folder holding notes, not a dataset prepare_data.py wrote: pass another --name, or remove it'),
+    'the default name of a folder it did not write': (
+        lambda d: [write_jsonl(d / 'in.jsonl', [{'text': 'x'}]), *made(d / 'data' / 'in', dict.fromkeys('abcd', ''))],
+        'in is a folder holding a, b, c and 1 more, not a dataset prepare_data.py wrote'),
+    '--name of a file': (lambda d: [write_jsonl(d / 'a.jsonl', [{'text': 'x'}]), '--name=x', *made(d / 'data', {'x': 1})
+                                    ], 'x is a file, not a dataset prepare_data.py wrote'),
+    '--name of a teacher cache': (lambda d: [write_jsonl(d / 'a.jsonl', [{'text': 'x'}]), '--name=x', *made(
+        d / 'data' / 'x', {'meta.json': '{"teacher": "t", "splits": {}}'})], 'x is a teacher cache, not a dataset'),
+    'a tokenizer that is nowhere': (lambda d: [write_jsonl(d / 'a.jsonl', [{'text': 'x'}]),
+                                               '--tokenizer=distill-tests-x7/no-tokenizer'], NOWHERE),
 }
 
 @pytest.mark.parametrize('script,argv', [('prepare_data.py', ['--nope']), ('cache_teacher.py', ['--teacher=t', '--k=x']),
@@ -392,6 +413,18 @@ def test_catalogue_prepare_data(tmp_path, capfd, case):
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: ') and PREPARE[case][1] in err[0], err
     assert tree(tmp_path) == before
+
+@pytest.mark.parametrize('there', ['an empty folder', 'a damaged dataset'])
+def test_prepare_data_replaces_a_damaged_dataset_or_an_empty_folder(work, tmp_path, there):
+    """What it may replace: a dataset of its own, complete or not (a deleted file), and an empty folder."""
+    if there == 'an empty folder':
+        made(tmp_path / 'data' / 'x')
+    else:
+        shutil.copytree(work / 'data' / 'tiny', tmp_path / 'data' / 'x')
+        os.remove(tmp_path / 'data' / 'x' / 'train.bin')
+    src = write_jsonl(tmp_path / 'a.jsonl', [{'text': f'text {i}'} for i in range(5)])
+    assert P.main([src, '--tokenizer=bytes', f'--out_root={tmp_path / "data"}', '--name=x', '--val_fraction=0']) == 0
+    assert data.check_dataset(str(tmp_path / 'data' / 'x'))['records_used'] == 5
 
 class Payload:
     """What a tampered state.pt carries: unpickling it calls os.makedirs(path), a side effect a test can see."""
@@ -489,6 +522,12 @@ CONFIG = {  # distill.py: (overrides given the work folder, expected text); each
                                     'pairs two tokenizers, and the teacher would have to read'),
     'student_init config of no model': (lambda w: ['--student_init=config', f'--student={w / "in.jsonl"}'],
                                         "cannot read the config of student '"),
+    'sample_temperature 1e-40': (lambda w: ['--on_policy=1', '--sample_temperature=1e-40'],
+                                 'sample_temperature must be in [0.01, 100], got 1e-40'),
+    'temperature inf': (lambda w: [write(w / 'c3.py', "temperature = float('inf')\n")],
+                        'temperature must be a finite number, got inf'),
+    'a teacher cache on data of two tokenizers': (lambda w: ['--teacher_cache=cache', f'--data_root={two_tokenizers(w)}'],
+                                                  'pairs two tokenizers (prepare_data.py --teacher_tokenizer), and a'),
     'a checkpoint carrying code': (lambda w: [f'--out_dir={tampered_run(w)}', '--init_from=resume'],
                                    'holds objects other than tensors and plain values, refused: reading them could run code'),
 }
@@ -534,7 +573,25 @@ EVAL = {  # eval.py: (arguments given the work folder, expected text)
     '--output into a missing folder': (lambda w: [str(w / 'gpt2'), '--tokenizer=bytes', f'--output={w / "no" / "r.json"}'],
                                        'does not exist'),
     'an incomplete dataset': (lambda w: [str(w / 'gpt2'), '--tokenizer=bytes', f'--data={w / "broken" / "tiny"}'], 'is incomplete'),
+    'choices a string': (lambda w: tasks(w, {'query': 'q', 'choices': 'ab', 'gold': 0}),
+                         "document 0's choices are 'ab' (str), not a list of strings"),
+    'choices a number': (lambda w: tasks(w, {'query': 'q', 'choices': 5, 'gold': 0}),
+                         "document 0's choices are 5 (int), not a list of strings"),
+    'choices a dict': (lambda w: tasks(w, {'query': 'q', 'choices': {'a': 1}, 'gold': 0}),
+                       "document 0's choices are {'a': 1} (dict), not a list of strings"),
+    'a choice not a string': (lambda w: tasks(w, {'query': 'q', 'choices': ['a', 5], 'gold': 0}),
+                              "document 0's choice 1 is 5 (int), not a string"),
+    'gold out of range, few-shot': (lambda w: tasks(w, {'query': 'q', 'choices': ['a', 'b'], 'gold': 0},
+                                                    {'query': 'q', 'choices': ['a', 'b'], 'gold': 5}, fewshot=1),
+                                    'document 1 has gold 5, not an index'),
+    'a model that is nowhere': (lambda w: ['distill-tests-x7/no-model', '--tokenizer=bytes'], NOWHERE),
+    'a model that is nowhere, no --tokenizer': (lambda w: ['distill-tests-x7/no-model'], NOWHERE),
 }
+
+def tasks(w, *docs, fewshot=0):
+    """eval.py arguments scoring the model gpt2 on a {query, choices, gold} file of docs."""
+    return [str(w / 'gpt2'), '--tokenizer=bytes', f'--tasks={write_jsonl(w / "task.jsonl", docs)}',
+            f'--num_fewshot={fewshot}']
 
 @pytest.mark.parametrize('case', EVAL)
 def test_catalogue_eval(work, capfd, case):
@@ -552,6 +609,90 @@ def test_catalogue_eval(work, capfd, case):
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: ') and EVAL[case][1] in err[0], err
     assert tree(work) == before
+
+CACHE = {  # cache_teacher.py --name, inside a copy of data/tiny that holds a folder 'notes': (name, expected text)
+    '..': ('..', "--name must be one folder name inside --dataset, got '..'"),
+    '../noval, a sibling dataset': ('../noval', "--name must be one folder name inside --dataset, got '../noval'"),
+    '.': ('.', "--name must be one folder name inside --dataset, got '.'"),
+    'empty': ('', "--name must be one folder name inside --dataset, got ''"),
+    'train.bin': ('train.bin', "--name=train.bin is one of the dataset's own files: pass another --name"),
+    'meta.json': ('meta.json', "--name=meta.json is one of the dataset's own files: pass another --name"),
+    'a folder it did not write': ('notes', 'notes is a folder holding a.txt, not a teacher cache cache_teacher.py '
+                                           'wrote: pass another --name, or remove it yourself'),
+}
+
+@pytest.mark.parametrize('case', CACHE)
+def test_catalogue_cache_name(work, tmp_path, case):
+    """Refused before the teacher is read (there is none here), nothing written or deleted."""
+    import cache_teacher
+    shutil.copytree(work / 'data', tmp_path / 'data')
+    made(tmp_path / 'data' / 'tiny' / 'notes', {'a.txt': 'mine'})
+    name, message = CACHE[case]
+    before = tree(tmp_path)
+    with pytest.raises(configurator.ConfigError) as e:
+        cache_teacher.main([f'--teacher={tmp_path / "no teacher"}', f'--dataset={tmp_path / "data" / "tiny"}',
+                            f'--name={name}', '--device=cpu', '--k=4'])
+    assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
+    assert tree(tmp_path) == before
+
+def test_a_model_that_is_nowhere_is_one_line(work):
+    """distill.py with a teacher and student id that is neither a path nor on the hub (this machine may have no
+    network: the hub unreachable and the id not cached, or the hub answering that it has no such repository): one
+    line naming both readings, not transformers' retries (27 s and 12 lines here before, without a network)."""
+    proc = run(work, work / 'nowhere', '--teacher=distill-tests-x7/no-model', '--student=distill-tests-x7/no-model')
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and NOWHERE in err[0], proc.stderr[-3000:]
+    assert not os.path.exists(work / 'nowhere')
+
+HUB_CACHED = """
+import sys, huggingface_hub as hub
+import models
+def offline(*a, **k):
+    raise OSError('no network')  # (as on a machine without one, wherever this test runs)
+hub.HfApi.model_info = offline
+model, tok = models.load_model(sys.argv[1]), models.model_tokenizer(sys.argv[1])
+print(type(model).__name__, models.vocab_size(tok))
+"""
+
+def test_a_hub_id_in_the_hub_cache_loads_without_the_hub(work, tmp_path, smol_tok):
+    """The hub out of reach, an id in its cache is read from there, quietly and at once (before: minutes of retries,
+    each printed)."""
+    repo = tmp_path / 'hub' / 'models--distill-tests-x7--cached'
+    shutil.copytree(work / 'teacher', repo / 'snapshots' / ('0' * 40))
+    smol_tok.save_pretrained(repo / 'snapshots' / ('0' * 40))
+    made(repo / 'refs', {'main': '0' * 40})
+    proc = subprocess.run([sys.executable, '-c', HUB_CACHED, 'distill-tests-x7/cached'], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, env=dict(ENV, HF_HUB_CACHE=str(tmp_path / 'hub')))
+    assert proc.returncode == 0 and proc.stderr == '', proc.stderr[-3000:]
+    assert proc.stdout.split() == ['LlamaForCausalLM', str(len(smol_tok))]
+
+@pytest.mark.parametrize('hub_says,reading', [
+    ('offline', 'HF_HUB_OFFLINE is set and the hub cache has no copy'),
+    ('not found', 'https://huggingface.co has none of that name (a private one needs `hf auth login`)'),
+    ('found', None),
+])
+def test_what_the_hub_says_decides(monkeypatch, hub_says, reading):
+    """HF_HUB_OFFLINE, or the hub answering that it has no such repository: said; a repository it has is left to
+    from_pretrained to read."""
+    import huggingface_hub as hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def model_info(*a, **k):
+        if hub_says == 'not found':
+            raise RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # (its constructor wants an HTTP response)
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', hub_says == 'offline')
+    monkeypatch.setattr(hub.HfApi, 'model_info', model_info)
+    models.hub_status.cache_clear()
+    try:
+        if reading is None:
+            assert models.hub_folder('distill-tests-x7/on-the-hub') == 'distill-tests-x7/on-the-hub'
+        else:
+            with pytest.raises(configurator.ConfigError) as e:
+                models.load_model('distill-tests-x7/no-model')
+            assert str(e.value) == f"model 'distill-tests-x7/no-model' {NOWHERE}{reading}"
+    finally:
+        models.hub_status.cache_clear()
 
 def test_catalogue_size():
     """The README states the catalogue's size; keep them in step."""
