@@ -22,8 +22,9 @@ neither model's full logits ever exist.
 Data comes from prepare_data.py: mask[i] == 1 iff token i is a supervised target. A document d is read as
 X = d[:-1] and scored on Y = d[1:] where M = mask[1:]. CE and D are sums over supervised targets divided by N, the
 supervised targets of the whole optimizer step (all micro-batches, all ranks); H likewise over its aligned
-positions; so the result does not depend on how a step is split. Beneath this file: data.py (what a step reads),
-models.py (models and tokenizers), machine.py (processes, dtype, memory, FSDP), checkpoint.py, configurator.py.
+positions; so the result does not depend on how a step is split. Beneath this file, in kd/: data.py (what a step
+reads), models.py (models and tokenizers), machine.py (processes, dtype, memory, FSDP), checkpoint.py, sampling.py
+(on-policy rows), configurator.py.
 """
 import gc, json, math, os, re, shutil, statistics, sys, time
 from contextlib import nullcontext
@@ -34,15 +35,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from checkpoint import (content_hash, find_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_aside,
+from kd.checkpoint import (content_hash, find_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_aside,
                         set_rng_state, trim_log)
-from configurator import ConfigError, DataError, check_config, exit_on_error, parse_config, print_help
-from data import TopK, attach_topk, block_windows, check_dataset, load_split, make_batch, pack_rows, step_doc_ids
-from machine import (choose_dtype, flops_per_token, full_state, gathered, gb, init_distributed, keep_freed_memory,
+from kd.configurator import ConfigError, DataError, check_config, exit_on_error, parse_config, print_help
+from kd.data import TopK, attach_topk, block_windows, check_dataset, load_split, make_batch, pack_rows, step_doc_ids
+from kd.machine import (choose_dtype, flops_per_token, full_state, gathered, gb, init_distributed, keep_freed_memory,
                      measure_matmul_flops, memory_estimate, memory_line, shard, teacher_head)
-from models import (build_student, cast_parameters, check_vocabularies, load_model, load_tokenizer, model_tokenizer,
+from kd.models import (build_student, cast_parameters, check_vocabularies, load_model, load_tokenizer, model_tokenizer,
                     output_rows, packs, plain_head, special_ids, vocab_columns)
-from sampling import check_prompts, on_policy_rows, prompt_lengths, row_seed, sample_rows, stop_tokens
+from kd.sampling import check_prompts, on_policy_rows, prompt_lengths, row_seed, sample_rows, stop_tokens
 
 # -----------------------------------------------------------------------------
 # defaults (a config file and --key=value override them; `python distill.py --help` lists them)

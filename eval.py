@@ -10,15 +10,15 @@ over the supervised tokens of a prepared dataset's val split, with distill.py's 
 """
 import contextlib, json, math, os, sys, time
 import torch
-from benchmarks import load_documents, multiple_choice, task_path
-from configurator import ArgumentParser, ConfigError, DataError, HelpFormatter
-from data import block_windows, check_dataset, load_split, make_batch
+from kd.benchmarks import load_documents, multiple_choice, task_path
+from kd.configurator import ArgumentParser, ConfigError, DataError, HelpFormatter
+from kd.data import block_windows, check_dataset, load_split, make_batch
 from distill import loss_sums
-from machine import choose_dtype
-from models import (encode, eos_id, hub_folder, is_tiktoken, load_model, model_tokenizer, special_ids, token_bytes,
+from kd.machine import choose_dtype
+from kd.models import (encode, eos_id, hub_folder, is_tiktoken, load_model, model_tokenizer, special_ids, token_bytes,
                     vocab_fingerprint)
-from models import load_tokenizer as tokenizer_from
-from sampling import prompt_lengths, sample_rows, stop_tokens
+from kd.models import load_tokenizer as tokenizer_from
+from kd.sampling import prompt_lengths, sample_rows, stop_tokens
 
 # -----------------------------------------------------------------------------
 # held-out loss and agreement with a teacher, over supervised tokens (prepare_data.py's mask)

@@ -17,10 +17,10 @@ never a target (mask 0): nothing is predicted across a document boundary.
 import glob, json, os, random, shutil, sys, time
 from multiprocessing import Pool
 import numpy as np
-from checkpoint import remove_stale, seal, swap_in
-from configurator import ArgumentParser, DataError, HelpFormatter
-from data import data_hash, foreign, kind_of
-from models import (demo_tokenizer, encode, eos_id, is_tiktoken, load_tokenizer, package_dir, special_ids, vocab_fingerprint,
+from kd.checkpoint import remove_stale, seal, swap_in
+from kd.configurator import ArgumentParser, DataError, HelpFormatter
+from kd.data import data_hash, foreign, kind_of
+from kd.models import (demo_tokenizer, encode, eos_id, is_tiktoken, load_tokenizer, package_dir, special_ids, vocab_fingerprint,
                     vocab_size)
 
 ROLES = {'system': 'system', 'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant',

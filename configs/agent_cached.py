@@ -1,7 +1,7 @@
 # configs/agent.py from a teacher cache: the 7B teacher runs once (cache_teacher.py), the 1.5B student then trains its
 # 3 epochs from the stored top-16 + 16 draws from the tail, with no teacher in memory and no teacher forward per step.
 #   python prepare_data.py path/to/agent_data.jsonl --tokenizer=Qwen/Qwen2.5-7B-Instruct --name=agent --max_length=8192
-#   torchrun --standalone --nproc_per_node=8 cache_teacher.py --teacher=Qwen/Qwen2.5-7B-Instruct --dataset=data/agent \
+#   torchrun --standalone --nproc_per_node=8 scripts/cache_teacher.py --teacher=Qwen/Qwen2.5-7B-Instruct --dataset=data/agent \
 #       --block_size=8192 --k=16 --samples=16 --temperatures=2 --batch_size=1    # writes data/agent/teacher_k16_b8192
 #   torchrun --standalone --nproc_per_node=8 distill.py configs/agent_cached.py
 # Disk: Qwen's 151,936 tokens need int32 ids, so a supervised target costs (16 + 16) x (4 + 2) + 4 = 196 bytes (one

@@ -3,7 +3,7 @@
 # GPT-2's 50,257 tokens, from random init (configs/cross_student/config.json); scripts/cpu_experiment.py runs SFT /
 # logits / hidden / both, compared in bits per byte (docs/experiments.md).
 #   W=$(python -c "import importlib.util as u; print(u.find_spec('whisper').submodule_search_locations[0])")/assets/gpt2.tiktoken
-#   python prepare_data.py --tokenizer=$W --teacher_tokenizer=$(python -c "import models; print(models.demo_tokenizer())") --name=demo-gpt2
+#   python prepare_data.py --tokenizer=$W --teacher_tokenizer=$(python -c "from kd import models; print(models.demo_tokenizer())") --name=demo-gpt2
 #   python scripts/cpu_experiment.py --config=configs/cross_tokenizer.py --out=out-cross --seeds=1337,1338 --tasks=
 #   python distill.py configs/cross_tokenizer.py --distill=logits --out_dir=out-cross-logits   # one run
 # Sized for: a 2-core CPU, fp32 (no GPU). Measured: 96 s (SFT) to 368 s (both KD terms) per run of 100 steps.

@@ -21,10 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import torch
 import torch.nn.functional as F
-from data import TopK, attach_topk, block_windows, load_split, make_batch, top_k
+from kd.data import TopK, attach_topk, block_windows, load_split, make_batch, top_k
 from distill import KD_KINDS, Trainable, configure_optimizer, kd_divergence
-from machine import choose_dtype, keep_freed_memory
-from models import cast_parameters, demo_tokenizer, load_model, student_from_teacher_layers
+from kd.machine import choose_dtype, keep_freed_memory
+from kd.models import cast_parameters, demo_tokenizer, load_model, student_from_teacher_layers
 
 p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument('--dataset', default='data/demo', help='a folder written by prepare_data.py')

@@ -8,8 +8,8 @@ Prints both harnesses' acc and acc_norm, the largest per-request log-likelihood 
 import argparse, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
-from benchmarks import accuracy, load_documents, loglikelihoods, task_path
-from models import demo_tokenizer, load_model, model_path, model_tokenizer
+from kd.benchmarks import accuracy, load_documents, loglikelihoods, task_path
+from kd.models import demo_tokenizer, load_model, model_path, model_tokenizer
 
 p = argparse.ArgumentParser()
 p.add_argument('--model', default=None, help='default: the packaged SmolLM2-135M-Instruct (converted HF folder)')

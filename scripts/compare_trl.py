@@ -18,9 +18,9 @@ import argparse, contextlib, json, os, resource, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import distill
-from data import load_split, make_batch
-from machine import cpu_name, keep_freed_memory
-from models import (cast_parameters, demo_tokenizer, load_model, model_tokenizer, output_rows,
+from kd.data import load_split, make_batch
+from kd.machine import cpu_name, keep_freed_memory
+from kd.models import (cast_parameters, demo_tokenizer, load_model, model_tokenizer, output_rows,
                     student_from_teacher_layers)
 
 p = argparse.ArgumentParser()

@@ -24,8 +24,8 @@ untrained start; with several seeds the held-out loss and bits per byte are also
 import argparse, json, math, os, runpy, shutil, statistics, subprocess, sys, time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configurator import HelpFormatter
-from models import demo_tokenizer
+from kd.configurator import HelpFormatter
+from kd.models import demo_tokenizer
 
 OWN = ('draft_acceptance', 'own_sample_rkl', 'own_sample_teacher_nll')  # eval.py's on-policy measures, where it ran them
 

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configurator import HelpFormatter
-from data import block_windows, load_split, make_batch
-from models import demo_tokenizer, load_model, load_tokenizer, token_strings, vocab_map
+from kd.configurator import HelpFormatter
+from kd.data import block_windows, load_split, make_batch
+from kd.models import demo_tokenizer, load_model, load_tokenizer, token_strings, vocab_map
 
 def main():
     p = argparse.ArgumentParser(formatter_class=HelpFormatter)

@@ -8,10 +8,10 @@ a run of n words (13, as in GPT-3's contamination study) with it. Exits 1 when o
 import argparse, os, re, sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks import load_documents, task_path
-from configurator import ConfigError, DataError, HelpFormatter
-from data import check_dataset, load_split
-from models import load_tokenizer
+from kd.benchmarks import load_documents, task_path
+from kd.configurator import ConfigError, DataError, HelpFormatter
+from kd.data import check_dataset, load_split
+from kd.models import load_tokenizer
 
 def ngrams(text, n):
     words = re.findall(r'[a-z0-9]+', text.lower())

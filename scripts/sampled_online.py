@@ -11,7 +11,7 @@ import argparse, os, sys
 import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from data import top_k
+from kd.data import top_k
 
 p = argparse.ArgumentParser()
 p.add_argument('--k', type=int, default=16)

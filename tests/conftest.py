@@ -4,7 +4,7 @@ import pytest, torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import models  # noqa: E402
+from kd import models  # noqa: E402
 
 BYTES_VOCAB = 256 + len(models.BYTES_SPECIALS)  # 259 real tokens
 

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from conftest import ROOT, tiny_work, write_jsonl
 from test_distill import command, run, train_log, weights
 from test_losses import divergence64, divergence_of64, softmax64
-import data, distill, models, prepare_data
-from data import TopK
+import distill, prepare_data
+from kd import data, models
+from kd.data import TopK
 from distill import KD_KINDS, ChunkedHeadLoss, loss_sums
 
 def estimate64(s, t, ids, k, kind, T, beta, Ts):
@@ -138,7 +139,7 @@ def work(tmp_path_factory):
     return tiny_work(tmp_path_factory.mktemp('cache'), recs)
 
 def write(work, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'cache_teacher.py'), f'--teacher={work / "teacher"}',
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'cache_teacher.py'), f'--teacher={work / "teacher"}',
                            f'--dataset={work / "data" / "tiny"}', '--device=cpu', '--dtype=float32', '--block_size=48', *args],
                           capture_output=True, text=True, cwd=work, timeout=300)
 
@@ -287,7 +288,7 @@ def test_two_ranks_write_what_one_writes(work):
     one = write(work, '--k=6', '--batch_size=1', '--name=one')
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          os.path.join(ROOT, 'cache_teacher.py'), f'--teacher={work / "teacher"}', f'--dataset={work / "data" / "tiny"}',
+                          os.path.join(ROOT, 'scripts', 'cache_teacher.py'), f'--teacher={work / "teacher"}', f'--dataset={work / "data" / "tiny"}',
                           '--device=cpu', '--dtype=float32', '--block_size=48', '--k=6', '--batch_size=1', '--name=two'],
                          capture_output=True, text=True, cwd=work, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert two.returncode == 0, two.stderr[-3000:]

@@ -3,8 +3,8 @@ and optimizer (AdamW's moments, its parameter groups, the scaler, the RNG states
 one line, a ConfigError raised before anything is loaded: this run's weights and optimizer state stay as they were."""
 import json, os
 import pytest, torch
-import checkpoint
-from configurator import ConfigError
+from kd import checkpoint
+from kd.configurator import ConfigError
 
 CONFIG = {'batch_size': 2, 'gradient_accumulation_steps': 1, 'seed': 1337, 'dataset': 'tiny', 'parallel': 'ddp',
           'distill': 'logits', 'teacher': 'teacher', 'teacher_cache': None, 'student': 'student',

@@ -5,8 +5,9 @@ import numpy as np
 import pytest, torch
 import tiktoken
 from transformers.convert_slow_tokenizer import bytes_to_unicode
-import models, prepare_data
-from data import Align, Batch
+import prepare_data
+from kd import models
+from kd.data import Align, Batch
 from distill import KD_KINDS, Trainable
 from conftest import tiny_model
 

@@ -4,7 +4,7 @@ import pytest, torch
 from safetensors.torch import load_file
 from conftest import BYTES_VOCAB, ROOT, save_tiny_model, tiny_model, tiny_work
 import prepare_data
-from models import student_from_teacher_layers
+from kd.models import student_from_teacher_layers
 
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):
@@ -191,7 +191,7 @@ def test_non_finite_loss_stops_naming_the_iteration(work):
 def test_config_file_int_for_float_and_none(work, tmp_path):
     cfg = tmp_path / 'c.py'
     cfg.write_text('learning_rate = 1  # an int for a float\nmax_iters = None\nepochs = 1\nwandb_run_name = "x"\n')
-    from configurator import parse_config, ConfigError
+    from kd.configurator import parse_config, ConfigError
     import distill
     defaults = {k: getattr(distill, k) for k in distill.config_keys}
     config = parse_config([str(cfg), '--stop_iter=3', '--student_layers=[0, 2]'], defaults, distill.OPTIONAL_TYPES)
@@ -242,7 +242,7 @@ def test_mixed_precision_paths(work, dtype):
 
 def test_every_config_parses_and_documents_itself():
     import glob, distill
-    from configurator import parse_config
+    from kd.configurator import parse_config
     defaults = {k: getattr(distill, k) for k in distill.config_keys}
     for path in glob.glob(os.path.join(ROOT, 'configs', '*.py')):
         config = parse_config([path], defaults, distill.OPTIONAL_TYPES)
@@ -266,7 +266,7 @@ def test_no_config_key_is_reassigned_after_parsing():
 
 def test_auto_dtype_rule(monkeypatch):
     """'auto': bf16 autocast only where this CPU's bf16 matmul is clearly (1.5x) faster than fp32, as measured."""
-    import machine
+    from kd import machine
     for rates, expected in (({'float32': 2e11, 'bfloat16': 8e11}, 'bfloat16'),   # AMX: 3-4x
                             ({'float32': 2e11, 'bfloat16': 3e11}, 'float32'),    # not clearly faster
                             ({'float32': 2e11, 'bfloat16': 3e8}, 'float32')):    # emulated: hundreds of times slower
@@ -278,7 +278,7 @@ def test_auto_dtype_rule(monkeypatch):
 DTYPE_PROBE = r"""
 import os, sys
 sys.path.insert(0, sys.argv[1])
-import machine
+from kd import machine
 rank = int(os.environ['RANK'])  # rank 0 measures bf16 clearly faster, rank 1 not: near the threshold, ranks differ
 rates = [{'float32': 2e11, 'bfloat16': 4e11}, {'float32': 2e11, 'bfloat16': 2.5e11}][rank]
 machine.measure_matmul_flops = lambda device, dtype: rates[str(dtype)[6:]]
@@ -326,7 +326,7 @@ def test_mfu_never_above_one(work, tmp_path):
     """The matmul rate measured at start can read low (a loaded machine): a step faster than it raises the MFU
     denominator to at least what the step achieved, so MFU never prints above 100%. Here the measurement is made
     absurdly low (1 kFLOP/s) in the subprocess."""
-    (tmp_path / 'sitecustomize.py').write_text('import machine\nmachine.measure_matmul_flops = lambda *a, **k: 1e3\n')
+    (tmp_path / 'sitecustomize.py').write_text('from kd import machine\nmachine.measure_matmul_flops = lambda *a, **k: 1e3\n')
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
     proc = subprocess.run(command(work, work / 'mfu', '--peak_flops=0', '--max_iters=3'), capture_output=True,
                           text=True, env=env, cwd=work, timeout=300)

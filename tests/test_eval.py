@@ -4,7 +4,8 @@ import pytest, torch
 import torch.nn.functional as F
 from conftest import BYTES_VOCAB, ROOT, save_tiny_model, tiny_model, write_jsonl
 import eval as ev
-import benchmarks, configurator, models, prepare_data
+import prepare_data
+from kd import benchmarks, configurator, models
 
 def test_encode_pair_conventions(bytes_tok, smol_tok):
     # trailing spaces of the context move to the continuation
@@ -106,7 +107,7 @@ def test_heldout_loss_and_teacher_agreement(evalwork):
     data = str(evalwork / 'data' / 'e')
     got = ev.heldout(model, data, batch_size=3, block_size=512, device='cpu', teacher=other)
     # brute force, one document at a time, float64, supervised targets only
-    from data import load_split
+    from kd.data import load_split
     split = load_split(data, 'val')
     ce = kl = agree = n = 0.0
     for d in range(len(split['idx']) - 1):
@@ -186,7 +187,7 @@ def test_bits_per_byte_is_ce_over_the_texts_bytes(evalwork, bytes_tok):
     model = tiny_model(hidden=32, layers=2).eval()
     data = str(evalwork / 'data' / 'e')
     got = ev.heldout(model, data, 3, 512, 'cpu', tok=bytes_tok)
-    from data import load_split
+    from kd.data import load_split
     split = load_split(data, 'val')
     ce = size = 0.0
     for d in range(len(split['idx']) - 1):

@@ -4,7 +4,7 @@ import os, re, signal, socket, subprocess, sys, time
 import pytest, torch
 from transformers import AutoModelForCausalLM
 from conftest import ROOT
-from checkpoint import checkpoint_iter
+from kd.checkpoint import checkpoint_iter
 from test_distill import assert_same_run, command, run, train_log, weights, work  # noqa: F401 (the fixture)
 
 COMMON = ('--batch_size=1', '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=2', '--eval_docs=3')

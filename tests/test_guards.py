@@ -7,8 +7,9 @@ import transformers as T
 from conftest import BYTES_VOCAB, tiny_model, tiny_work
 from test_distill import run, train_log, weights
 from test_on_policy import reference_loss, sampled
-import checkpoint, data, distill, prepare_data, sampling
-from configurator import ConfigError
+import distill, prepare_data
+from kd import checkpoint, data, sampling
+from kd.configurator import ConfigError
 
 @pytest.fixture(scope='module')
 def chat(tmp_path_factory):

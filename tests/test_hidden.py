@@ -4,9 +4,10 @@ import json, os
 import numpy as np
 import pytest, torch
 from conftest import BYTES_VOCAB, tiny_model, write_jsonl, save_tiny_model
-import models, prepare_data
-from configurator import ConfigError
-from data import Align, Batch
+import prepare_data
+from kd import models
+from kd.configurator import ConfigError
+from kd.data import Align, Batch
 from distill import TeacherOut, Trainable, hidden_distance, make_layer_pairs
 from test_distill import assert_same_run, run, train_log, weights, work  # noqa: F401 (the shared fixture)
 

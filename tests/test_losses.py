@@ -2,7 +2,7 @@
 import math
 import pytest, torch
 from conftest import tiny_model
-from data import Align, Batch
+from kd.data import Align, Batch
 from distill import KD_KINDS, TeacherOut, Trainable, kd_divergence, loss_sums
 
 def kd_loss(s, t, mask, kind='fkl', T=1.0, beta=0.5):

@@ -5,9 +5,10 @@ import json, os, re, subprocess, sys, weakref
 import pytest, torch
 import transformers as T
 from conftest import ROOT
-import data, distill, machine
-from machine import block_activation_bytes, memory_estimate
-from models import cast_parameters
+import distill
+from kd import data, machine
+from kd.machine import block_activation_bytes, memory_estimate
+from kd.models import cast_parameters
 
 def llama(d, f, h, kv, layers, vocab=300, arch=T.LlamaConfig, **kw):
     torch.manual_seed(0)
@@ -136,9 +137,10 @@ FSDP_PROBE = r'''
 import json, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, os.path.join(sys.argv[1], 'tests'))
 dist.init_process_group('gloo')
-import distill, machine
+import distill
+from kd import machine
 from test_memory import setup
-from machine import memory_estimate
+from kd.machine import memory_estimate
 mode, tied = sys.argv[3], sys.argv[4] == 'tied'  # (odd first dimensions: a vocabulary of 300 rows, 96 = 48 + 48)
 model, teacher, b = setup(mode, 'float32', tie_word_embeddings=tied)
 est = memory_estimate(model, teacher, b.X.numel(), 'float32', dist.get_world_size(), True)
@@ -182,7 +184,7 @@ dist.init_process_group('gloo')
 import distill
 from torch.nn.parallel import DistributedDataParallel as DDP
 from test_memory import setup
-from machine import memory_estimate
+from kd.machine import memory_estimate
 model, teacher, b = setup('hidden', 'float32')
 est = memory_estimate(model, teacher, b.X.numel(), 'float32', dist.get_world_size(), False)
 ddp = DDP(model)
@@ -250,7 +252,7 @@ def test_llama70b_config_figures():
 KEEP_AND_TRIM = r'''
 import os, sys, torch
 sys.path.insert(0, sys.argv[1])
-import machine
+from kd import machine
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 trim = machine.keep_freed_memory()
 base = rss()

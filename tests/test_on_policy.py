@@ -5,7 +5,8 @@ import pytest, torch
 import transformers as T
 from conftest import BYTES_VOCAB, tiny_model, tiny_work
 from test_distill import assert_same_run, run, train_log, weights
-import data, distill, models, sampling
+import distill
+from kd import data, models, sampling
 
 @pytest.fixture(scope='module')
 def chat(tmp_path_factory):

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest, torch
 from conftest import tiny_model
-import data, models
-from data import Align, Batch, TopK
+from kd import data, models
+from kd.data import Align, Batch, TopK
 from distill import Trainable
 from test_distill import assert_same_run, run, train_log, work  # noqa: F401 (the shared fixture)
 

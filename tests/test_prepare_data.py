@@ -2,7 +2,7 @@ import json, os, signal, subprocess, sys, time
 import numpy as np
 import pytest
 from conftest import ROOT, write_jsonl
-import models
+from kd import models
 import prepare_data as P
 
 def run(tmp_path, inputs, *args):

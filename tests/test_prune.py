@@ -3,8 +3,8 @@ most (ShortGPT), checked against a float64 reference and on blocks that are the 
 import json
 import torch
 from conftest import tiny_model
-import models
-from models import block_influence, choose_blocks
+from kd import models
+from kd.models import block_influence, choose_blocks
 from test_distill import run, work  # noqa: F401 (the fixture)
 
 def batches(vocab=259, seed=0):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest, torch
 import transformers as T
 from conftest import ROOT, tiny_model
-import data, models
+from kd import data, models
 
 def granite(scaling=8.0):
     torch.manual_seed(0)
@@ -271,7 +271,7 @@ def test_a_cache_on_a_bos_dataset_reads_bos_led_windows(tmp_path):
     assert P.main([src, f'--tokenizer={bos_tokenizer(tmp_path / "tok")}', f'--out_root={tmp_path}', '--name=b',
                    '--val_fraction=0']) == 0
     tiny_model(vocab=270, hidden=32, layers=2).save_pretrained(tmp_path / 'teacher')  # (the tokenizer's 270)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'cache_teacher.py'), f'--teacher={tmp_path / "teacher"}',
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'cache_teacher.py'), f'--teacher={tmp_path / "teacher"}',
                            f'--dataset={tmp_path / "b"}', '--device=cpu', '--dtype=float32', '--block_size=6', '--k=270',
                            '--samples=0', '--splits=train', '--name=full'], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -1,11 +1,11 @@
 """Nothing lost, one clear line: kills at every step of a checkpoint or dataset swap, the non-finite guard, the
 masks of edge-case records, and the catalogue of bad inputs (each: exit code, one line on stderr, no file left)."""
-import json, os, random, shutil, signal, subprocess, sys, time
+import importlib.util, json, os, random, shutil, signal, subprocess, sys, time
 import numpy as np
 import pytest, torch
 from safetensors.torch import load_file
 from conftest import ROOT, save_tiny_model, tiny_model, write_jsonl
-import checkpoint, configurator, data, models
+from kd import checkpoint, configurator, data, models
 import eval as ev
 import prepare_data as P
 
@@ -164,7 +164,7 @@ def hook(fn, callers=None):  # SIGKILL this process at the n-th call of the hook
 KILL = HOOK + """
 import runpy, torch
 from safetensors import torch as st
-import checkpoint
+from kd import checkpoint
 callers = ('save_checkpoint', 'seal', 'swap_in')
 os.makedirs, os.replace, shutil.rmtree, os.fsync, torch.save, st.save_model, checkpoint.exchange = (hook(f, callers) for f in (
     os.makedirs, os.replace, shutil.rmtree, os.fsync, torch.save, st.save_model, checkpoint.exchange))
@@ -264,7 +264,8 @@ def test_non_finite_weights_are_never_saved(work):
 # datasets: a killed re-run of prepare_data.py leaves the old dataset or the new one, never a mix
 
 PREP_KILL = HOOK + """
-import checkpoint, prepare_data as P
+import prepare_data as P
+from kd import checkpoint
 os.makedirs, os.replace, shutil.rmtree, json.dump = map(hook, (os.makedirs, os.replace, shutil.rmtree, json.dump))
 P.write_ragged, P.swap_in, checkpoint.exchange = hook(P.write_ragged), hook(P.swap_in), hook(checkpoint.exchange)
 sys.exit(P.main(sys.argv[1:]))
@@ -388,7 +389,7 @@ PREPARE = {  # name: (arguments given the work folder, setup, the line's expecte
                                                '--tokenizer=distill-tests-x7/no-tokenizer'], NOWHERE),
 }
 
-@pytest.mark.parametrize('script,argv', [('prepare_data.py', ['--nope']), ('cache_teacher.py', ['--teacher=t', '--k=x']),
+@pytest.mark.parametrize('script,argv', [('prepare_data.py', ['--nope']), ('scripts/cache_teacher.py', ['--teacher=t', '--k=x']),
                                          ('eval.py', [])])
 def test_command_line_mistakes_are_one_line(script, argv):
     """argparse's own errors too: one line and exit status 2, not a usage block."""
@@ -397,7 +398,7 @@ def test_command_line_mistakes_are_one_line(script, argv):
     assert proc.returncode == 2 and len(err) == 1 and err[0].startswith('error: ') and '--help' in err[0], proc.stderr
 
 def test_bench_without_its_data_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--part=step', f'--dataset={tmp_path / "none"}'],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'bench.py'), '--part=step', f'--dataset={tmp_path / "none"}'],
                           capture_output=True, text=True, timeout=120)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and err[0].startswith('error: no prepared dataset in '), proc.stderr
@@ -624,7 +625,9 @@ CACHE = {  # cache_teacher.py --name, inside a copy of data/tiny that holds a fo
 @pytest.mark.parametrize('case', CACHE)
 def test_catalogue_cache_name(work, tmp_path, case):
     """Refused before the teacher is read (there is none here), nothing written or deleted."""
-    import cache_teacher
+    spec = importlib.util.spec_from_file_location('cache_teacher', os.path.join(ROOT, 'scripts', 'cache_teacher.py'))
+    cache_teacher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cache_teacher)
     shutil.copytree(work / 'data', tmp_path / 'data')
     made(tmp_path / 'data' / 'tiny' / 'notes', {'a.txt': 'mine'})
     name, message = CACHE[case]
@@ -646,7 +649,7 @@ def test_a_model_that_is_nowhere_is_one_line(work):
 
 HUB_CACHED = """
 import sys, huggingface_hub as hub
-import models
+from kd import models
 def offline(*a, **k):
     raise OSError('no network')  # (as on a machine without one, wherever this test runs)
 hub.HfApi.model_info = offline

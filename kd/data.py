@@ -7,8 +7,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from checkpoint import content_hash, verify_files
-from configurator import ConfigError, DataError
+from kd.checkpoint import content_hash, verify_files
+from kd.configurator import ConfigError, DataError
 
 # -----------------------------------------------------------------------------
 # datasets
@@ -199,7 +199,7 @@ def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
         keep, ids = M.bool(), c['ids'][rows].astype(np.int64)
         if ids.size and not 0 <= ids.min() <= ids.max() < c['vocab']:  # (a file changed in place at its size)
             raise DataError(f"{c['ids_file']} holds token id {ids.max()} for a vocabulary of {c['vocab']}: the cache "
-                            'is damaged; write it again with cache_teacher.py')
+                            'is damaged; write it again with scripts/cache_teacher.py')
         t = TopK.from_rows(torch.from_numpy(ids),
                            torch.from_numpy(c['logp'][rows].astype(np.float32)), torch.from_numpy(c['tail'][rows]),
                            torch.from_numpy(c['drawn_tail'][rows]), c['samples'], c['sample_temperature'])
@@ -311,8 +311,8 @@ def attach_topk(split, name, folder, data_dir, block_size, temperature):
     except (OSError, ValueError, KeyError) as e:
         problem = f'{cache} is missing or unreadable ({type(e).__name__})'
     if problem:
-        raise ConfigError(f'teacher_cache {folder} is not a complete cache: {problem}; write it with cache_teacher.py')
-    fix = f'write a cache for it with cache_teacher.py --dataset={data_dir} --block_size={block_size}'
+        raise ConfigError(f'teacher_cache {folder} is not a complete cache: {problem}; write it with scripts/cache_teacher.py')
+    fix = f'write a cache for it with scripts/cache_teacher.py --dataset={data_dir} --block_size={block_size}'
     if name not in m['splits']:
         raise ConfigError(f'teacher_cache {folder} has no {name} split: {fix}')
     if m['splits'][name]['data_hash'] != data_hash(data_dir, name):

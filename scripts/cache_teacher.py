@@ -3,8 +3,8 @@ Run the teacher once over a prepared dataset and store its next-token distributi
 sparsely: logit distillation then reads it from disk (distill.py teacher_cache=...), with no teacher in memory and
 no teacher forward in any epoch or ablation.
 
-    python cache_teacher.py --teacher=teacher.gguf --dataset=data/demo --block_size=128 --k=16 --samples=32
-    torchrun --standalone --nproc_per_node=8 cache_teacher.py --teacher=... --dataset=...   # each rank its share
+    python scripts/cache_teacher.py --teacher=teacher.gguf --dataset=data/demo --block_size=128 --k=16 --samples=32
+    torchrun --standalone --nproc_per_node=8 scripts/cache_teacher.py --teacher=... --dataset=...   # each rank its share
 
 Per split (train, val), in <dataset>/<name> (default teacher_k<k>_b<block_size>), one row per supervised target,
 in the split's order (document, then position), the teacher reading distill.py's windows of block_size tokens:
@@ -24,11 +24,12 @@ import contextlib, os, sys, time, zlib
 import numpy as np
 import torch
 import torch.distributed as dist
-from checkpoint import remove_stale, seal, swap_in
-from configurator import ArgumentParser, ConfigError, HelpFormatter, exit_on_error
-from data import cache_rows, check_dataset, data_hash, foreign, load_split, make_batch, top_k, window_bos
-from machine import choose_dtype, init_distributed
-from models import cast_parameters, check_vocabularies, load_model, model_tokenizer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # (the repository's root)
+from kd.checkpoint import remove_stale, seal, swap_in
+from kd.configurator import ArgumentParser, ConfigError, HelpFormatter, exit_on_error
+from kd.data import cache_rows, check_dataset, data_hash, foreign, load_split, make_batch, top_k, window_bos
+from kd.machine import choose_dtype, init_distributed
+from kd.models import cast_parameters, check_vocabularies, load_model, model_tokenizer
 
 def write_split(teacher, split, folder, name, args, rank, world, ctx, device, pad_id, vocab):
     """This rank's share of a split's rows, written into the (pre-sized) files in folder."""

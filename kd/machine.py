@@ -5,7 +5,7 @@ for MFU, the CPU allocator setting, the memory estimate per rank, and the FSDP2 
 import datetime, os, time
 import torch
 import torch.distributed as dist
-from models import blocks, output_rows
+from kd.models import blocks, output_rows
 
 def init_distributed(device):
     """(ddp, rank, local_rank, world_size, this rank's device). torchrun's environment decides, so one code path

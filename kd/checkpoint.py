@@ -7,7 +7,7 @@ states (tensors, read with weights_only=True), the settings and data position (J
 """
 import glob, hashlib, json, os, pickle, re, shutil
 import torch
-from configurator import ConfigError
+from kd.configurator import ConfigError
 
 # -----------------------------------------------------------------------------
 # folders written whole

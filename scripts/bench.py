@@ -1,13 +1,13 @@
 """
 Speed and memory of distillation, plain (full logits) vs chunked (loss_chunk), as ratios measured in one run.
 
-    python prepare_data.py && python bench.py            # both parts below
-    python bench.py --part=loss                           # the loss alone: peak memory and time
-    python bench.py --part=chunk                          # forward KL's closed form per chunk, by rows per block
-    python bench.py --part=step                           # 4 x 512 tokens, distill.py's defaults
-    python bench.py --part=step --profile                 # and where a step's time goes, by kind of op
-    python bench.py --part=sample                         # on-policy sampling against HF generate's own rate
-    python bench.py --part=pack                           # packed rows vs padded: real tokens per second
+    python prepare_data.py && python scripts/bench.py            # both parts below
+    python scripts/bench.py --part=loss                           # the loss alone: peak memory and time
+    python scripts/bench.py --part=chunk                          # forward KL's closed form per chunk, by rows per block
+    python scripts/bench.py --part=step                           # 4 x 512 tokens, distill.py's defaults
+    python scripts/bench.py --part=step --profile                 # and where a step's time goes, by kind of op
+    python scripts/bench.py --part=sample                         # on-policy sampling against HF generate's own rate
+    python scripts/bench.py --part=pack                           # packed rows vs padded: real tokens per second
 
 --part=loss: forward + backward of CE + forward KL at T=2 from final hidden states, for V = 49,152 and
 151,936, hidden 576 and 1,536, 8,192 positions; each case in a fresh process, peak memory = its peak RSS
@@ -28,13 +28,14 @@ their last supervised target (what packing keeps), the padding share is the rest
 """
 import argparse, contextlib, json, os, resource, statistics, subprocess, sys, time
 import torch
-from configurator import exit_on_error
-from data import block_windows, check_dataset, doc_order, kept_lengths, load_split, make_batch, pack_rows
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # (the repository's root)
+from kd.configurator import exit_on_error
+from kd.data import block_windows, check_dataset, doc_order, kept_lengths, load_split, make_batch, pack_rows
 from distill import ChunkedHeadLoss, Trainable, auto_chunk, chunk_loss, configure_optimizer, loss_sums
-from machine import cpu_name, flops_per_token, keep_freed_memory, measure_matmul_flops
-from models import (cast_parameters, demo_tokenizer, load_model, load_tokenizer, output_rows, special_ids,
+from kd.machine import cpu_name, flops_per_token, keep_freed_memory, measure_matmul_flops
+from kd.models import (cast_parameters, demo_tokenizer, load_model, load_tokenizer, output_rows, special_ids,
                     student_from_teacher_layers)
-from sampling import prompt_lengths, sample_rows, stop_tokens
+from kd.sampling import prompt_lengths, sample_rows, stop_tokens
 
 p = argparse.ArgumentParser()
 p.add_argument('--part', default='all', choices=['all', 'loss', 'chunk', 'step', 'sample', 'pack'])

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from configurator import ConfigError, DataError
+from kd.configurator import ConfigError, DataError
 
 BYTES_SPECIALS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
 

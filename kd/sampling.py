@@ -10,8 +10,8 @@ import zlib
 from collections import Counter
 import numpy as np
 import torch
-from configurator import ConfigError
-from data import Align, Batch
+from kd.configurator import ConfigError
+from kd.data import Align, Batch
 
 def prompt_lengths(split):
     """Per document, the length of its prompt: the tokens before its first supervised target (0: no target)."""
