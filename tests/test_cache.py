@@ -263,7 +263,7 @@ def test_a_cache_with_a_kind_whose_gradient_it_cannot_estimate_is_said(work):
 def test_killed_write_leaves_nothing_taken_for_complete(work):
     """SIGKILL after the first split's rows: no folder that distill.py reads; the next run clears it and completes."""
     folder = work / 'data' / 'tiny' / 'killed'
-    code = ('import os, signal, sys, cache_teacher as c\n'
+    code = ('import os, signal, sys\nsys.path.insert(0, "scripts")\nimport cache_teacher as c\n'
             'w = c.write_split\n'
             'def once(*a):\n    w(*a)\n    os.kill(os.getpid(), signal.SIGKILL)\n'
             'c.write_split = once\n'
