@@ -26,7 +26,7 @@ positions; so the result does not depend on how a step is split. Beneath this fi
 reads), models.py (models and tokenizers), machine.py (processes, dtype, memory, FSDP), checkpoint.py, sampling.py
 (on-policy rows), configurator.py.
 """
-import gc, json, math, os, re, shutil, statistics, sys, time
+import gc, json, math, os, re, statistics, sys, time
 from contextlib import nullcontext
 from typing import NamedTuple
 import numpy as np
@@ -749,7 +749,6 @@ if __name__ == '__main__':
             save_checkpoint(ckpt_dir, weights, optimizer_state, scaler, iter_num,
                             iter_num * batch_size * gradient_accumulation_steps, states, run_config, losses,
                             val_history[-100:])
-            shutil.rmtree(os.path.join(out_dir, 'earlier'), ignore_errors=True)  # (this run has a checkpoint now)
 
     flops_peak = peak_flops or dtype_rate or measure_matmul_flops(torch_device, ptdtype)  # the MFU denominator
     run_config = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'peak_flops': flops_peak,

@@ -137,10 +137,11 @@ def save_checkpoint(folder, weights, optimizer_state, scaler, iter_num, data_pos
     hashes = {'state.json': content_hash([os.path.join(tmp, 'state.json')])}  # (state.pt: too big to hash cheaply)
     seal(tmp, 'manifest.json', {'iter_num': iter_num, 'hashes': hashes})
     swap_in(tmp, folder)
+    shutil.rmtree(os.path.join(os.path.dirname(folder), 'earlier'), ignore_errors=True)  # (set_aside's: no longer kept)
 
 def set_aside(out_dir):
     """A run from scratch in out_dir: the earlier run's complete checkpoint (and its log) goes to out_dir/earlier,
-    where it stays until the new run has a checkpoint of its own (then distill.py removes it), so that a run that
+    where it stays until the new run has a checkpoint of its own (then save_checkpoint removes it), so that a run that
     fails first leaves the earlier one whole. Half-written saves beside no complete checkpoint are a failed run's
     and go; so does an older out_dir/earlier when a newer complete checkpoint takes its place. The move is made in
     out_dir/earlier.new, which a later call finishes if a kill cut it short. Returns whether out_dir/earlier exists."""

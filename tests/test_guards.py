@@ -8,7 +8,7 @@ from conftest import BYTES_VOCAB, tiny_model, tiny_work
 from test_distill import run, train_log, weights
 from test_on_policy import reference_loss, sampled
 import distill, prepare_data
-from kd import checkpoint, data, sampling
+from kd import checkpoint, sampling
 from kd.configurator import ConfigError
 
 @pytest.fixture(scope='module')
