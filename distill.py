@@ -4,8 +4,6 @@ Knowledge distillation of language models: the settings, the losses and the run,
     python distill.py configs/tiny.py                                  # one process (CPU or one GPU)
     python distill.py configs/hermes.py --learning_rate=1e-5           # a config file, then overrides
     torchrun --standalone --nproc_per_node=8 distill.py configs/hermes.py
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\
-        distill.py configs/hermes.py
     python distill.py --help                                           # every key, its default and comment
 
 The loss (Trainable.forward, the one place it is assembled):
@@ -13,37 +11,42 @@ The loss (Trainable.forward, the one place it is assembled):
 - CE: cross-entropy on the data's supervised targets (the hard labels).
 - D: a divergence (DIVERGENCES) between the teacher's and the student's next-token distributions at temperature T.
 - H: the distance between student hidden states, through trained projections, and the teacher's at mapped layers
-  (make_layer_pairs); works across architectures and, with prepare_data.py --teacher_tokenizer, across tokenizers.
+  (LayerMap); across architectures and, with prepare_data.py --teacher_tokenizer, across tokenizers.
 distill='logits' sets (w_ce, w_kd, w_hidden) = (1 - alpha, alpha, 0), 'hidden' (1 - alpha, 0, alpha), 'none'
 (1, 0, 0): the SFT baseline, the same routine with no teacher; ce_weight, kd_weight, hidden_weight override them.
-With loss_chunk > 0, CE and D come from the final hidden states a chunk of positions at a time (ChunkedHeadLoss), so
-neither model's full logits ever exist.
 
 Data comes from prepare_data.py: mask[i] == 1 iff token i is a supervised target. A document d is read as
 X = d[:-1] and scored on Y = d[1:] where M = mask[1:]. CE and D are sums over supervised targets divided by N, the
 supervised targets of the whole optimizer step (all micro-batches, all ranks); H likewise over its aligned
-positions; so the result does not depend on how a step is split. Beneath this file, in kd/: data.py (what a step
-reads), models.py (models and tokenizers), machine.py (processes, dtype, memory, FSDP), checkpoint.py, sampling.py
-(on-policy rows), configurator.py.
+positions; so the result does not depend on how a step is split.
+
+Read top to bottom: the settings, the divergences, the loss on full logits, the layer map, Trainable (the loss in one
+place), then the run. Beneath, in kd/, each capability reaches the run through one hook: a teacher is called on a
+batch (teacher.py: in-process or sharded; cache.py: its cached top-k; cross.py: across tokenizers), the rows come
+from the data (data.py) rewritten by on-policy sampling (sampling.py) and packed; chunked.py computes CE and D a chunk
+of positions at a time (loss_chunk), without either model's full logits.
 """
-import gc, json, math, os, re, statistics, sys, time
+import gc, json, math, os, re, sys, time
 from contextlib import nullcontext
+from functools import partial
 from typing import NamedTuple
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from kd.checkpoint import (content_hash, find_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_aside,
-                        set_rng_state, trim_log)
-from kd.configurator import ConfigError, DataError, check_config, exit_on_error, parse_config, print_help
-from kd.data import TopK, attach_topk, block_windows, check_dataset, load_split, make_batch, pack_rows, step_doc_ids
+from kd.cache import CachedTeacher
+from kd.checkpoint import content_hash, rng_states, resume, save_checkpoint, set_aside
+from kd.chunked import ChunkedHeadLoss, HeadLoss, choose_chunk
+from kd.configurator import ConfigError, check_config, exit_on_error, parse_config, print_help
+from kd.cross import across_tokenizers, check_cross
+from kd.data import TopK, block_windows, check_dataset, load_split, make_batch, pack_rows, step_doc_ids
 from kd.machine import (choose_dtype, flops_per_token, full_state, gathered, gb, init_distributed, keep_freed_memory,
-                     measure_matmul_flops, memory_estimate, memory_line, shard, teacher_head)
-from kd.models import (build_student, cast_parameters, check_vocabularies, load_model, load_tokenizer, model_tokenizer,
-                    output_rows, packs, plain_head, special_ids, vocab_columns)
-from kd.sampling import check_prompts, on_policy_rows, prompt_lengths, row_seed, sample_rows, stop_tokens
+                        measure_matmul_flops, memory_estimate, memory_line, shard)
+from kd.guards import Guards
+from kd.models import build_student, check_vocabularies, export_student, load_model, model_tokenizer, output_rows, packs
+from kd.sampling import OnPolicy, check_on_policy
+from kd.teacher import NoTeacher, ShardedTeacher, Teacher, frozen
 
 # -----------------------------------------------------------------------------
 # defaults (a config file and --key=value override them; `python distill.py --help` lists them)
@@ -142,8 +145,9 @@ def forward_kl(log_p, log_q, beta):
 
 # Every divergence here is a sum over tokens, D(p || q) = sum_j d(p_j, q_j): the entry gives the terms d from log p
 # (teacher) and log q (student) at temperature T, and beta. A new divergence is one more entry: kd_divergence, both
-# loss paths (autograd), the teacher cache and the kd_kind setting take it from here. (chunk_loss has a shortcut for
-# the gradient of forward_kl, taken only while the 'fkl' entry is that function: an edited entry is what trains.)
+# loss paths (autograd), the teacher cache and the kd_kind setting take it from here (a new knob: one more field of
+# Divergence). (The chunked loss has a closed-form gradient for forward_kl, taken only while the 'fkl' entry is that
+# function: an edited entry is what trains.)
 DIVERGENCES = {
     'fkl': forward_kl,
     'rkl': lambda log_p, log_q, beta: _kl(log_q, log_p),  # reverse KL(q || p): mode-seeking
@@ -156,8 +160,8 @@ KD_KINDS = tuple(DIVERGENCES)
 
 def kd_divergence(student_logits, teacher_logits, kind='fkl', temperature=1.0, beta=0.5):
     """Per-position divergence (DIVERGENCES[kind]) between p = softmax(teacher / T) and q = softmax(student / T).
-    A TopK teacher (data.py, a cached one): the exact terms of its k tokens plus the weighted terms of its drawn ones,
-    whose expectation over the draws is the sum of the terms over the tail: an unbiased estimate of the full
+    A TopK teacher (kd/data.py, a cached one): the exact terms of its k tokens plus the weighted terms of its drawn
+    ones, whose expectation over the draws is the sum of the terms over the tail: an unbiased estimate of the full
     divergence (exact at k = V)."""
     if kind not in DIVERGENCES:
         raise ValueError(f"kd_kind must be one of {KD_KINDS}, got '{kind}'")
@@ -174,146 +178,35 @@ def kd_divergence(student_logits, teacher_logits, kind='fkl', temperature=1.0, b
     weight = torch.cat([torch.ones_like(zt[..., :k]), t.logw.to(fp).exp()], -1)
     return (weight * DIVERGENCES[kind](log_p, log_q.gather(-1, t.ids.long()), beta)).sum(-1)
 
-# -----------------------------------------------------------------------------
-# logits across tokenizers
 
-def to_student_vocab(zt, cols, n, temperature):
-    """The teacher's logits zt (rows, V_t) as logits over n student tokens: each one's probability at temperature T is
-    the sum of those of the teacher tokens carried onto it, cols[j] for teacher token j (n: none, dropped; the rest
-    renormalised), returned as T log-probabilities, so that softmax(. / T) gives them and every divergence applies
-    unchanged. cols comes from models.vocab_map: a token of the same bytes (the shared vocabulary) or the longest
-    student token the teacher's begins with; identical tokenizers give the identity, a byte-level student each
-    next byte's probability."""
-    z = (zt if zt.dtype == torch.float64 else zt.float()) / temperature
-    cols = cols.expand(len(z), -1)
-    top = z.new_full((len(z), n + 1), -math.inf).scatter_reduce_(1, cols, z, 'amax')  # a log-sum-exp per student token
-    total = torch.zeros_like(top).scatter_add_(1, cols, (z - top.gather(1, cols)).exp())
-    return (top + total.log())[:, :n] * temperature
+class Divergence(NamedTuple):
+    """D chosen once with its settings, then passed down as a function: divergence(student_logits, teacher) is
+    kd_divergence's per-position terms."""
+    kind: str = 'fkl'
+    temperature: float = 1.0
+    beta: float = 0.5
+
+    def __call__(self, student_logits, teacher_logits):
+        return kd_divergence(student_logits, teacher_logits, self.kind, self.temperature, self.beta)
+
+    def closed_form(self):  # (asked at each call: an edited DIVERGENCES entry is what trains)
+        return DIVERGENCES[self.kind] is forward_kl
 
 # -----------------------------------------------------------------------------
-# the head loss, plain and chunked
+# the loss on full logits
 
-def loss_sums(z, y, zt, vocab, kind='fkl', temperature=1.0, beta=0.5, weight=None):
-    """Sums over the rows (supervised positions) of logits z (n, V) of the CE against targets y and of the divergence
-    from the teacher's logits zt (a TopK: its cached distribution; None: CE alone) at the first len(zt) rows, over
-    the real vocabulary: rows past it are embedding padding and differ between models, so they are never compared.
-    Across tokenizers vocab is the student's compared tokens (a tensor of ids) and zt already over them
-    (to_student_vocab). weight: each row's weight in the divergence's sum (None: 1; on-policy's mixture, Trainable).
-    The plain path calls it on all rows, the chunked one per chunk."""
+def loss_sums(z, y, zt, divergence, compared, weight=None):
+    """Sums over the rows (supervised positions) of logits z (n, V) of the CE against targets y (-100: none, a token
+    the student wrote) and of the divergence from the teacher's distribution zt (logits over the compared tokens, or a
+    cached TopK; None: CE alone) at the first len(zt) rows, over the student's compared tokens: compared is its real
+    vocabulary (a slice: the rows of a head past it are padding, never compared), or across tokenizers the ids the
+    teacher's tokens are carried onto (a tensor). weight: each row's weight in the divergence's sum (None: 1;
+    on-policy's mixture). The plain path calls it on all rows, the chunked one (kd/chunked.py) per chunk."""
     ce = F.cross_entropy(z if z.dtype == torch.float64 else z.float(), y, reduction='sum')  # (fp32 at least)
     if zt is None:
         return ce, torch.zeros_like(ce)
-    z = z[:len(zt)]
-    if isinstance(vocab, torch.Tensor):
-        d = kd_divergence(z[:, vocab], zt, kind, temperature, beta)
-    else:
-        d = kd_divergence(z[:, :vocab], zt if isinstance(zt, TopK) else zt[:, :vocab], kind, temperature, beta)
+    d = divergence(z[:len(zt), compared], zt)
     return ce, (d if weight is None else d * weight[:len(d)].to(d.dtype)).sum()
-
-def chunk_loss(z, y, zt, vocab, coef, kind, temperature, beta, weight=None, rows=8):
-    """One chunk of ChunkedHeadLoss: loss_sums of logits z (in the compute dtype, read in fp32) and, unless coef is
-    None, the gradient of coef[0] CE + coef[1] D w.r.t. z in z's dtype, by autograd. Forward KL as shipped has a
-    closed form, d CE/dz = softmax(z) - onehot(y), d KL(p || q)/dz = (q - p) / T, taken a few rows at a time so
-    that its fp32 temporaries stay in the CPU's cache: one read of z and zt from memory, one write of the gradient,
-    three exponentials per logit (the whole chunk at once made some twenty passes over (n, V) in memory, six exps).
-    On a GPU, 256 rows at a time: no cache to fit, a launch per op, and the fp32 temporaries bounded."""
-    fp = torch.float64 if z.dtype == torch.float64 else torch.float32  # never below fp32
-    if coef is None:
-        return *loss_sums(z.to(fp), y, zt, vocab, kind, temperature, beta, weight), None
-    if DIVERGENCES[kind] is not forward_kl or not isinstance(zt, torch.Tensor) or isinstance(vocab, torch.Tensor):
-        with torch.enable_grad():
-            z_fp = z.to(fp).requires_grad_()
-            ce, kd = loss_sums(z_fp, y, zt, vocab, kind, temperature, beta, weight)
-            dz, = torch.autograd.grad(coef[0] * ce + coef[1] * kd, z_fp)
-        return ce.detach(), kd.detach(), dz.to(z.dtype)
-    T, tiny = temperature, torch.finfo(fp).min
-    ce, kd, dz = z.new_zeros((), dtype=fp), z.new_zeros((), dtype=fp), torch.empty_like(z)
-    rows = rows if z.device.type == 'cpu' else 256
-    for a in range(0, len(z), rows):
-        zr, yr = z[a:a + rows].to(fp), y[a:a + rows]
-        labeled = (yr >= 0)[:, None].to(fp)  # 0 where y = -100 (a token the student sampled: no hard label)
-        yr = yr.clamp(min=0)[:, None]
-        m = zr.amax(1, keepdim=True)
-        e = torch.sub(zr, m).exp_()  # softmax(z) = e / s
-        s = e.sum(1, keepdim=True)
-        ce += ((m + s.log() - zr.gather(1, yr)) * labeled).sum()
-        g = e.mul_(labeled * coef[0] / s).scatter_add_(1, yr, labeled * -coef[0])  # the CE part of the gradient
-        log_q = zr[:, :vocab] / T
-        log_q -= log_q.amax(1, keepdim=True)
-        q = log_q.exp()
-        s_q = q.sum(1, keepdim=True)
-        log_q -= s_q.log()
-        log_p = zt[a:a + rows, :vocab].to(fp) / T
-        log_p -= log_p.amax(1, keepdim=True)
-        p = log_p.exp()
-        s_p = p.sum(1, keepdim=True)
-        log_p -= s_p.log()
-        p /= s_p
-        d = (p * log_p.clamp_(min=tiny).sub_(log_q)).sum(1)  # (a -inf teacher logit: p = 0, and no 0 * -inf)
-        dq = q.div_(s_q).sub_(p)  # d KL/dz = (q - p) / T
-        if weight is not None:  # (on-policy's mixture: each row's weight)
-            d, dq = d * weight[a:a + rows].to(fp), dq.mul_(weight[a:a + rows, None].to(fp))
-        kd += d.sum()
-        g[:, :vocab].add_(dq, alpha=coef[1] / T)
-        dz[a:a + rows] = g
-    return ce, kd, dz
-
-def auto_chunk(vocab_rows, compute_dtype):
-    """loss_chunk='auto': 1,024 positions; in fp32 the most, a power of two from 256, whose logits stay within 2^26 per
-    model. Measured on a 2-core CPU (docs/performance.md): 1,024 beat 256 in bf16 at V = 49,152 and 151,936, in fp32 at
-    49,152, and lost in fp32 at 151,936 (256 fastest there, and a quarter of the memory)."""
-    if compute_dtype != 'float32':
-        return 1024
-    return min(1024, max(256, 2 ** int(math.log2(2 ** 26 / vocab_rows))))
-
-class ChunkedHeadLoss(torch.autograd.Function):
-    """loss_sums(h @ W.T, Y, t_h @ t_W.T) without a (positions, V) tensor of either model: a chunk of positions at a
-    time. Backward would need every chunk's logits again, so each chunk's gradient is taken in forward (chunk_loss)
-    for the combination coef[0] CE + coef[1] D that the caller forms from the two outputs, and only the gradients
-    w.r.t. h and W (positions x d, V x d) are kept; backward checks that combination and scales them (1/N, the world
-    size, the fp16 loss scale). The plain path's matmuls, none repeated. h (n, d_s): the student's final hidden
-    states at supervised positions, W (V_s, d_s) its head; t_h (n, d_t), t_W (V_t, d_t) the teacher's, or None (CE
-    alone); or t_h a TopK of n positions and t_W None (a cached teacher). The teacher may have fewer rows than h:
-    they are h's first (across tokenizers, the aligned positions; the others have CE alone), and t_cols carries its
-    distribution onto the student's compared tokens, vocab (to_student_vocab)."""
-    @staticmethod
-    def forward(ctx, h, W, Y, t_h, t_W, coef, vocab, kind, temperature, beta, chunk, t_cols=None, weight=None):
-        need_grad = coef is not None  # None: values only (evaluation)
-        Wc = W.to(h.dtype)  # the heads in the compute dtype once, not once per chunk (autocast)
-        t_Wc = None if t_W is None else t_W.to(t_h.dtype)
-        acc = torch.promote_types(W.dtype, torch.float32)  # the head's gradient accumulated in fp32 at least
-        dh, dW = (torch.empty_like(h), torch.zeros_like(W, dtype=acc)) if need_grad else (None, None)
-        ce_sum, kd_sum = torch.zeros((), device=h.device), torch.zeros((), device=h.device)
-        for a in range(0, len(h), chunk):
-            hc = h[a:a + chunk]
-            zt = None if t_h is None else t_h[a:a + chunk] if t_Wc is None else t_h[a:a + chunk] @ t_Wc.T
-            if t_cols is not None:  # across tokenizers: the teacher's distribution on the student's tokens
-                zt = to_student_vocab(zt, t_cols, len(vocab), temperature)
-            ce, kd, dz = chunk_loss(hc @ Wc.T, Y[a:a + chunk], zt, vocab, coef, kind, temperature, beta,
-                                    None if weight is None else weight[a:a + chunk])
-            ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
-            if need_grad:
-                dh[a:a + chunk] = dz @ Wc
-                if dz.dtype == dW.dtype:
-                    dW.addmm_(dz.T, hc)  # accumulated in place: no second (V, d) buffer
-                else:
-                    dW += dz.T @ hc
-        ctx.save_for_backward(dh, dW)
-        ctx.coef, ctx.head_dtype = coef, W.dtype
-        return ce_sum, kd_sum
-
-    @staticmethod
-    def backward(ctx, g_ce, g_kd):
-        dh, dW = ctx.saved_tensors  # scaled in place (a second backward through this graph raises, as it should)
-        c_ce, c_kd = ctx.coef
-        if not (c_ce or c_kd):  # (hidden states alone: the loss does not read the head)
-            return dh.zero_(), dW.zero_().to(ctx.head_dtype), *[None] * 11
-        scale = g_ce / c_ce if c_ce else g_kd / c_kd
-        wanted = scale * torch.tensor([c_ce, c_kd], device=scale.device)
-        if not torch.allclose(torch.stack([g_ce, g_kd]).float(), wanted, rtol=1e-4, atol=0):
-            raise RuntimeError(f'ChunkedHeadLoss computed the gradient of {c_ce:g} CE + {c_kd:g} D, but the loss '
-                               'weighs its outputs otherwise: pass the weights the loss uses as coef')
-        return dh.mul_(scale), dW.mul_(scale).to(ctx.head_dtype), *[None] * 11
 
 # -----------------------------------------------------------------------------
 # hidden states: the distance and the layer map
@@ -356,16 +249,43 @@ def make_layer_pairs(spec, student_layers_n, teacher_layers_n, kept=None):
     raise ConfigError(f"layer_map must be 'uniform', 'last', 'kept' or a list of (student, teacher) pairs, "
                       f"got {spec!r}")
 
+class LayerMap(nn.ModuleList):
+    """Hidden-state distillation's layer map: its (student, teacher) pairs (make_layer_pairs) and a trained projection
+    per pair, student width -> teacher width (the module list itself). Called on both models' hidden states and the
+    aligned positions, it gives H: the distance summed over the positions, averaged over the pairs, in fp32."""
+    def __init__(self, pairs=(), student_width=0, teacher_width=0, loss='mse', rms_norm=False, init='xavier'):
+        super().__init__(nn.Linear(student_width, teacher_width, bias=False) for _ in pairs)
+        self.pairs, self.loss, self.rms_norm, self.init = list(pairs), loss, rms_norm, init
+        for p in self:
+            if init == 'identity':
+                nn.init.eye_(p.weight)
+            elif init == 'xavier':
+                nn.init.xavier_uniform_(p.weight)
+            else:
+                raise ConfigError(f"proj_init must be 'xavier' or 'identity', got '{init}'")
+
+    def teacher_layers(self):
+        return [t for _, t in self.pairs]
+
+    def forward(self, student_states, teacher_states, align):
+        with torch.autocast(align.b.device.type, enabled=False):  # projections and distances in fp32
+            h = sum(hidden_distance(proj(student_states[ls][align.b, align.s].float()), ht[align.b, align.t],
+                                    self.loss, self.rms_norm).sum()
+                    for (ls, _), proj, ht in zip(self.pairs, self, teacher_states))
+        return h / len(self.pairs)
+
+    def describe(self):
+        return ('layer map (student <- teacher, 0 = embedding output, l = block l): '
+                + ', '.join(f'{a}<-{b}' for a, b in self.pairs)
+                + f'; projections {self[0].in_features} -> {self[0].out_features} ({self.init})')
+
+    def saved_bytes(self):
+        """Per aligned position, what autograd keeps of the map (machine.memory_estimate): each projection's fp32 input
+        and output (and the RMS-normalised one), and the indices."""
+        return sum(4 * (p.in_features + p.out_features * (1 + self.rms_norm)) + 24 for p in self)
+
 # -----------------------------------------------------------------------------
 # the student with its loss
-
-class TeacherOut(NamedTuple):
-    """What the loss reads of the teacher (None where a term is off or a path does not need it)."""
-    logits: torch.Tensor = None  # its logits (the plain path)
-    last_hidden: torch.Tensor = None  # its final hidden states (the chunked path: the head applied a chunk at a time)
-    head: torch.Tensor = None  # its output head's weight (the chunked path)
-    topk: TopK = None  # its cached distribution at the supervised targets (teacher_cache: no teacher in memory)
-    hidden: list = None  # its hidden states at the mapped layers
 
 class Losses(NamedTuple):
     loss: torch.Tensor  # this micro-batch's share of the step's loss, to differentiate
@@ -374,92 +294,54 @@ class Losses(NamedTuple):
     hidden: torch.Tensor  # the sum over its aligned positions, averaged over the layer pairs (detached)
 
 class Trainable(nn.Module):
-    """The student and its loss. Everything that trains (the student and the hidden-state projections) sits in this
+    """The student and its loss. Everything that trains (the student and the layer map's projections) sits in this
     one module, so that DDP, the optimizer and checkpoints see the same parameters; only .model is exported.
-    chunk > 0: CE and D by ChunkedHeadLoss, this many positions at a time; 0: from the full logits. cross: logit
-    distillation across tokenizers, (the student ids compared, each teacher id's column among them) (vocab_columns)."""
-    def __init__(self, model, vocab, weights=(1.0, 0.0, 0.0), kind='fkl', temperature=1.0, beta=0.5, chunk=0,
-                 layer_pairs=(), teacher_width=0, hidden_loss='mse', rms_norm=False, proj_init='xavier', cross=None):
+    compared: the student's tokens D compares, its first `compared` (an int: its real vocabulary) or, across
+    tokenizers, the ids the teacher's tokens are carried onto (kd/cross.py). chunk > 0: CE and D by the chunked loss
+    (kd/chunked.py), this many positions at a time; 0: from the full logits."""
+    def __init__(self, model, compared, weights=(1.0, 0.0, 0.0), divergence=Divergence(), chunk=0, layer_map=None):
         super().__init__()
-        self.model, self.vocab, (self.w_ce, self.w_kd, self.w_hidden) = model, vocab, weights
-        self.compared, self.t_cols = cross or (vocab, None)
-        self.kind, self.temperature, self.beta, self.chunk = kind, temperature, beta, chunk
-        self.layer_pairs, self.hidden_loss, self.rms_norm = list(layer_pairs), hidden_loss, rms_norm
-        width = model.config.hidden_size
-        self.proj = nn.ModuleList(nn.Linear(width, teacher_width, bias=False) for _ in self.layer_pairs)
-        for p in self.proj:
-            if proj_init == 'identity':
-                nn.init.eye_(p.weight)
-            elif proj_init == 'xavier':
-                nn.init.xavier_uniform_(p.weight)
-            else:
-                raise ConfigError(f"proj_init must be 'xavier' or 'identity', got '{proj_init}'")
-
-    @torch.no_grad()
-    def teacher_forward(self, teacher, batch):
-        """The teacher's forward, only as far as the loss needs it: no head on the chunked path (it is applied a chunk
-        at a time) nor for hidden states alone. Across tokenizers it reads its own tokens. No teacher: its cached
-        top-k came with the batch (teacher_cache), or there is none (SFT)."""
-        if teacher is None:
-            return TeacherOut(topk=batch.topk)
-        kd, hidden = self.w_kd > 0, self.w_hidden > 0
-        net = teacher if kd and not self.chunk else teacher.base_model
-        X, pos = (batch.X, batch.pos) if batch.align.XT is None else (batch.align.XT, batch.teacher_pos)
-        out = net(input_ids=X, position_ids=pos, use_cache=False, output_hidden_states=hidden)
-        return TeacherOut(logits=out.logits if kd and not self.chunk else None,
-                          last_hidden=out.last_hidden_state if kd and self.chunk else None,
-                          head=teacher_head(teacher) if kd and self.chunk else None,
-                          hidden=[out.hidden_states[t] for _, t in self.layer_pairs] if hidden else None)
+        self.model, (self.w_ce, self.w_kd, self.w_hidden) = model, weights
+        self.vocab = compared if isinstance(compared, int) else None  # (its first tokens: a slice, a view)
+        self.compared = slice(0, compared) if self.vocab else compared
+        self.divergence, self.chunk = divergence, chunk
+        self.proj = layer_map if layer_map is not None else LayerMap()  # (named proj: its weights' names, proj.0...)
 
     def coefficients(self, n_targets, n_hidden=1, n_labeled=None):
         """The weights of the sums CE, D and H in the loss: the step's counts of supervised targets, of those with a
         hard label (all but the student's own samples) and of aligned positions divide them, so that the micro-batches'
         losses add up to the step's. T^2 keeps the gradient of D comparable across temperatures (Hinton et al. 2015):
         D's own gradient shrinks like 1/T^2."""
-        c_kd = self.w_kd * self.temperature ** 2 / n_targets
+        c_kd = self.w_kd * self.divergence.temperature ** 2 / n_targets
         return self.w_ce / (n_labeled or n_targets), c_kd, self.w_hidden / n_hidden
 
     def forward(self, batch, teacher, n_targets=1, n_hidden=1, n_labeled=None, mix=None):
-        """The loss: c_ce CE + c_kd D + c_hidden H (coefficients); CE only where Y has a label (not -100). The rows: the
-        supervised positions (b, s), whose teacher rows are (tb, tt): the same positions, or across tokenizers the
-        aligned pairs, first (then the student's other supervised positions, CE alone). mix (on-policy): the weights
-        (w_student, w_data) of D's terms on the student's own tokens (Y = -100) and on the data's, so that the two
-        sources are mixed by rows, as GKD and TRL mix them by batch, not by tokens (mixing_weights)."""
-        X, Y, M, align = batch.X, batch.Y, batch.M, batch.align
-        b, s = M.nonzero(as_tuple=True)
-        tb, tt = b, s
-        if self.t_cols is not None:
-            rest = M.bool().index_put((align.b, align.s), torch.zeros_like(align.s, dtype=torch.bool))
-            (rb, rs), tb, tt = rest.nonzero(as_tuple=True), align.b, align.t
-            b, s = torch.cat([align.b, rb]), torch.cat([align.s, rs])
+        """The loss: c_ce CE + c_kd D + c_hidden H (coefficients), teacher the TeacherOut of this batch. The rows: the
+        aligned pairs (b, s) <-> (b, t) first, where D is taken (with one tokenizer, every supervised target and
+        t = s), then the student's other supervised targets, CE alone. CE only where the data wrote the target
+        (Batch.sampled: the student did). mix (on-policy): the weights (w_student, w_data) of D's terms on the
+        student's own tokens and on the data's, so that the two sources mix by rows (mixing_weights)."""
+        X, align, labeled = batch.X, batch.align, batch.labeled()
+        (rb, rs) = batch.M.bool().index_put((align.b, align.s), torch.zeros_like(align.s, dtype=torch.bool)).nonzero(
+            as_tuple=True)
+        b, s = torch.cat([align.b, rb]), torch.cat([align.s, rs])
+        y = batch.Y[b, s].masked_fill(~labeled[b, s], -100)  # (cross-entropy's ignore index)
+        weight = None if mix is None else torch.tensor(mix, dtype=torch.float64, device=X.device)[labeled[b, s].long()]
+        zt = None if teacher.logits is None else teacher.logits[align.b, align.t]
         c_ce, c_kd, c_hidden = self.coefficients(n_targets, n_hidden, n_labeled)
-        settings = (self.compared, self.kind, self.temperature, self.beta)
-        weight = None  # (on-policy: each row's weight in D, by who wrote its token)
-        if mix is not None:
-            weight = torch.tensor(mix, dtype=torch.float64, device=Y.device)[(Y[b, s] >= 0).long()]
+        sums = partial(loss_sums, divergence=self.divergence, compared=self.compared)
         if self.chunk:
-            t_h = teacher.topk if teacher.topk is not None else teacher.last_hidden
             out = self.model.base_model(input_ids=X, position_ids=batch.pos, use_cache=False,
                                         output_hidden_states=teacher.hidden is not None)
             coef = (c_ce, c_kd) if torch.is_grad_enabled() else None  # (evaluation: values alone)
+            closed = (self.divergence.temperature, self.vocab) if self.vocab and self.divergence.closed_form() else None
             ce, kd = ChunkedHeadLoss.apply(out.last_hidden_state[b, s], self.model.get_output_embeddings().weight,
-                                           Y[b, s], None if t_h is None else t_h[tb, tt], teacher.head, coef,
-                                           *settings, self.chunk, self.t_cols, weight)
+                                           HeadLoss(y, zt, sums, coef, self.chunk, weight, closed))
         else:
-            zt = teacher.topk if teacher.topk is not None else teacher.logits
             out = self.model(input_ids=X, position_ids=batch.pos, use_cache=False,
                              output_hidden_states=teacher.hidden is not None)
-            zt = None if zt is None else zt[tb, tt]
-            if self.t_cols is not None:
-                zt = to_student_vocab(zt, self.t_cols, len(self.compared), self.temperature)
-            ce, kd = loss_sums(out.logits[b, s], Y[b, s], zt, *settings, weight)
-        hidden = torch.zeros_like(ce)
-        if teacher.hidden is not None:
-            with torch.autocast(X.device.type, enabled=False):  # projections and distances in fp32
-                for (ls, _), proj, ht in zip(self.layer_pairs, self.proj, teacher.hidden):
-                    hs = proj(out.hidden_states[ls][align.b, align.s].float())
-                    hidden = hidden + hidden_distance(hs, ht[align.b, align.t], self.hidden_loss, self.rms_norm).sum()
-            hidden = hidden / len(self.layer_pairs)
+            ce, kd = sums(out.logits[b, s], y, None if zt is None else zt.distribution(), weight=weight)
+        hidden = torch.zeros_like(ce) if teacher.hidden is None else self.proj(out.hidden_states, teacher.hidden, align)
         loss = c_ce * ce + c_kd * kd + c_hidden * hidden
         return Losses(loss, ce.detach(), kd.detach(), hidden.detach())
 
@@ -502,18 +384,10 @@ if __name__ == '__main__':
                           'student_init': ('pretrained', 'config', 'teacher_layers')}, torch.cuda.is_available())
     globals().update(config)  # read-only from here: what the run derives gets its own name, and goes in run_config
     implied = {'none': (1.0, 0.0, 0.0), 'logits': (1 - alpha, alpha, 0.0), 'hidden': (1 - alpha, 0.0, alpha)}[distill]
-    w_ce, w_kd, w_hidden = (implied[i] if w is None else float(w)
-                            for i, w in enumerate((ce_weight, kd_weight, hidden_weight)))
-    if teacher_cache is not None and (w_kd == 0 or w_hidden > 0):
-        raise ConfigError("teacher_cache holds the teacher's next-token distribution for logit distillation alone: "
-                          "use distill='logits' (hidden-state distillation needs the teacher itself), or unset "
-                          "teacher_cache")
-    if on_policy > 0 and (teacher_cache is not None or w_kd == 0 or parallel == 'fsdp'):
-        raise ConfigError('on_policy: ' + ('a teacher cache cannot score text the student writes: unset teacher_cache'
-                                           if teacher_cache is not None else "the student's replies train on the "
-                                           "divergence alone: set distill='logits' (or kd_weight > 0)" if w_kd == 0
-                                           else "under parallel='fsdp' sampling would gather every block for every "
-                                           "token: use parallel='ddp'"))
+    weights = w_ce, w_kd, w_hidden = tuple(implied[i] if w is None else float(w)
+                                           for i, w in enumerate((ce_weight, kd_weight, hidden_weight)))
+    if on_policy > 0:
+        check_on_policy(teacher_cache, w_kd, parallel)
     use_teacher = (w_kd > 0 and teacher_cache is None) or w_hidden > 0 or student_init == 'teacher_layers'
     if use_teacher and teacher is None:
         why = " (student_init='teacher_layers' copies its blocks)" if student_init == 'teacher_layers' else ''
@@ -523,6 +397,7 @@ if __name__ == '__main__':
     # processes and precision: torchrun's environment decides (one code path for 1 process and N)
     ddp, rank, local_rank, world_size, torch_device = init_distributed(device)
     master_process = rank == 0  # only it prints and writes
+    say = print if master_process else lambda *a: None
     if gradient_accumulation_steps % world_size:
         raise ConfigError(f'gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the world '
                           f'size {world_size}')
@@ -533,161 +408,123 @@ if __name__ == '__main__':
     # autocast: matmuls in the compute dtype, weights and optimizer state in fp32; the divergences cast up themselves
     ctx = nullcontext() if compute_dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=compute_dtype == 'float16')  # fp16 alone needs loss scaling
+    fsdp = ddp and parallel == 'fsdp'  # (one process has nothing to shard)
 
-    # data: token and mask arrays, read in windows of block_size (data.py); a teacher cache rides with each split
+    # data: token and mask arrays, read in windows of block_size (kd/data.py); a teacher cache rides with each split
     data_dir = os.path.join(data_root, dataset)
     meta = check_dataset(data_dir)
     vocab, cross_tokenizer = meta['vocab_size'], 'teacher_tokenizer' in meta
-    if cross_tokenizer and teacher_cache is not None:
-        raise ConfigError(f"teacher_cache: {data_dir} pairs two tokenizers (prepare_data.py --teacher_tokenizer), "
-                          "and a cache holds a teacher's distribution over the student's own tokens: distill across "
-                          'tokenizers online (unset teacher_cache), or prepare the data with one tokenizer')
-    if cross_tokenizer and on_policy:
-        raise ConfigError(f"on_policy: {data_dir} pairs two tokenizers, and the teacher would have to read the "
-                          "student's replies in its own tokens (not built): prepare the data with one tokenizer")
+    if cross_tokenizer:
+        check_cross(meta, data_dir, teacher_cache, on_policy)
     train_data, val_data = load_split(data_dir, 'train'), load_split(data_dir, 'val')
     data_fingerprint = content_hash([os.path.join(data_dir, f) for f in sorted(meta['files'])])  # (resumes read it)
-    if teacher_cache is not None:  # a folder, or its name inside the dataset's
-        cache_dir = teacher_cache if os.path.isdir(teacher_cache) else os.path.join(data_dir, teacher_cache)
-        for split, name in ((train_data, 'train'), (val_data, 'val')):
-            cache = attach_topk(split, name, cache_dir, data_dir, block_size, temperature)
+    cache = teacher_cache and CachedTeacher(teacher_cache, data_dir, {'train': train_data, 'val': val_data},
+                                            block_size, temperature, weights)
     train_windows, val_windows = block_windows(train_data, block_size), block_windows(val_data, block_size)[:eval_docs]
-    if on_policy:  # the student writes replies to the documents' prompts: their lengths, and where replies stop
-        prompts = prompt_lengths(train_data)
-        with_prompt = check_prompts(train_data, prompts, block_size, data_dir)
-    n_train_docs, n_val_docs = len(train_windows), len(val_windows)  # (a document longer than block_size gives several)
     iterations = max_iters if max_iters is not None else \
-        math.ceil(epochs * n_train_docs / (batch_size * gradient_accumulation_steps))
+        math.ceil(epochs * len(train_windows) / (batch_size * gradient_accumulation_steps))
     warmup_iters = int(warmup_frac * iterations)
 
     # models; a .gguf is converted once, by rank 0, while the others wait
     if ddp and not master_process:
         dist.barrier()
     teacher_model = load_model(teacher, trust_remote_code) if use_teacher else None
-
     def probes():  # student_layers='auto:N' keeps the blocks that turn the hidden states most, on 32 training windows
-        sample = train_windows[np.linspace(0, n_train_docs - 1, min(32, n_train_docs)).astype(int)]
-        batches = (make_batch(train_data, sample[a:a + batch_size], block_size, meta['pad_id'], torch_device)
-                   for a in range(0, len(sample), batch_size))
+        sample = train_windows[torch.linspace(0, len(train_windows) - 1, min(32, len(train_windows))).long()]
         teacher_model.to(torch_device)
-        return [(b.X, b.M) for b in batches]
+        return [(b.X, b.M) for b in (make_batch(train_data, sample[a:a + batch_size], block_size, meta['pad_id'],
+                                                torch_device) for a in range(0, len(sample), batch_size))]
     with ctx:
-        student_model, student_tok, layers, scores = build_student(student, student_init, student_layers, teacher_model,
-                                                                   teacher, probes, trust_remote_code)
-    if master_process and scores:
-        print(f"student_layers='{student_layers}': block influence (1 - cos(in, out), {min(32, n_train_docs)} training "
-              "windows): " + ', '.join(f'{l} {v:.4f}' for l, v in enumerate(scores)) + f'; keeping {layers}')
+        student_model, student_tok, layers, line = build_student(student, student_init, student_layers, teacher_model,
+                                                                 teacher, probes, trust_remote_code)
+    say(line) if line else None
     teacher_tok = model_tokenizer(teacher) if use_teacher else None
     if ddp and master_process:
         dist.barrier()
-    if (w_kd == 0 or teacher_cache is not None) and w_hidden == 0:
+    if (w_kd == 0 or cache) and w_hidden == 0:
         teacher_model = None  # 'teacher_layers' needed it only to build the student
     # the data's tokenizer(s) are the models' (compared by fingerprint), and the models have enough output rows
-    notes = check_vocabularies(meta, data_dir, student_model, student_tok, teacher_model, teacher_tok)
-    if master_process and notes:
-        print('\n'.join(notes))
-    if on_policy:  # where a sampled reply stops: an end of turn, one of the tokenizer's special tokens
-        try:
-            specials = special_ids(student_tok or teacher_tok or load_tokenizer(meta['tokenizer']))
-        except DataError as e:
-            raise ConfigError(f"on_policy: neither model ships a tokenizer, and the data's ({e}) is needed for its "
-                              'special tokens (where a reply stops): add the tokenizer files to the student folder')
-        stops = stop_tokens(train_data, prompts, meta['eos_id'], specials, data_dir)
-    cross = None  # logits across tokenizers: each teacher token's mass goes to a student token (models.vocab_map)
-    if cross_tokenizer and w_kd > 0:
-        compared, cols, counts = vocab_columns(student_tok or load_tokenizer(meta['tokenizer']),
-                                               teacher_tok or load_tokenizer(meta['teacher_tokenizer']), vocab,
-                                               output_rows(teacher_model))
-        cross = (torch.from_numpy(compared).to(torch_device), torch.from_numpy(cols).to(torch_device))
-        if master_process:
-            train = meta['splits']['train']  # (counted by prepare_data.py)
-            aligned, alone = train['aligned_supervised_fraction'], round(
-                (1 - train['aligned_supervised_fraction']) * train['supervised_tokens'])
-            print(f'across tokenizers: the divergence at the {aligned:.1%} of supervised training targets where both '
-                  f'tokenizations end on one byte boundary, CE alone at the other {1 - aligned:.1%} ({alone:,}); the '
-                  f"teacher's tokens go to the student's {counts['same']:,} of the same bytes, {counts['prefix']:,} to "
-                  f"the longest student token they begin with, {counts['none']:,} nowhere; {len(compared):,} of the "
-                  f"student's {vocab:,} tokens are compared")
+    for note in check_vocabularies(meta, data_dir, student_model, student_tok, teacher_model, teacher_tok):
+        say(note)
     if teacher_model is not None:  # frozen, never wrapped, in the compute dtype (fp32 under fp16: it could overflow)
-        teacher_model.to(torch_device).eval().requires_grad_(False)
-        cast_parameters(teacher_model, torch.float32 if compute_dtype == 'float16' else ptdtype)
-
+        frozen(teacher_model, torch_device, ptdtype)
     student_model.to(torch_device)  # (the probes below run both models on the device)
 
-    # the loss: the chunked path computes logits = final hidden states @ head, so only where a probe shows that is so
-    heads = [m for m in (student_model, teacher_model if w_kd else None) if m is not None]
+    # the loss path and packing, where probes show the models allow them: the chunked path computes logits = final
+    # hidden states @ head; packed rows need attention that keeps windows apart given restarting position ids
+    models = [m for m in (student_model, teacher_model) if m is not None]
     probe = torch.arange(1, 17, device=torch_device)[None]
-    chunk = auto_chunk(output_rows(student_model), compute_dtype) if loss_chunk == 'auto' else loss_chunk
-    if chunk and not all(plain_head(m, probe) for m in heads):
-        chunk = 0
-        if master_process:
-            print("note: a model's logits are not its final hidden states times its head (a bias, a logit scale or "
-                  'multiplier, soft-capping): using the plain loss path (loss_chunk=0)')
-    # packed rows need a model whose attention keeps each window to itself given restarting position ids: probed too
-    packing = pack and all(packs(m, probe) for m in (student_model, teacher_model) if m is not None)
-    if pack and not packing and master_process:
-        print("note: a model's attention does not keep packed windows apart (position ids restarting per window): "
-              'rows are not packed (pack=False)')
+    chunk, note = choose_chunk(loss_chunk, models[:1 + (w_kd > 0)], compute_dtype, probe)
+    say(note) if note else None
+    packing = pack and all(packs(m, probe) for m in models)
+    if pack and not packing:
+        say("note: a model's attention does not keep packed windows apart (position ids restarting per window): rows "
+            'are not packed (pack=False)')
     # the chunk loop reallocates the same few (chunk, V) blocks: on a CPU they are kept within a step, trimmed between
     trim = keep_freed_memory() if chunk and device_type == 'cpu' else lambda: None  # (the plain path would fragment)
-    layer_pairs = [] if w_hidden == 0 else make_layer_pairs(
-        layer_map, student_model.config.num_hidden_layers, teacher_model.config.num_hidden_layers,
-        layers if student_init == 'teacher_layers' else None)
-    model = Trainable(student_model, vocab, (w_ce, w_kd, w_hidden), kd_kind, temperature, beta, chunk, layer_pairs,
-                      teacher_model.config.hidden_size if layer_pairs else 0, hidden_loss, hidden_rms_norm, proj_init,
-                      cross)
+    hidden_map = LayerMap(make_layer_pairs(layer_map, student_model.config.num_hidden_layers,
+                                          teacher_model.config.num_hidden_layers,
+                                          layers if student_init == 'teacher_layers' else None),
+                         student_model.config.hidden_size, teacher_model.config.hidden_size, hidden_loss,
+                         hidden_rms_norm, proj_init) if w_hidden else None
+
+    # the teacher: one call on a batch gives what the loss reads (kd/teacher.py), whatever its kind
+    teacher_out = None if w_kd == 0 else 'head' if chunk else 'full'
+    if teacher_model is None:
+        teacher = cache or NoTeacher()
+    else:
+        teacher = (ShardedTeacher if fsdp else Teacher)(teacher_model, vocab, teacher_out,
+                                                        hidden_map.teacher_layers() if hidden_map else ())
+    compared = vocab
+    if cross_tokenizer:  # across tokenizers: each teacher token's mass goes to a student token (kd/cross.py)
+        teacher, line = across_tokenizers(teacher, meta, student_tok, teacher_tok, temperature, torch_device, w_kd > 0)
+        compared = vocab if teacher.compared is None else teacher.compared
+        say(line) if line else None
+    model = Trainable(student_model, compared, weights, Divergence(kd_kind, temperature, beta), chunk, hidden_map)
     raw_model = model = model.to(torch_device).train()  # from_pretrained returns models in eval mode
+
+    # the rows: the data's windows, rewritten by the student's samples (on-policy), then packed
+    sampler = on_policy and OnPolicy(
+        raw_model.model, train_data, on_policy, (max_new_tokens, sample_temperature, top_p), block_size, seed,
+        meta['pad_id'], vocab, data_dir, meta['eos_id'], [student_tok, teacher_tok, meta['tokenizer']], rank,
+        world_size, gradient_accumulation_steps)
+    teacher_pad_id = meta.get('teacher_eos_id', 0)
+    packed = partial(pack_rows, block_size=block_size, pad_id=meta['pad_id'], teacher_pad_id=teacher_pad_id) \
+        if packing else lambda b: b
+    batch = lambda split, windows: make_batch(split, windows, block_size, meta['pad_id'], torch_device, teacher_pad_id)
 
     # across processes: FSDP2 shards before the optimizer is made (it must hold the shards), DDP wraps after the
     # resume (the checkpoint holds raw_model's names); the teacher is never wrapped, only sharded under fsdp
-    fsdp = ddp and parallel == 'fsdp'  # (one process has nothing to shard)
-    if master_process and w_hidden == 0 and layer_map != 'uniform':  # (a setting that changes nothing is said)
-        print(f'note: layer_map={layer_map!r} is unused: this loss has no hidden-state term')
-    if master_process and parallel == 'fsdp' and not ddp:
-        print("note: parallel='fsdp' is unused: one process has nothing to shard")
-    # from drawn tokens a cache estimates forward KL's gradient well, the other kinds' poorly or not at all
-    # (docs/performance.md); a cache of the whole vocabulary (k = V) draws nothing and is exact
-    if master_process and teacher_cache is not None and cache['samples'] and kd_kind != 'fkl':
-        print(f"note: from a teacher cache, {kd_kind}'s gradient is mostly the draws' noise (its cosine with the "
-              'online gradient measured 0.47 for skl, about 0 for rkl, jsd, srkl and tvd, 0.88 for fkl): use '
-              "kd_kind='fkl', or the teacher online")
-    memory = memory_estimate(raw_model, teacher_model, batch_size * block_size, compute_dtype, world_size, fsdp)
+    if w_hidden == 0 and layer_map != 'uniform':  # (a setting that changes nothing is said)
+        say(f'note: layer_map={layer_map!r} is unused: this loss has no hidden-state term')
+    if parallel == 'fsdp' and not ddp:
+        say("note: parallel='fsdp' is unused: one process has nothing to shard")
+    if cache and cache.note(kd_kind):
+        say(cache.note(kd_kind))
+    memory = memory_estimate(raw_model, teacher_model, batch_size * block_size, compute_dtype, world_size, fsdp,
+                             output_rows(teacher_model) if cross_tokenizer and w_kd else 0)
     if fsdp:
         if compute_dtype == 'float16':
             raise ConfigError("parallel='fsdp' trains in float32 or bfloat16: set dtype='bfloat16' (float16 needs a "
                               'loss scaler per shard)')
-        for t in [*model.parameters(), *model.buffers()]:  # every rank shards the same weights: rank 0's, as DDP does
-            dist.broadcast(t.data, 0)
         shard(model, teacher_model)
     optimizer = configure_optimizer(model, learning_rate, weight_decay, (beta1, beta2))
 
     # resume: weights, AdamW's moments, every rank's RNG state; the data position follows from iter_num
-    iter_num, last_saved, ckpt_dir = 0, None, os.path.join(out_dir, 'ckpt')
-    history, val_history = [], []  # the training losses, the validation CEs
+    flops_peak = peak_flops or dtype_rate or measure_matmul_flops(torch_device, ptdtype)  # the MFU denominator
+    run_config = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'peak_flops': flops_peak,
+                  'dtype': compute_dtype, 'data_fingerprint': data_fingerprint}  # what the run resolved: kept
+    ckpt_dir, iter_num, history, val_history = os.path.join(out_dir, 'ckpt'), 0, [], []
     if init_from == 'resume':  # (refused for another run or another data stream)
-        path, iter_num, problems = find_checkpoint(ckpt_dir)
-        resolved = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'dtype': compute_dtype,
-                    'data_fingerprint': data_fingerprint}
-        state = load_checkpoint(path, raw_model, optimizer, scaler, resolved, world_size, fsdp)
-        set_rng_state(state['rng_states'][rank])
-        for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):  # (the saved groups' settings came back
-            group.update(weight_decay=decay, betas=(beta1, beta2))  # with them: a changed one is said, so applied)
-        same_windows = all(state['config'].get(k) == config[k] for k in ('eval_docs', 'block_size'))
-        last_saved, history = iter_num, state['loss_history']
-        val_history = state.get('val_history', []) if same_windows else []  # (other windows: not comparable)
-        if master_process:
-            for problem in problems:  # e.g. a truncated file, or the leftovers of a killed save
-                print(f'note: {problem}; resuming from {path} (iteration {iter_num})')
-            if state['changed']:
-                print(f"note: resuming with settings changed since the checkpoint: {', '.join(state['changed'])}")
-            trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
+        iter_num, history, val_history = resume(out_dir, raw_model, optimizer, scaler, config, run_config, world_size,
+                                                rank, fsdp, say)
     elif master_process and set_aside(out_dir):  # (a resume must not take the earlier run's for this run's)
-        print(f"note: init_from='scratch': the earlier run's checkpoint and log are in {out_dir}/earlier until this "
-              'run writes its first checkpoint')
+        say(f"note: init_from='scratch': the earlier run's checkpoint and log are in {out_dir}/earlier until this run "
+            'writes its first checkpoint')
+    guards = Guards(ckpt_dir, math.log(output_rows(student_model)), iter_num or None, history, val_history)
     if compile:  # the transformer stacks, in place (parameter names unchanged); not the loss's chunks, whose weights
-        for m in (student_model, teacher_model):  # and number of positions change every batch (each a recompile)
-            if m is not None:
-                m.base_model.compile()
+        for m in models:  # and number of positions change every batch (each a recompile)
+            m.base_model.compile()
     if ddp and not fsdp:
         # an MoE student whose experts are separate modules (remote code): an expert that gets no token in a step has no
         # gradient, and DDP must look for such parameters (transformers' own MoE models batch their experts in one)
@@ -701,16 +538,6 @@ if __name__ == '__main__':
             dist.all_reduce(t)
         return t.tolist()
 
-    def batch(split, windows):
-        return make_batch(split, windows, block_size, meta['pad_id'], torch_device, meta.get('teacher_eos_id', 0))
-
-    def packed(b):  # (after sampling, which writes into the rows of the windows)
-        return pack_rows(b, block_size, meta['pad_id'], meta.get('teacher_eos_id', 0)) if packing else b
-
-    def release_teacher():  # fsdp: free the teacher's gathered embeddings (a tied head's) once the loss read them
-        if fsdp and teacher_model is not None:
-            teacher_model.get_input_embeddings().reshard()
-
     @torch.no_grad()
     def evaluate():  # (through raw_model: DDP's forward would wait for ranks that have no documents to evaluate)
         model.eval()
@@ -719,8 +546,8 @@ if __name__ == '__main__':
         for k in range(0, len(val_windows[::world_size]) if fsdp else len(docs), batch_size):  # (fsdp: all gather:
             b = packed(batch(val_data, docs[k:k + batch_size] if k < len(docs) else val_windows[:1]))  # a spare batch)
             with ctx:
-                out = raw_model(b, raw_model.teacher_forward(teacher_model, b))
-            release_teacher()
+                out = raw_model(b, teacher(b))
+            teacher.release()
             if k < len(docs):
                 counts = (out.ce.item(), out.kd.item(), out.hidden.item(), b.M.sum().item(), len(b.align.b))
                 sums = [a + v for a, v in zip(sums, counts)]
@@ -731,56 +558,38 @@ if __name__ == '__main__':
         ce, kd, hidden, n, n_hidden = all_reduce(*sums)
         return ce / max(n, 1), kd / max(n, 1), hidden / max(n_hidden, 1)
 
-    chance = math.log(output_rows(student_model))  # the CE of uniform outputs over the head's rows
-
-    def last_good():
-        if last_saved:
-            return f'the last checkpoint ({ckpt_dir}, iteration {last_saved}) is intact'
-        return 'no checkpoint was written'
-
     def save(iter_num, states, losses):
         """A checkpoint of the weights of iteration iter_num, with every rank's RNG states and the training losses as
         they were before its step, unless something in it is not finite (then stop, keeping the last good one)."""
         local = lambda p: p.to_local() if hasattr(p, 'to_local') else p  # (fsdp: its shard)
-        if all_reduce(float(not all(torch.isfinite(local(p)).all() for p in raw_model.parameters())))[0]:
-            raise ConfigError(f'non-finite weights at iteration {iter_num}: not checkpointed; {last_good()}')
+        guards.weights(iter_num, not all_reduce(float(not all(torch.isfinite(local(p)).all()
+                                                              for p in raw_model.parameters())))[0])
         weights, optimizer_state = full_state(model, optimizer) if fsdp else (raw_model, optimizer.state_dict())
         if master_process:
             save_checkpoint(ckpt_dir, weights, optimizer_state, scaler, iter_num,
                             iter_num * batch_size * gradient_accumulation_steps, states, run_config, losses,
-                            val_history[-100:])
+                            guards.val_history[-100:])
+        guards.last_saved = iter_num
 
-    flops_peak = peak_flops or dtype_rate or measure_matmul_flops(torch_device, ptdtype)  # the MFU denominator
-    run_config = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'peak_flops': flops_peak,
-                  'dtype': compute_dtype, 'data_fingerprint': data_fingerprint}  # what the run resolved: kept
+    # what this run is, in a few lines (each hook says its own), and its log
+    say(f'student: {sum(p.numel() for p in student_model.parameters()) / 1e6:.2f}M parameters; teacher: {teacher}')
+    say(f'dtype: {compute_dtype} ({why}); MFU against its matmul rate, {flops_peak / 1e9:,.0f} GFLOP/s'
+        + (' (peak_flops)' if peak_flops else ' measured at start'))
+    say(f'loss = {w_ce:g} CE' + (f' + {w_kd:g} T^2 {kd_kind} (T={temperature:g})' if w_kd else '')
+        + (f' + {w_hidden:g} hidden {hidden_loss}' + ' (RMS-normalised)' * hidden_rms_norm if w_hidden else '')
+        + ' [across tokenizers]' * cross_tokenizer
+        + (f'; {chunk} positions a chunk' if chunk else '; from the full logits'))
+    say(memory_line(memory))
+    for line in (sampler, hidden_map and hidden_map.describe()):
+        say(line) if line else None
+    say(f"{len(train_data['idx']) - 1:,} training documents in {len(train_windows):,} windows of <= {block_size} "
+        f'targets; {iterations} iterations of {batch_size} x {gradient_accumulation_steps} windows '
+        f'({world_size} rank(s))')
+    if len(val_windows) == 0:
+        say(f'note: no validation documents ({data_dir} has none, or eval_docs=0): no evaluation; checkpoints every '
+            f'{eval_interval} iterations all the same')
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
-        n_params = lambda m: f'{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters'
-        source = n_params(teacher_model) if teacher_model is not None else 'none' if teacher_cache is None else \
-            f"its cache {cache_dir}: top-{cache['k']} + {cache['samples']} drawn ({cache['teacher']})"
-        print(f'student: {n_params(student_model)}; teacher: {source}')
-        print(f'dtype: {compute_dtype} ({why}); MFU against its matmul rate, {flops_peak / 1e9:,.0f} GFLOP/s'
-              + (' (peak_flops)' if peak_flops else ' measured at start'))
-        print(f'loss = {w_ce:g} CE' + (f' + {w_kd:g} T^2 {kd_kind} (T={temperature:g})' if w_kd else '')
-              + (f' + {w_hidden:g} hidden {hidden_loss}' if w_hidden else '')
-              + (' (RMS-normalised)' if w_hidden and hidden_rms_norm else '')
-              + (' [across tokenizers]' if cross_tokenizer else '')
-              + (f'; {chunk} positions a chunk' if chunk else '; from the full logits'))
-        print(memory_line(memory))
-        if on_policy:
-            print(f'on-policy: the student writes {on_policy:g} of the rows (up to {max_new_tokens} tokens at T='
-                  f'{sample_temperature:g}, top_p {top_p:g}, stopping at token ids {stops}); no CE on its tokens; '
-                  f"{with_prompt:.0%} of the training documents have a prompt (the others' rows stay the data's)")
-        if layer_pairs:
-            print('layer map (student <- teacher, 0 = embedding output, l = block l): '
-                  + ', '.join(f'{a}<-{b}' for a, b in layer_pairs) + f'; projections '
-                  f'{student_model.config.hidden_size} -> {teacher_model.config.hidden_size} ({proj_init})')
-        print(f"{len(train_data['idx']) - 1:,} training documents in {n_train_docs:,} windows of <= {block_size} "
-              f'targets; {iterations} iterations of {batch_size} x {gradient_accumulation_steps} windows '
-              f'({world_size} rank(s))')
-        if n_val_docs == 0:
-            print(f'note: no validation documents ({data_dir} has none, or eval_docs=0): no evaluation; checkpoints '
-                  f'every {eval_interval} iterations all the same')
         if wandb_log:
             import wandb
             wandb.init(project=wandb_project, name=wandb_run_name, config=run_config)
@@ -800,27 +609,13 @@ if __name__ == '__main__':
     last_iter = iterations if stop_iter is None else min(stop_iter, iterations)
     while True:  # (the checkpoint a run resumed from was evaluated and written already)
         pending = None  # (every rank's RNG states and the losses so far, as the checkpoint will hold them)
-        if (iter_num % eval_interval == 0 or iter_num == last_iter) and iter_num != last_saved:
-            if n_val_docs:
+        if (iter_num % eval_interval == 0 or iter_num == last_iter) and iter_num != guards.last_saved:
+            if len(val_windows):
                 val_ce, val_kd, val_hidden = evaluate()
                 log({'iter': iter_num, 'val_ce': val_ce, 'val_kd': val_kd, 'val_hidden': val_hidden},
                     f'iter {iter_num}: val ce {val_ce:.4f}, val kd {val_kd:.4f}, val hidden {val_hidden:.4f}')
-                if not all(map(math.isfinite, (val_ce, val_kd, val_hidden))):
-                    raise ConfigError(f'non-finite validation loss at iteration {iter_num} (ce {val_ce}, kd {val_kd}, '
-                                      f'hidden {val_hidden}): not checkpointed; {last_good()}; lower learning_rate or '
-                                      'check the data')
-                # the weights about to be saved, judged by their own validation CE (the training loss sees them one
-                # step late; the validation windows are the same each time): diverged above twice the run's best + 1,
-                # dead at ln V (uniform outputs) once the run was below it; either way the last good checkpoint stays
-                best = min(val_history, default=math.inf)
-                dead = abs(val_ce - chance) < 1e-3 and best < chance - 0.5
-                if val_ce > 2 * best + 1 or dead:
-                    raise ConfigError(f'val ce {val_ce:.4f} at iteration {iter_num}: the student ' + (
-                        f'outputs uniform distributions (ln V = {chance:.4f}), dead' if dead else
-                        f"diverged (above twice the run's best val ce, {best:.4f}, + 1)")
-                        + f'; not checkpointed; {last_good()}; lower learning_rate')
-                val_history.append(val_ce)
-            pending = (rng_states(world_size), history[-100:]) if iter_num > 0 and checkpoint else None
+                guards.validation(iter_num, val_ce, val_kd, val_hidden)
+            pending = (rng_states(world_size), guards.history[-100:]) if iter_num > 0 and checkpoint else None
         if iter_num >= last_iter:
             if pending:
                 save(iter_num, *pending)
@@ -829,28 +624,26 @@ if __name__ == '__main__':
         for group in optimizer.param_groups:
             group['lr'] = lr
         t0 = time.time()
-        step_ids = step_doc_ids(iter_num, batch_size, gradient_accumulation_steps, rank, world_size, n_train_docs, seed)
+
+        # the step's rows: the data's, the student's share rewritten by its own replies (on-policy), then packed
+        step_ids = step_doc_ids(iter_num, batch_size, gradient_accumulation_steps, rank, world_size,
+                                len(train_windows), seed)
         micro_batches = [batch(train_data, train_windows[ids]) for ids in step_ids]
-        generated, t_sample = 0, time.time()
-        if on_policy:  # the student writes its share of the rows' replies (sampling.py), seeded by the micro-batch's
-            for k, ids in enumerate(step_ids):  # number in the step, j, over every rank: any split draws the same
-                j = rank + k * world_size
-                rows = on_policy_rows((iter_num * gradient_accumulation_steps + j) * batch_size, len(ids), on_policy)
-                with ctx:
-                    micro_batches[k], n = sample_rows(raw_model.model, micro_batches[k], train_data,
-                                                      train_windows[ids][:, 0], rows, prompts, block_size,
-                                                      (max_new_tokens, sample_temperature, top_p, stops),
-                                                      row_seed(seed, iter_num, j), meta['pad_id'], vocab)
-                generated += n
-        student_rows = sum(((b.Y < 0) & b.M.bool()).any(1).sum().item() for b in micro_batches)  # (before packing)
+        t_sample = time.time()
+        if sampler:
+            with ctx:
+                micro_batches = sampler(micro_batches, iter_num)
+        student_rows = sum(b.sampled.any(1).sum().item() for b in micro_batches if b.sampled is not None)
         micro_batches = [packed(b) for b in micro_batches]
         t_sample, t_teacher = time.time() - t_sample, 0.0
         # the step's counts over every micro-batch and rank divide its sums: the loss does not depend on the split
         n_targets, n_hidden, n_labeled, step_tokens, generated, student_rows = all_reduce(
             sum(b.M.sum().item() for b in micro_batches), sum(len(b.align.b) for b in micro_batches),
-            sum((b.Y[b.M.bool()] >= 0).sum().item() for b in micro_batches), sum(b.X.numel() for b in micro_batches),
-            generated, student_rows)
+            sum(b.labeled().sum().item() for b in micro_batches), sum(b.X.numel() for b in micro_batches),
+            sampler.generated if sampler else 0, student_rows)
         mix = mixing_weights(batch_size * gradient_accumulation_steps, student_rows, n_targets, n_targets - n_labeled)
+
+        # forward and backward, micro-batch by micro-batch: the teacher's outputs, then the student's loss on them
         sums = torch.zeros(4, dtype=torch.float64, device=torch_device)  # loss, ce, kd, hidden
         for micro_step, b in enumerate(micro_batches):
             if fsdp:  # gradients are reduced over ranks once per step, after its last micro-batch
@@ -859,39 +652,24 @@ if __name__ == '__main__':
                 model.require_backward_grad_sync = micro_step == len(micro_batches) - 1
             with ctx:
                 t = time.time()
-                teacher_out = raw_model.teacher_forward(teacher_model, b)
+                teacher_out = teacher(b)
                 t_teacher += time.time() - t
                 out = model(b, teacher_out, max(n_targets, 1), max(n_hidden, 1), max(n_labeled, 1), mix)
-            release_teacher()
+            teacher.release()
             scaler.scale(out.loss * world_size).backward()  # DDP averages gradients over ranks; the sum is wanted
             sums += torch.stack([out.loss.detach(), out.ce, out.kd, out.hidden]).double()
         loss_value, ce_mean, kd_mean, hidden_mean = all_reduce(*sums.tolist())
         ce_mean, kd_mean = ce_mean / max(n_labeled, 1), kd_mean / max(n_targets, 1)
         hidden_mean = hidden_mean / max(n_hidden, 1)
-        if not math.isfinite(loss_value):
-            raise ConfigError(f'non-finite loss at iteration {iter_num} (ce {ce_mean}, kd {kd_mean}, hidden '
-                              f'{hidden_mean}): {last_good()}; lower learning_rate, check the data, or use bfloat16 '
-                              'instead of float16')
-        # diverging: a loss above 10x the median of the run's last 100 plus 1 (its own history, kept in checkpoints)
-        # stops the run before the step is applied, so that no checkpoint is written over the last good one
-        typical = statistics.median(history[-100:]) if len(history) >= 3 else math.inf
-        if loss_value > 10 * typical + 1:
-            raise ConfigError(f'loss {loss_value:.4g} at iteration {iter_num} is above 10x the median of the last '
-                              f'{len(history[-100:])} losses ({typical:.4g}) + 1: the run is diverging; the step was '
-                              f'not applied; {last_good()}; lower learning_rate')
-        history.append(loss_value)
+
+        # the guards, then the step: a checkpoint of the weights it started from once their loss and gradient passed
+        guards.loss(iter_num, loss_value, ce_mean, kd_mean, hidden_mean)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
         grad_norm = gathered(grad_norm).item()
-        if not math.isfinite(grad_norm) and not scaler.is_enabled():  # (float16's GradScaler skips such a step itself)
-            raise ConfigError(f'non-finite gradient norm at iteration {iter_num}: the step was not applied; '
-                              f'{last_good()}; lower learning_rate or check the data')
-        if grad_norm == 0 and n_labeled and abs(ce_mean - chance) < 1e-3:  # (no gradient at chance: nothing to learn)
-            raise ConfigError(f'the student is dead at iteration {iter_num}: its gradient is 0 and its ce '
-                              f'{ce_mean:.4f} is ln V (uniform outputs); {last_good()}; lower learning_rate')
-        if pending:  # (the step's loss and gradient passed)
+        guards.gradient(iter_num, grad_norm, ce_mean, n_labeled, scaler.is_enabled())
+        if pending:
             save(iter_num, *pending)
-            last_saved = iter_num
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -901,8 +679,7 @@ if __name__ == '__main__':
         dt = time.time() - t0
         if iter_num % log_interval == 0:
             seq = step_tokens / (batch_size * gradient_accumulation_steps)
-            flops = flops_per_token(student_model, seq, True)
-            flops += flops_per_token(teacher_model, seq, False) if teacher_model is not None else 0
+            flops = sum(flops_per_token(m, seq, m is student_model) for m in models)
             tok_s = step_tokens / dt
             if flops * tok_s > flops_peak * world_size and not peak_flops:  # the rate at start read low (a loaded
                 flops_peak = max(measure_matmul_flops(torch_device, ptdtype), flops * tok_s / world_size)  # machine)
@@ -911,7 +688,7 @@ if __name__ == '__main__':
             split = {'sample_ms': t_sample * 1000, 'teacher_ms': t_teacher * 1000, 'generated': int(generated),
                      'generated_per_s': generated / max(t_sample, 1e-9), 'student_rows': int(student_rows),
                      'student_targets': int(n_targets - n_labeled), 'targets': int(n_targets),
-                     } if on_policy else {}  # where the time went, and what the student wrote
+                     } if sampler else {}  # where the time went, and what the student wrote
             log({'iter': iter_num, 'loss': loss_value, 'ce': ce_mean, 'kd': kd_mean, 'hidden': hidden_mean, 'lr': lr,
                  'grad_norm': grad_norm, 'ms': dt * 1000, 'tokens_per_s': tok_s, 'mfu': mfu, 'peak_memory': peak,
                  **split},
@@ -921,22 +698,19 @@ if __name__ == '__main__':
                 + (f', peak memory {gb(peak)}' if peak else '')
                 + (f" (sampling {t_sample * 1000:.0f} ms: {generated:.0f} tokens, {split['generated_per_s']:,.0f}/s; "
                    f'teacher {t_teacher * 1000:.0f} ms; student {(dt - t_sample - t_teacher) * 1000:.0f} ms)'
-                   if on_policy else ''))
+                   if sampler else ''))
         iter_num += 1
 
-    # export: the student alone, as an HF folder with its tokenizer (projections are training machinery)
+    # export: the student alone, as an HF folder with its tokenizer (the projections are training machinery)
     weights = None  # (fsdp: gathered whole, on rank 0)
     if fsdp and export:
         weights = {k[len('model.'):]: v for k, v in full_state(model)[0].items() if k.startswith('model.')}
     if master_process and export:
-        folder = os.path.join(out_dir, 'student')
-        student_model.save_pretrained(folder, state_dict=weights)
-        export_tok = student_tok or model_tokenizer(meta['tokenizer'])
-        if export_tok is not None and hasattr(export_tok, 'save_pretrained'):
-            export_tok.save_pretrained(folder)
-        print(f'exported the student to {folder}')
+        export_student(student_model, os.path.join(out_dir, 'student'), weights,
+                       student_tok or model_tokenizer(meta['tokenizer']))
+        print(f"exported the student to {os.path.join(out_dir, 'student')}")
     if ddp:  # tear down together, after rank 0's export, once nothing holds the process group (DDP's reducer, FSDP's
-        del model, raw_model, student_model, teacher_model, optimizer  # sharded tensors): gloo's threads, left to the
-        gc.collect()  # interpreter's exit, aborted a rank in CI twice ('terminate called without an active exception')
-        dist.barrier()
+        del model, raw_model, student_model, teacher_model, teacher, optimizer  # sharded tensors): gloo's threads, left
+        gc.collect()  # to the interpreter's exit, aborted a rank in CI twice ('terminate called without an active
+        dist.barrier()  # exception')
         dist.destroy_process_group()

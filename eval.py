@@ -13,7 +13,7 @@ import torch
 from kd.benchmarks import load_documents, multiple_choice, task_path
 from kd.configurator import ArgumentParser, ConfigError, DataError, HelpFormatter
 from kd.data import block_windows, check_dataset, load_split, make_batch
-from distill import loss_sums
+from distill import Divergence, loss_sums
 from kd.machine import choose_dtype
 from kd.models import (encode, eos_id, hub_folder, is_tiktoken, load_model, model_tokenizer, special_ids, token_bytes,
                     vocab_fingerprint)
@@ -37,7 +37,8 @@ def heldout(model, data_dir, batch_size, block_size, device, teacher=None, limit
         X, Y, M = make_batch(split, windows[k:k + batch_size], block_size, meta['pad_id'], device)[:3]
         logits, keep, V = model(input_ids=X).logits, M.bool(), meta['vocab_size']
         t_logits = logits if teacher is model else teacher(input_ids=X).logits if teacher is not None else None
-        c, d = loss_sums(logits[keep], Y[keep], None if t_logits is None else t_logits[keep], V)  # training's, T = 1
+        zt = None if t_logits is None else t_logits[keep][:, :V]  # (rows past the tokenizer's vocabulary are padding)
+        c, d = loss_sums(logits[keep], Y[keep], zt, Divergence(), slice(0, V))  # training's forward KL, T = 1
         ce, kl, n = ce + c.item(), kl + d.item(), n + keep.sum().item()
         size += 0 if nbytes is None else nbytes[Y[keep].cpu().numpy()].sum()
         if teacher is not None:  # rows past the tokenizer's vocabulary are padding
@@ -66,7 +67,7 @@ def own_samples(model, teacher, data_dir, batch_size, block_size, max_new_tokens
         ds = docs[k:k + batch_size]
         b = make_batch(split, [(d, 0) for d in ds], block_size, meta['pad_id'], device)
         b, generated = sample_rows(model, b, split, ds, list(range(len(ds))), lengths, block_size,
-                                   (max_new_tokens, 1.0, 1.0, stops), k, meta['pad_id'], V, label=True)
+                                   (max_new_tokens, 1.0, 1.0, stops), k, meta['pad_id'], V)
         keep = b.M.bool()
         log_q = torch.log_softmax(model(input_ids=b.X).logits[keep][:, :V].float(), -1)
         log_p = torch.log_softmax((model if teacher is model else teacher)(input_ids=b.X).logits[keep][:, :V].float(), -1)

@@ -387,3 +387,24 @@ def set_rng_state(state):
     torch.set_rng_state(state['cpu'])
     if state['cuda'] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state['cuda'])
+
+# -----------------------------------------------------------------------------
+# resuming a run
+
+def resume(out_dir, raw_model, optimizer, scaler, config, resolved, world_size, rank, sharded=False, say=print):
+    """init_from='resume': the weights, AdamW's moments and this rank's RNG state of the newest complete checkpoint in
+    out_dir/ckpt (refused for another run or another data stream: load_checkpoint), the log trimmed to it. Returns
+    (iteration, training losses, validation CEs: [] where the validation windows changed, as not comparable)."""
+    path, iter_num, problems = find_checkpoint(os.path.join(out_dir, 'ckpt'))
+    state = load_checkpoint(path, raw_model, optimizer, scaler, resolved, world_size, sharded)
+    set_rng_state(state['rng_states'][rank])
+    for group, decay in zip(optimizer.param_groups, (config['weight_decay'], 0.0)):  # (the saved groups' settings
+        group.update(weight_decay=decay, betas=(config['beta1'], config['beta2']))  # came back: a changed one is said)
+    for problem in problems:  # e.g. a truncated file, or the leftovers of a killed save
+        say(f'note: {problem}; resuming from {path} (iteration {iter_num})')
+    if state['changed']:
+        say(f"note: resuming with settings changed since the checkpoint: {', '.join(state['changed'])}")
+    if rank == 0:
+        trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
+    same_windows = all(state['config'].get(k) == config[k] for k in ('eval_docs', 'block_size'))
+    return iter_num, state['loss_history'], state.get('val_history', []) if same_windows else []

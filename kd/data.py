@@ -126,6 +126,9 @@ class TopK:
     def __getitem__(self, i):
         return TopK(self.ids[i], self.logp[i], self.tail[i], self.logw[i])
 
+    def distribution(self):  # (what the loss reads, as of kd/teacher.py's Logits: itself, sparse)
+        return self
+
     @staticmethod
     def from_rows(ids, logp, tail, drawn_tail, samples, sample_temperature):
         """From a cache's rows: tail at the training T, drawn_tail at the temperature Ts the tokens were drawn at, where
@@ -150,6 +153,12 @@ class Batch(NamedTuple):
     topk: TopK = None  # the teacher's cached distribution at the supervised targets (teacher_cache), else None
     pos: torch.Tensor = None  # (rows, L) position ids of packed rows (pack): each window counts from 0; None: 0, 1, ...
     teacher_pos: torch.Tensor = None  # the same for XT (packed across tokenizers)
+    sampled: torch.Tensor = None  # (rows, L) True where the target is a token the student wrote (on-policy); None: none
+    docs: np.ndarray = None  # each row's document (make_batch; None once packed)
+
+    def labeled(self):
+        """True at the supervised targets that have a hard label: the data's own tokens, not the student's."""
+        return self.M.bool() if self.sampled is None else self.M.bool() & ~self.sampled
 
 def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
     """A Batch of some (document, start) windows (block_windows). No attention mask is needed: causal attention
@@ -205,7 +214,7 @@ def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
                            torch.from_numpy(c['drawn_tail'][rows]), c['samples'], c['sample_temperature'])
         laid_out = lambda x: torch.zeros(*M.shape, *x.shape[1:], dtype=x.dtype).index_put_((keep,), x).to(device)
         topk = TopK(*map(laid_out, (t.ids, t.logp, t.tail, t.logw)))
-    return Batch(X.to(device), Y.to(device), M.to(device), align, topk)
+    return Batch(X.to(device), Y.to(device), M.to(device), align, topk, docs=np.asarray(windows)[:, 0])
 
 def kept_lengths(M):
     """Each row's positions up to and including its last supervised target (0 for a row with none): what a causal
@@ -263,7 +272,8 @@ def pack_rows(batch, block_size, pad_id, teacher_pad_id=0):
         t = lookup(t_place, 1)[align.b] + align.t
     topk = None if batch.topk is None else TopK(*(move(x, place, n, width, 0) for x in (batch.topk.ids, batch.topk.logp,
                                                                          batch.topk.tail, batch.topk.logw)))
-    return Batch(X, Y, M, Align(XT, b, s, t), topk, positions(place, width), teacher_pos)
+    sampled = None if batch.sampled is None else move(batch.sampled, place, n, width, False)
+    return Batch(X, Y, M, Align(XT, b, s, t), topk, positions(place, width), teacher_pos, sampled)
 
 
 # -----------------------------------------------------------------------------

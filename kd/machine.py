@@ -112,7 +112,7 @@ def block_activation_bytes(config, s):
     kv = d // h * (getattr(config, 'num_key_value_heads', None) or h)
     return 16 * d + (8 * d if s == 4 else 10 * d) + s * (2 * d + 4 * f + 2 * kv) + 4 * h + 8
 
-def memory_estimate(trainable, teacher, tokens, compute, world=1, fsdp=False):
+def memory_estimate(trainable, teacher, tokens, compute, world=1, fsdp=False, carried=0):
     """Bytes per rank by part, for micro-batches of `tokens` tokens (the teacher's assumed as many), and the peak.
     Kept all along: the student's (and projections') fp32 parameters, gradients and AdamW moments, the teacher's
     parameters in their dtype; under fsdp each split on its first dimension (rank 0 holds the ceiling), a few units
@@ -120,12 +120,13 @@ def memory_estimate(trainable, teacher, tokens, compute, world=1, fsdp=False):
     projections, with its gradients; the teacher's embeddings and a head the loss reads). The teacher's forward
     (its blocks' working set, every hidden state HF returns) comes and goes before the student's step, which holds
     the teacher's outputs for the loss, what autograd saves (the blocks' by block_activation_bytes, the loss's,
-    the projections'), and under autocast a copy of each student weight in the compute dtype."""
+    the projections': LayerMap.saved_bytes), and under autocast a copy of each student weight in the compute dtype.
+    carried: across tokenizers, the teacher's logit columns carried onto the student's (its output rows)."""
     s = 2 if compute in ('bfloat16', 'float16') else 4
     size = lambda ps: sum(p.numel() * p.element_size() for p in ps)
     share = lambda ps, split=None: sum(-(-p.shape[0] // world) * p[0].numel() * p.element_size() if fsdp and p.dim() and
                                        (split is None or id(p) in split) else p.numel() * p.element_size() for p in ps)
-    student, pairs = trainable.model, trainable.layer_pairs
+    student, pairs = trainable.model, trainable.proj.pairs
     cs, vocab, d = student.config, output_rows(student), student.config.hidden_size
     params = share(trainable.parameters())
     est = {'student parameters': params, 'gradients': params * (2 if world > 1 and not fsdp else 1),  # (DDP: buckets)
@@ -134,12 +135,10 @@ def memory_estimate(trainable, teacher, tokens, compute, world=1, fsdp=False):
     if trainable.chunk:  # dL/dh and dL/dW (fp32); passing: a chunk's logits (both models) and their gradient in the
         rows = min(trainable.chunk, 256)  # compute dtype, and the fp32 softmaxes of a block of its rows (chunk_loss)
         act, passing = act + tokens * d * 4 + vocab * d * 4, trainable.chunk * vocab * 3 * s + rows * vocab * 4 * 6
-        if trainable.t_cols is not None:  # across tokenizers: the teacher's own logits, carried onto the student's
-            passing += trainable.chunk * len(trainable.t_cols) * 4 * 4
+        passing += trainable.chunk * carried * 4 * 4  # (across tokenizers: the teacher's own logits, carried)
     else:  # the logits in fp32 and the loss's softmaxes; passing: the logits in the compute dtype, their gradients, ...
         act, passing = act + tokens * vocab * 12, tokens * vocab * (s + 12)
-    if pairs:  # per pair and position: the projection's fp32 input and output (and the RMS-normalised one), indices
-        act += len(pairs) * tokens * (4 * (d + trainable.proj[0].out_features * (1 + trainable.rms_norm)) + 24)
+    act += tokens * trainable.proj.saved_bytes()  # (the layer map's, per aligned position)
     est['activations'] = act
     matrices = [p for p in student.parameters() if p.dim() == 2 and p is not student.get_input_embeddings().weight]
     est['weight copies'] = 2 * sum(p.numel() for p in matrices) if s == 2 else 0
@@ -184,10 +183,13 @@ def shard(model, teacher):
     use and freed after. The student: each block one unit (gathered for its forward, again for its backward), and
     Trainable the root unit holding the rest (embeddings, norm, head, projections: its forward runs them all). The
     frozen teacher: each block, its embeddings and an untied head a unit of their own (its model classes stay
-    HF's, whose hidden-state capture depends on them); the embeddings stay gathered until release_teacher, as a tied
-    head serves the loss after the forward; an untied head is gathered by the chunked loss (or its own forward).
-    Parameters stay fp32 (autocast gives the compute dtype, as under DDP); gradients are reduce-scattered."""
+    HF's, whose hidden-state capture depends on them); the embeddings stay gathered until the teacher's release(), as
+    a tied head serves the loss after the forward; an untied head is gathered by the chunked loss (or its own
+    forward). Every rank shards rank 0's weights, as DDP starts from them. Parameters stay fp32 (autocast gives the
+    compute dtype, as under DDP); gradients are reduce-scattered."""
     from torch.distributed.fsdp import fully_shard
+    for t in [*model.parameters(), *model.buffers()]:
+        torch.distributed.broadcast(t.data, 0)
     for block in blocks(model.model):
         fully_shard(block)
     fully_shard(model)
@@ -197,18 +199,10 @@ def shard(model, teacher):
         embeddings, head = teacher.get_input_embeddings(), teacher.get_output_embeddings()
         tied = head.weight is embeddings.weight  # (asked before sharding replaces the embeddings' parameter)
         fully_shard(embeddings, reshard_after_forward=False)
-        if tied:  # the head points at the embeddings' shard (no second copy); teacher_head reads them gathered
+        if tied:  # the head points at the embeddings' shard (no second copy); kd/teacher.py's ShardedTeacher reads them gathered
             head.weight, embeddings.ties_head = embeddings.weight, True
         else:
             fully_shard(head, reshard_after_forward=True)
-
-def teacher_head(teacher):
-    """The teacher's head weight whole on this rank, for the chunked loss: under FSDP a tied head is the embeddings'
-    weight, gathered by the forward and kept until release_teacher; an untied one is gathered here."""
-    embeddings = teacher.get_input_embeddings()
-    if getattr(embeddings, 'ties_head', False):
-        return embeddings.weight
-    return gathered(teacher.get_output_embeddings().weight)
 
 def gathered(t):
     """A tensor whole on this rank: an FSDP-sharded one (a DTensor) all-gathered, any other as it is."""

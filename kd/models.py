@@ -345,6 +345,13 @@ def output_rows(model):
     return model.get_output_embeddings().weight.shape[0]
 
 @torch.no_grad()
+def export_student(model, folder, weights=None, tokenizer=None):
+    """The student alone as an HF folder (weights: a state dict gathered under fsdp, else its own), with its
+    tokenizer where it has a transformers one."""
+    model.save_pretrained(folder, state_dict=weights)
+    if tokenizer is not None and hasattr(tokenizer, 'save_pretrained'):
+        tokenizer.save_pretrained(folder)
+
 def plain_head(model, probe):
     """True when the model's logits are its final hidden states times its head's weight, what the chunked path
     computes. Checked on a probe batch, in the model's own dtype and device: a logit scale or multiplier, or
@@ -409,14 +416,18 @@ def student_from_teacher_layers(teacher_model, layers):
 
 @torch.no_grad()
 def build_student(student, student_init, student_layers, teacher_model, teacher, probes, trust_remote_code=False):
-    """(the student, its tokenizer, the teacher blocks it keeps, every block's influence or None). student_init
+    """(the student, its tokenizer, the teacher blocks it keeps, a line on how they were chosen or None). student_init
     'pretrained': `student` as it is; 'config': its architecture freshly initialised; 'teacher_layers': the teacher's
     embedding, blocks student_layers and head (depth pruning), 'auto:N' the N blocks of the highest influence on
     probes(), a list of (X, M) batches."""
     if student_init == 'teacher_layers':
         layers, scores = student_layers, None
         if isinstance(layers, str):
-            layers, scores = choose_blocks(layers, teacher_model, probes(), blocks(teacher_model))
+            batches = probes()
+            layers, scores = choose_blocks(layers, teacher_model, batches, blocks(teacher_model))
+            scores = (f"student_layers='{student_layers}': block influence (1 - cos(in, out), "
+                      f'{sum(len(X) for X, _ in batches)} training windows): '
+                      + ', '.join(f'{l} {v:.4f}' for l, v in enumerate(scores)) + f'; keeping {layers}')
         return student_from_teacher_layers(teacher_model, layers), model_tokenizer(teacher), layers, scores
     if student is None:
         raise ConfigError('set student (an HF hub id, a local folder or a .gguf file)')

@@ -31,7 +31,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # (the repository's root)
 from kd.configurator import exit_on_error
 from kd.data import block_windows, check_dataset, doc_order, kept_lengths, load_split, make_batch, pack_rows
-from distill import ChunkedHeadLoss, Trainable, auto_chunk, chunk_loss, configure_optimizer, loss_sums
+from functools import partial
+from distill import Divergence, Trainable, configure_optimizer, loss_sums
+from kd.chunked import ChunkedHeadLoss, HeadLoss, auto_chunk, chunk_loss
+from kd.cross import to_student_vocab
+from kd.teacher import Logits, Teacher
 from kd.machine import cpu_name, flops_per_token, keep_freed_memory, measure_matmul_flops
 from kd.models import (cast_parameters, demo_tokenizer, load_model, load_tokenizer, output_rows, special_ids,
                     student_from_teacher_layers)
@@ -80,15 +84,18 @@ def loss_case(path, V, d, n, chunk, repeats=2):
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
+        d = Divergence('fkl', 2.0) if path != 'autograd' else Divergence('jsd', 2.0, 0.0)
         if path == 'plain':
-            ce, kd = loss_sums(h @ W.T, Y, t_h @ t_W.T, V, 'fkl', 2.0)
+            ce, kd = loss_sums(h @ W.T, Y, t_h @ t_W.T, d, slice(0, V))
         elif path == 'cross':
             cols = torch.randint(0, V, (V,), generator=torch.Generator().manual_seed(0))
-            ce, kd = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, (0.5 / n, 2.0 / n), torch.arange(V), 'fkl', 2.0, 0.5,
-                                           chunk, cols)
+            teacher = Logits(t_h, t_W, partial(to_student_vocab, cols=cols, n=V, temperature=2.0))
+            sums = partial(loss_sums, divergence=d, compared=torch.arange(V))
+            ce, kd = ChunkedHeadLoss.apply(h, W, HeadLoss(Y, teacher, sums, (0.5 / n, 2.0 / n), chunk))
         else:
-            kind, beta = ('fkl', 0.5) if path == 'chunked' else ('jsd', 0.0)
-            ce, kd = ChunkedHeadLoss.apply(h, W, Y, t_h, t_W, (0.5 / n, 2.0 / n), V, kind, 2.0, beta, chunk)
+            sums = partial(loss_sums, divergence=d, compared=slice(0, V))
+            ce, kd = ChunkedHeadLoss.apply(h, W, HeadLoss(Y, Logits(t_h, t_W, lambda z: z), sums, (0.5 / n, 2.0 / n),
+                                                          chunk, None, (2.0, V) if path == 'chunked' else None))
         loss = (0.5 * ce + 2.0 * kd) / n
         loss.backward()
         times.append(time.perf_counter() - t0)
@@ -148,10 +155,11 @@ if args.part in ('all', 'chunk'):
             g = torch.Generator().manual_seed(0)
             z, zt = [(torch.randn(size, V, generator=g) * 3).to(dtype) for _ in range(2)]
             y, times = torch.randint(0, V, (size,), generator=g), {r: [] for r in blocks}
+            sums = partial(loss_sums, divergence=Divergence('fkl', 2.0), compared=slice(0, V))
             for i in range(args.steps + 1):  # (round 0 warms up)
                 for r in blocks:
                     t0 = time.perf_counter()
-                    chunk_loss(z, y, zt, V, (0.5, 2.0), 'fkl', 2.0, 0.5, rows=r)
+                    chunk_loss(z, y, zt, sums, (0.5, 2.0), closed_form=(2.0, V), rows=r)
                     times[r] += [time.perf_counter() - t0] if i else []
             medians = [statistics.median(times[r]) * 1000 for r in blocks]
             print(f'{V:8d} {str(dtype)[6:]:>8s} ' + ' '.join(f'{m:9.1f}' for m in medians))
@@ -167,11 +175,14 @@ def loss_alone(model, batch, t_out, kind='fkl', beta=0.5):
     for _ in range(args.steps + 1):
         hs = h.detach().requires_grad_()
         t0 = time.perf_counter()
+        d = model.divergence._replace(kind=kind, beta=beta)
+        sums = partial(loss_sums, divergence=d, compared=model.compared)
         if model.chunk:
-            ce, kd = ChunkedHeadLoss.apply(hs[keep], W, Y[keep], t_out.last_hidden[keep], t_out.head, coef, model.vocab, kind,
-                                           model.temperature, beta, model.chunk)
+            closed = (d.temperature, model.compared.stop) if d.closed_form() else None
+            ce, kd = ChunkedHeadLoss.apply(hs[keep], W, HeadLoss(Y[keep], t_out.logits[keep], sums, coef, model.chunk,
+                                                                 None, closed))
         else:
-            ce, kd = loss_sums(model.model.lm_head(hs)[keep], Y[keep], t_out.logits[keep], model.vocab, kind, model.temperature, beta)
+            ce, kd = sums(model.model.lm_head(hs)[keep], Y[keep], t_out.logits[keep].distribution())
         (coef[0] * ce + coef[1] * kd).backward()
         times.append(time.perf_counter() - t0)
         W.grad = None
@@ -236,7 +247,8 @@ if args.part in ('all', 'step'):
     if chunk == 'auto':
         chunk = auto_chunk(output_rows(student), str(dtype)[6:])
         label = label.replace('auto', f'auto: {chunk}')
-    model = Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=chunk)  # the defaults
+    model = Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), Divergence('fkl', 2.0), chunk)  # the defaults
+    teacher_fn = Teacher(teacher, meta['vocab_size'], 'head' if chunk else 'full')
     flops = flops_per_token(student, args.block_size, True) + flops_per_token(teacher, args.block_size, False)
     if chunk:
         keep_freed_memory()  # as distill.py does on a CPU with loss_chunk > 0 (process-wide from here on)
@@ -250,7 +262,7 @@ if args.part in ('all', 'step'):
         batch = make_batch(split, [(d, 0) for d in long_docs], args.block_size, meta['pad_id'], 'cpu')
         t.append(time.perf_counter())
         with ctx:
-            t_out = model.teacher_forward(teacher, batch)
+            t_out = teacher_fn(batch)
             t.append(time.perf_counter())
             out = model(batch, t_out, batch.M.sum().item())
         t.append(time.perf_counter())
@@ -342,8 +354,9 @@ if args.part in ('all', 'pack'):
         if (ctx := autocast(dtype)) is None:
             continue
         cast_parameters(teacher, getattr(torch, dtype))
-        model = Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0,
-                          chunk=args.chunk or auto_chunk(output_rows(student), dtype))
+        model = Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), Divergence('fkl', 2.0),
+                          args.chunk or auto_chunk(output_rows(student), dtype))
+        teacher_fn = Teacher(teacher, meta['vocab_size'], 'head' if model.chunk else 'full')
         for shape in args.shapes.split(','):
             B, n = map(int, shape.split('x'))
             windows = block_windows(split, B)
@@ -355,7 +368,7 @@ if args.part in ('all', 'pack'):
                     b = pack_rows(batch, B, meta['pad_id']) if packed else batch
                     t0 = time.perf_counter()
                     with ctx:
-                        out = model(b, model.teacher_forward(teacher, b), b.M.sum().item())
+                        out = model(b, teacher_fn(b), b.M.sum().item())
                     out.loss.backward()
                     model.zero_grad(set_to_none=True)
                     if r:

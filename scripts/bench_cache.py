@@ -21,8 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import torch
 import torch.nn.functional as F
-from kd.data import TopK, attach_topk, block_windows, load_split, make_batch, top_k
-from distill import KD_KINDS, Trainable, configure_optimizer, kd_divergence
+from kd.data import TopK, block_windows, load_split, make_batch, top_k
+from distill import KD_KINDS, Divergence, Trainable, configure_optimizer, kd_divergence
+from kd.cache import CachedTeacher
+from kd.teacher import Teacher
 from kd.machine import choose_dtype, keep_freed_memory
 from kd.models import cast_parameters, demo_tokenizer, load_model, student_from_teacher_layers
 
@@ -61,9 +63,11 @@ if args.row:  # one step row: 'online' or 'cache', in dtype
     torch.manual_seed(0)
     teacher, student = models(dtype)
     if mode == 'cache':
-        teacher = None  # (only its blocks, copied into the student, were needed)
-        attach_topk(split, 'val', os.path.join(args.dataset, name), args.dataset, args.block_size, args.temperature)
-    model = Trainable(student.train(), meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', args.temperature, chunk=256)
+        teacher = CachedTeacher(os.path.join(args.dataset, name), args.dataset, {'val': split}, args.block_size,
+                                args.temperature, (0.5, 0.5, 0.0))  # (the model: only its blocks, in the student)
+    else:
+        teacher = Teacher(teacher, meta['vocab_size'], 'head')
+    model = Trainable(student.train(), meta['vocab_size'], (0.5, 0.5, 0.0), Divergence('fkl', args.temperature), 256)
     keep_freed_memory()
     optimizer = configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))
     times = []
@@ -71,7 +75,7 @@ if args.row:  # one step row: 'online' or 'cache', in dtype
         t0 = time.perf_counter()
         b = make_batch(split, windows[step * args.batch_size:(step + 1) * args.batch_size], args.block_size, meta['pad_id'], 'cpu')
         with ctx:
-            out = model(b, model.teacher_forward(teacher, b), b.M.sum().item())
+            out = model(b, teacher(b), b.M.sum().item())
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -18,6 +18,8 @@ import argparse, contextlib, json, os, resource, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import distill
+from kd.chunked import auto_chunk
+from kd.teacher import Teacher
 from kd.data import load_split, make_batch
 from kd.machine import cpu_name, keep_freed_memory
 from kd.models import (cast_parameters, demo_tokenizer, load_model, model_tokenizer, output_rows,
@@ -52,14 +54,15 @@ def one_tool(tool, dtype):
     X, Y, M = batch.X, batch.Y, batch.M
     bf16 = dtype == 'bfloat16'
     if tool == 'distill':  # distill.py's defaults: alpha 0.5, forward KL at T = 2
-        chunk = args.chunk or distill.auto_chunk(output_rows(student), dtype)
-        model = distill.Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), 'fkl', 2.0, chunk=chunk)
+        chunk = args.chunk or auto_chunk(output_rows(student), dtype)
+        model = distill.Trainable(student, meta['vocab_size'], (0.5, 0.5, 0.0), distill.Divergence('fkl', 2.0), chunk)
+        teacher_fn = Teacher(teacher, meta['vocab_size'], 'head')
         optimizer = distill.configure_optimizer(model, 0.0, 0.0, (0.9, 0.999))
         cast_parameters(teacher, getattr(torch, dtype))  # as distill.py: the frozen teacher in the compute dtype
         ctx = torch.autocast('cpu', torch.bfloat16) if bf16 else contextlib.nullcontext()
         def step():
             with ctx:
-                out = model(batch, model.teacher_forward(teacher, batch), M.sum().item())
+                out = model(batch, teacher_fn(batch), M.sum().item())
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

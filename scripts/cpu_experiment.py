@@ -12,22 +12,81 @@ Prints the comparison (held-out loss, KL to and top-1 agreement with the teacher
 fraction of the pruned -> teacher held-out-loss gap each method closes; over several seeds the mean and its
 standard error, an accuracy with its binomial standard error; each method's mean accuracy against SFT's also paired
 over the same documents) and each run's steps' time and input positions; writes them, acc beside acc_norm, to
-<out>/results.json, and the held-out curves (each method's, and minus SFT's) to <out>/loss_curves.png. A rerun
+<out>/results.json, and the held-out curves (each method's, and minus SFT's) to <out>/loss_curves.svg. A rerun
 reuses finished runs and evaluations and resumes a killed run from its checkpoint
 (deleted once the run is done).
 On a dataset of two tokenizers (configs/cross_tokenizer.py: the student reads other tokens than the teacher) the
 teacher is not scored (it cannot read the data's tokens): bits per byte compare the students, and 'pruned' is the
 untrained start; with several seeds the held-out loss and bits per byte are also compared paired by seed.
 --short: 15 steps per method in the fastest dtype, held-out figures on 40 validation windows (distill.py's own on
-8 documents), no benchmark (at 15 steps every student sits at chance there), no checkpoints.
+8 documents, every 5 steps), no benchmark (at 15 steps every student sits at chance there), no own-sample measures
+(eval.py --sample_prompts=0: the students' replies scored by the teacher, the slowest part of the evaluation), no
+checkpoints.
 """
 import argparse, json, math, os, runpy, shutil, statistics, subprocess, sys, time
+from xml.sax.saxutils import escape
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from kd.configurator import HelpFormatter
 from kd.models import demo_tokenizer
 
 OWN = ('draft_acceptance', 'own_sample_rkl', 'own_sample_teacher_nll')  # eval.py's on-policy measures, where it ran them
+
+COLORS = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b')  # one per method, in --methods' order
+DASH = ' stroke-dasharray="6,4"'
+
+def ticks(low, high, count=6):
+    """About `count` round values within [low, high]: steps of 1, 2 or 5 times a power of ten."""
+    raw = (high - low) / count if high > low else 1.0
+    step = next(s for s in (m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)) if s >= raw * (1 - 1e-9))
+    first, last = math.ceil(low / step - 1e-9), math.floor(high / step + 1e-9)
+    return [round(k * step, 12) + 0.0 for k in range(first, last + 1)]  # (+ 0.0: no '-0')
+
+def svg_plot(path, panels, width=540, height=360):
+    """Line charts side by side, written as SVG (no plotting library). A panel: {'title', 'ylabel', 'lines': [(label
+    or None, color, [(x, y), ...])], 'levels': [(label, color, y)]}; each line one <polyline> (its label as its
+    <title>), each level a dashed line; axes with ticks, a legend in the corner the lines cross least."""
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(panels)}" height="{height}" '
+           'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
+    for n, p in enumerate(panels):
+        lines, levels = p['lines'], p.get('levels', [])
+        xs = [x for _, _, line in lines for x, _ in line] or [0]
+        ys = [y for _, _, line in lines for _, y in line] + [y for _, _, y in levels] or [0]
+        margin = 0.05 * ((max(ys) - min(ys)) or 1)
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys) - margin, max(ys) + margin
+        L, R, T, B = n * width + 60, (n + 1) * width - 15, 28, height - 40  # the plot area, in pixels
+        X = lambda x: L + (x - x0) / ((x1 - x0) or 1) * (R - L)
+        Y = lambda y: B - (y - y0) / (y1 - y0) * (B - T)
+        svg += [f'<text x="{(L + R) / 2}" y="{T - 10}" text-anchor="middle" font-size="13">{escape(p["title"])}</text>',
+                f'<text x="{(L + R) / 2}" y="{height - 6}" text-anchor="middle">step</text>',
+                f'<text transform="translate({L - 46},{(T + B) / 2}) rotate(-90)" text-anchor="middle">'
+                f'{escape(p["ylabel"])}</text>',
+                f'<rect x="{L}" y="{T}" width="{R - L}" height="{B - T}" fill="none" stroke="black"/>']
+        for v in ticks(x0, x1):
+            svg += [f'<line x1="{X(v):.1f}" y1="{B}" x2="{X(v):.1f}" y2="{B + 4}" stroke="black"/>',
+                    f'<text x="{X(v):.1f}" y="{B + 16}" text-anchor="middle">{v:g}</text>']
+        for v in ticks(y0, y1):
+            svg += [f'<line x1="{L - 4}" y1="{Y(v):.1f}" x2="{L}" y2="{Y(v):.1f}" stroke="black"/>',
+                    f'<text x="{L - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:g}</text>']
+        for _, color, y in levels:
+            svg.append(f'<line x1="{L}" y1="{Y(y):.1f}" x2="{R}" y2="{Y(y):.1f}" stroke="{color}"{DASH}/>')
+        for label, color, line in lines:
+            points = ' '.join(f'{X(x):.1f},{Y(y):.1f}' for x, y in line)
+            svg.append(f'<polyline points="{points}" stroke="{color}" stroke-width="1.5" fill="none">'
+                       f'<title>{escape(label or "")}</title></polyline>')
+        # the legend: in whichever corner the fewest pixels of the lines pass through
+        legend = [(label, color, '') for label, color, _ in lines if label] + [(l, c, DASH) for l, c, _ in levels]
+        w, h = 30 + 6.5 * max((len(label) for label, _, _ in legend), default=0), 15 * len(legend)  # (6.5 px: a letter)
+        drawn = [(X(a + (b - a) * t / 20), Y(c + (d - c) * t / 20)) for _, _, line in lines
+                 for (a, c), (b, d) in zip(line, line[1:]) for t in range(21)]
+        drawn += [(x, Y(y)) for _, _, y in levels for x in range(L, R, 5)]
+        covered = lambda c: sum(c[0] <= x <= c[0] + w and c[1] <= y <= c[1] + h for x, y in drawn)
+        left, top = min([(R - w - 4, T + 4), (L + 8, T + 4), (R - w - 4, B - h - 4), (L + 8, B - h - 4)], key=covered)
+        for k, (label, color, dash) in enumerate(legend):
+            y = top + 11 + 15 * k
+            svg += [f'<line x1="{left}" y1="{y - 4}" x2="{left + 20}" y2="{y - 4}" stroke="{color}" stroke-width="2"'
+                    f'{dash}/>', f'<text x="{left + 25}" y="{y}">{escape(label)}</text>']
+    open(path, 'w').write('\n'.join(svg + ['</svg>']) + '\n')
 
 def summarize(results, teacher, pruned, groups, tasks):
     """The table: teacher, pruned start and each method (groups: method -> its runs' eval.py rows, one per seed):
@@ -74,7 +133,8 @@ def paired(results, a, b, tasks):
 
 def main():
     p = argparse.ArgumentParser(formatter_class=HelpFormatter)
-    p.add_argument('--short', action='store_true', help='SFT, logits and hidden for 15 steps each; 40 validation windows, no benchmark')
+    p.add_argument('--short', action='store_true', help='SFT, logits and hidden for 15 steps each; 40 validation '
+                   'windows, no benchmark, no own samples')
     p.add_argument('--config', default=os.path.join('configs', 'cpu_experiment.py'), help='the runs\' distill.py config')
     p.add_argument('--out', default=None, help='default: out-cpu-experiment (out-cpu-experiment-short with --short)')
     p.add_argument('--methods', default=None, help='default: sft,logits,hidden,mix (sft,logits,hidden with --short); also '
@@ -117,7 +177,8 @@ def main():
         run('distill.py', config, '--max_iters=0', '--distill=none', f'--out_dir={args.out}/pruned', '--checkpoint=False')
     models = {**({'teacher': teacher} if teacher else {}), 'pruned': f'{args.out}/pruned',
               **{n: f'{args.out}/{n}' for n in runs.values()}}
-    settings = {'tasks': ','.join(tasks), 'limit': args.limit, 'val_windows': val_windows, 'block_size': 128}
+    settings = {'tasks': ','.join(tasks), 'limit': args.limit, 'val_windows': val_windows, 'block_size': 128,
+                **({'sample_prompts': 0} if args.short else {})}  # (--short: no own samples)
     eval_file = os.path.join(out, 'eval.json')
     saved = json.load(open(eval_file)) if os.path.exists(eval_file) else {}
     results = {k: v for k, v in saved.get('results', {}).items() if saved['settings'] == settings and k in models.values()}
@@ -129,7 +190,8 @@ def main():
             return print(f'{name}: already trained for {steps} steps in {args.out}/{name}')
         resume = os.path.isdir(os.path.join(out, name, 'ckpt')) and not args.short
         run('distill.py', config, *methods[method], f'--max_iters={steps}', f'--seed={seed}', f'--out_dir={args.out}/{name}',
-            *(['--checkpoint=False', '--dtype=auto', f'--eval_docs={eval_docs}'] if args.short else []), *(['--init_from=resume'] if resume else []))
+            *(['--checkpoint=False', '--dtype=auto', f'--eval_docs={eval_docs}', '--eval_interval=5'] * args.short),
+            *(['--init_from=resume'] if resume else []))
         shutil.rmtree(os.path.join(out, name, 'ckpt'), ignore_errors=True)  # (done: nothing to resume; 12 B per parameter)
         results.pop(models[name], None)  # (its row, if any, was of an earlier model)
 
@@ -140,7 +202,8 @@ def main():
         for group in [missing] if args.short and missing else [[spec] for spec in missing]:
             run('eval.py', *group, f'--teacher={teacher}' if teacher else f'--tokenizer={meta["tokenizer"]}',
                 f'--data=data/{cfg["dataset"]}', f'--tasks={settings["tasks"]}', '--batch_size=16',
-                f'--output={args.out}/eval-new.json', '--block_size=128', *(f'--{k}={settings[k]}' for k in ('limit', 'val_windows') if settings[k]))
+                f'--output={args.out}/eval-new.json', '--block_size=128', *(['--sample_prompts=0'] * args.short),
+                *(f'--{k}={settings[k]}' for k in ('limit', 'val_windows') if settings[k]))
             results.update(json.load(open(os.path.join(out, 'eval-new.json')))['results'])
             json.dump({'settings': settings, 'results': results}, open(eval_file + '.tmp', 'w'), indent=2)
             os.replace(eval_file + '.tmp', eval_file)
@@ -197,35 +260,23 @@ def main():
     print('steps (time, input positions): ' + ', '.join(f'{n} {c["seconds"]:,.0f} s {c["positions"]:,}' for n, c in cost.items()))
     json.dump({'steps': steps, 'seeds': seeds, 'eval_settings': settings, 'table': table, 'runs': cost,
                'seconds': time.time() - t_start}, open(os.path.join(out, 'results.json'), 'w'), indent=2)
-    try:  # the loss curves (matplotlib is a dev-only extra)
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-        val = {name: {r['iter']: r['val_ce'] for r in logs[name] if 'val_ce' in r} for name in runs.values()}
-        base = args.methods[0]
-        for (method, seed), name in runs.items():
-            label = method if seed == seeds[0] else None
-            color, its = f'C{args.methods.index(method)}', sorted(val[name])
-            a.plot(its, [val[name][i] for i in its], marker='o', label=label, color=color, alpha=0.8)
-            if method != base:  # against the first method (SFT) of the same seed: the same documents, the same data order
-                ref = val[runs[base, seed]]
-                both = [i for i in its if i in ref]
-                b.plot(both, [val[name][i] - ref[i] for i in both], marker='o', label=label, color=color, alpha=0.8)
-        l_teacher = table['teacher']['val_loss'] if teacher else min(v for rows in val.values() for v in rows.values())
-        if teacher:
-            a.axhline(l_teacher, color='k', ls='--', label=f'teacher (eval.py: {val_windows or "all"} val windows of 128 tokens)')
-        b.axhline(0, color='C0', ls='--', label=base)
-        flat = [v for rows in val.values() for v in rows.values()] + [l_teacher]
-        low, top = min(flat) - 0.3, min(max(flat) + 0.3, l_teacher + 5)  # (a pruned start far above is in the table)
-        a.set(title=f'held-out CE (distill.py: {eval_docs} val documents)', xlabel='step', ylabel='nats/token', ylim=(low, top))
-        b.set(title=f'held-out CE minus {base}\'s, same seed (one line per seed)', xlabel='step', ylabel='nats/token')
-        a.legend(); b.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, 'loss_curves.png'), dpi=110)
-        print(f'wrote {args.out}/loss_curves.png')
-    except ImportError:
-        print('(pip install matplotlib for the loss-curve plot)')
+    # the loss curves: distill.py's held-out CE along each run, and each method's minus the first's (SFT's)
+    val = {name: sorted((r['iter'], r['val_ce']) for r in logs[name] if 'val_ce' in r) for name in runs.values()}
+    base, curves, diffs = args.methods[0], [], []
+    for (method, seed), name in runs.items():
+        label, color = method if seed == seeds[0] else None, COLORS[args.methods.index(method) % len(COLORS)]
+        curves.append((label, color, val[name]))
+        if method != base:  # against the first method of the same seed: the same documents, the same data order
+            ref = dict(val[runs[base, seed]])
+            diffs.append((label, color, [(i, v - ref[i]) for i, v in val[name] if i in ref]))
+    windows = f'{val_windows or "all"} windows'
+    levels = [(f'teacher (eval.py: {windows})', 'black', table['teacher']['val_loss'])] if teacher else []
+    panels = [{'title': f'held-out CE (distill.py: {eval_docs} val documents)', 'ylabel': 'nats/token', 'lines': curves,
+               'levels': levels},
+              {'title': f"held-out CE minus {base}'s, same seed", 'ylabel': 'nats/token', 'lines': diffs,
+               'levels': [(base, COLORS[0], 0.0)]}]
+    svg_plot(os.path.join(out, 'loss_curves.svg'), [p for p in panels if p['lines']])
+    print(f'wrote {args.out}/loss_curves.svg')
     print(f'total {time.time() - t_start:.0f} s')
 
 if __name__ == '__main__':

@@ -25,6 +25,15 @@ def gpt2_tok():
     """GPT-2's tokenizer (r50k ranks, packaged with openai-whisper): another byte-level BPE than SmolLM2's."""
     return models.load_tokenizer(os.path.join(models.package_dir('whisper'), 'assets', 'gpt2.tiktoken'))
 
+def online(model, teacher, sharded=False):
+    """The in-process teacher distill.py makes for the loss of Trainable `model`: it reads what that loss needs (None:
+    no teacher, SFT; sharded: under FSDP2)."""
+    from kd.teacher import NoTeacher, ShardedTeacher, Teacher
+    if teacher is None:
+        return NoTeacher()
+    logits = None if model.w_kd == 0 else 'head' if model.chunk else 'full'
+    return (ShardedTeacher if sharded else Teacher)(teacher, getattr(model.compared, 'stop', None), logits, model.proj.teacher_layers())
+
 def tiny_model(arch='llama', vocab=BYTES_VOCAB, hidden=32, layers=2, heads=4, seed=0):
     """A randomly initialised causal LM small enough for CPU tests (fp32)."""
     import transformers as T

@@ -10,7 +10,9 @@ from test_losses import divergence64, divergence_of64, softmax64
 import distill, prepare_data
 from kd import data, models
 from kd.data import TopK
-from distill import KD_KINDS, ChunkedHeadLoss, loss_sums
+from functools import partial
+from distill import KD_KINDS, Divergence, loss_sums
+from kd.chunked import ChunkedHeadLoss, HeadLoss
 
 def estimate64(s, t, ids, k, kind, T, beta, Ts):
     """One position in plain float64, from the definitions: the divergence's terms at the teacher's k tokens, plus
@@ -123,10 +125,11 @@ def test_chunked_sparse_equals_plain_with_padding_rows(kind):
     y, top = torch.randint(0, vocab, (n,), generator=g), cached(torch.randn(n, vocab, generator=g) * 3, 4, 2.0, 6)
     coef = (0.3, 0.7 * 4)
     h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
-    ce, kd = loss_sums(h1 @ W1.T, y, top, vocab, kind, 2.0, 0.5)
+    sums = partial(loss_sums, divergence=Divergence(kind, 2.0, 0.5), compared=slice(0, vocab))
+    ce, kd = sums(h1 @ W1.T, y, top)
     (coef[0] * ce + coef[1] * kd).backward()
     h2, W2 = h.clone().requires_grad_(), W.clone().requires_grad_()
-    ce2, kd2 = ChunkedHeadLoss.apply(h2, W2, y, top, None, coef, vocab, kind, 2.0, 0.5, 5)
+    ce2, kd2 = ChunkedHeadLoss.apply(h2, W2, HeadLoss(y, top, sums, coef, 5))
     (coef[0] * ce2 + coef[1] * kd2).backward()
     assert torch.allclose(ce, ce2, rtol=1e-5) and torch.allclose(kd, kd2, rtol=1e-5)
     assert torch.allclose(h1.grad, h2.grad, rtol=1e-4, atol=1e-6) and torch.allclose(W1.grad, W2.grad, rtol=1e-4, atol=1e-6)

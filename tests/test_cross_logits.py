@@ -8,8 +8,9 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 import prepare_data
 from kd import models
 from kd.data import Align, Batch
-from distill import KD_KINDS, Trainable
-from conftest import tiny_model
+from kd.cross import CrossTeacher
+from distill import KD_KINDS, Divergence, Trainable
+from conftest import online, tiny_model
 
 TEXT = 'Grüße, Welt! naïve café — 東京 2024\n\tdone.'
 
@@ -142,9 +143,9 @@ def test_cross_loss_matches_float64_reference(kind, chunk):
     with torch.no_grad():
         teacher.lm_head.weight.mul_(4)  # sharper than chance
     weights, T, beta = (0.4, 0.6, 0.0), 2.0, 0.3
-    cross = (torch.from_numpy(compared), torch.from_numpy(cols))
-    loss_fn = Trainable(student, len(STUDENT), weights, kind, T, beta, chunk, cross=cross)
-    t_out = loss_fn.teacher_forward(teacher, batch)
+    compared, cols = torch.from_numpy(compared), torch.from_numpy(cols)
+    loss_fn = Trainable(student, compared, weights, Divergence(kind, T, beta), chunk)
+    t_out = CrossTeacher(online(loss_fn, teacher), compared, cols, T)(batch)
     n = batch.M.sum().item()
     out = loss_fn(batch, t_out, n)
     out.loss.backward()
@@ -176,9 +177,9 @@ def test_identical_tokenizers_give_the_same_tokenizer_loss(bytes_tok, kind, chun
     grads, losses = [], []
     for cross in ((torch.from_numpy(compared), torch.from_numpy(cols)), None):
         student = tiny_model(vocab=280, hidden=16, seed=6).double()
-        loss_fn = Trainable(student, 259, (0.5, 0.5, 0.0), kind, 2.0, 0.4, chunk, cross=cross)
-        out = loss_fn(batch, loss_fn.teacher_forward(teacher, batch._replace(align=batch.align._replace(
-            XT=X if cross else None))), M.sum().item())
+        loss_fn = Trainable(student, 259 if cross is None else cross[0], (0.5, 0.5, 0.0), Divergence(kind, 2.0, 0.4), chunk)
+        teacher_fn = online(loss_fn, teacher) if cross is None else CrossTeacher(online(loss_fn, teacher), *cross, 2.0)
+        out = loss_fn(batch, teacher_fn(batch._replace(align=batch.align._replace(XT=X if cross else None))), M.sum().item())
         out.loss.backward()
         losses.append((out.loss.item(), out.ce.item(), out.kd.item()))
         grads.append([p.grad for p in student.parameters()])

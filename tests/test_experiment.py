@@ -1,5 +1,6 @@
 """The experiment driver's table (scripts/cpu_experiment.py): means over seeds and their standard errors."""
 import importlib.util, math, os
+import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 from conftest import ROOT
@@ -99,6 +100,9 @@ def test_driver_trains_then_scores_seed_by_seed_and_keeps_what_is_done(tmp_path,
     monkeypatch.setattr(sys, 'argv', argv)
     cpu_experiment.main()
     gguf = os.path.basename(cpu_experiment.demo_tokenizer())
+    plot = polylines(tmp_path / 'out' / 'loss_curves.svg')
+    assert [(c.findtext(SVG + 'title'), len(c.get('points').split())) for c in plot] == \
+        [('sft', 1), ('logits', 1), ('', 1), ('', 1), ('logits', 1), ('', 1)]  # each run; minus SFT's, per seed
     assert calls == [('train', 'pruned', False), ('train', 'sft-1', False), ('train', 'logits-1', False),
                      ('eval', gguf), ('eval', 'pruned'), ('eval', 'sft-1'), ('eval', 'logits-1'),
                      ('train', 'sft-2', False), ('train', 'logits-2', False), ('eval', 'sft-2'), ('eval', 'logits-2')]
@@ -120,6 +124,29 @@ def test_driver_trains_then_scores_seed_by_seed_and_keeps_what_is_done(tmp_path,
     cpu_experiment.main()
     assert calls == [('eval', 'logits-1'), ('train', 'sft-2', True), ('eval', 'sft-2')]
     assert not (tmp_path / 'out' / 'sft-2' / 'ckpt').exists()
+
+SVG = '{http://www.w3.org/2000/svg}'
+polylines = lambda path: list(ET.parse(path).getroot().iter(SVG + 'polyline'))
+
+def test_loss_curves_svg(tmp_path):
+    """The plot without a plotting library: one polyline per line, a point per value, placed where the values say."""
+    sft, logits = [(0, 15.7), (5, 10.2), (10, 8.9), (15, 8.3)], [(0, 15.7), (5, 10.0), (15, 8.1)]
+    left = {'title': 'held-out CE', 'ylabel': 'nats', 'lines': [('sft', 'red', sft), ('logits', 'blue', logits)],
+            'levels': [('teacher', 'black', 3.84)]}
+    right = {'title': 'minus SFT', 'ylabel': 'nats', 'lines': [('logits', 'blue', [(0, 0.0), (5, -0.2), (15, -0.2)])]}
+    cpu_experiment.svg_plot(tmp_path / 'p.svg', [left, right], width=500, height=300)
+    got = polylines(tmp_path / 'p.svg')
+    assert [(c.findtext(SVG + 'title'), c.get('stroke')) for c in got] == [('sft', 'red'), ('logits', 'blue')] + \
+        [('logits', 'blue')]
+    points = [[tuple(map(float, xy.split(','))) for xy in c.get('points').split()] for c in got]
+    assert [len(p) for p in points] == [4, 3, 3]
+    (x0, _), (x15, y15) = points[0][0], points[0][-1]
+    assert x15 - x0 == pytest.approx(500 - 60 - 15) and points[0][1][0] == pytest.approx(x0 + (x15 - x0) / 3, abs=0.1)
+    assert [y for _, y in points[0]] == sorted(y for _, y in points[0])  # a falling loss: rising pixel rows
+    assert points[1][2][1] > y15 and points[1][1][1] > points[0][1][1]  # logits below SFT where lower
+    assert all(500 < x < 1000 for x, _ in points[2]) and points[2][1][1] == points[2][2][1] > points[2][0][1]
+    text = {t.text for t in ET.parse(tmp_path / 'p.svg').getroot().iter(SVG + 'text')}
+    assert {'held-out CE', 'minus SFT', 'sft', 'logits', 'teacher', '0', '15'} <= text
 
 def test_paired_difference_against_numpy():
     rng = np.random.default_rng(0)

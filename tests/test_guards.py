@@ -4,7 +4,7 @@ import json, math, os, shutil
 import numpy as np
 import pytest, torch
 import transformers as T
-from conftest import BYTES_VOCAB, tiny_model, tiny_work
+from conftest import BYTES_VOCAB, online, tiny_model, tiny_work
 from test_distill import run, train_log, weights
 from test_on_policy import reference_loss, sampled
 import distill, prepare_data
@@ -82,11 +82,11 @@ def test_on_policy_mixture_by_rows(chat, chunk):
     student = T.AutoModelForCausalLM.from_pretrained(chat / 'student').float()
     teacher = T.AutoModelForCausalLM.from_pretrained(chat / 'teacher').float().eval()
     b = sampled(chat, student, rows=(0,))[3]
-    own = (b.Y < 0) & b.M.bool()
+    own = b.M.bool() & ~b.labeled()
     n_targets, n_student = int(b.M.sum()), int(own.sum())
     mix = distill.mixing_weights(4, 1, n_targets, n_student)
-    model = distill.Trainable(student, 259, (0.0, 1.0, 0.0), 'fkl', 2.0, 0.5, chunk)
-    out = model(b, model.teacher_forward(teacher, b), n_targets, 1, n_targets - n_student, mix)
+    model = distill.Trainable(student, 259, (0.0, 1.0, 0.0), distill.Divergence('fkl', 2.0, 0.5), chunk)
+    out = model(b, online(model, teacher)(b), n_targets, 1, n_targets - n_student, mix)
     out.loss.backward()
     refs = []
     for keep in (own, b.M.bool() & ~own):  # each source's mean divergence, float64

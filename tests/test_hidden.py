@@ -8,7 +8,8 @@ import prepare_data
 from kd import models
 from kd.configurator import ConfigError
 from kd.data import Align, Batch
-from distill import TeacherOut, Trainable, hidden_distance, make_layer_pairs
+from kd.teacher import TeacherOut
+from distill import LayerMap, Trainable, hidden_distance, make_layer_pairs
 from test_distill import assert_same_run, run, train_log, weights, work  # noqa: F401 (the shared fixture)
 
 def test_layer_maps():
@@ -65,8 +66,8 @@ def test_hidden_distance_value_and_gradient(kind, rms):
 
 def test_projections_receive_gradients_and_are_not_the_student():
     student = tiny_model(arch='gpt2', hidden=16, layers=2, heads=2)
-    model = Trainable(student, BYTES_VOCAB, (1.0, 0.0, 1.0), layer_pairs=[(1, 1), (2, 3)], teacher_width=32,
-                      proj_init='identity').eval()  # no dropout
+    model = Trainable(student, BYTES_VOCAB, (1.0, 0.0, 1.0),
+                      layer_map=LayerMap([(1, 1), (2, 3)], 16, 32, init='identity')).eval()  # no dropout
     assert model.proj[0].weight.shape == (32, 16) and torch.equal(model.proj[0].weight, torch.eye(32, 16))
     X = torch.randint(0, BYTES_VOCAB, (2, 7))
     M = torch.ones(2, 7, dtype=torch.long)

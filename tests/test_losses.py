@@ -1,9 +1,10 @@
 """Every divergence against a brute-force float64 reference, value and gradient."""
 import math
 import pytest, torch
-from conftest import tiny_model
+from conftest import online, tiny_model
 from kd.data import Align, Batch
-from distill import KD_KINDS, TeacherOut, Trainable, kd_divergence, loss_sums
+from kd.teacher import Logits, Teacher, TeacherOut
+from distill import KD_KINDS, Divergence, LayerMap, Trainable, kd_divergence, loss_sums
 
 def kd_loss(s, t, mask, kind='fkl', T=1.0, beta=0.5):
     """Mean over masked positions of kd_divergence: only supervised positions are computed."""
@@ -116,8 +117,8 @@ def test_t_squared_keeps_gradient_scale():
     teacher_logits = torch.randn(2, 6, 40, generator=torch.Generator().manual_seed(4))
     norms = {}
     for T in (8.0, 16.0):
-        model = Trainable(tiny_model(vocab=40, hidden=16, layers=1, seed=5), 40, (0.0, 1.0, 0.0), 'fkl', T)
-        model(batch, TeacherOut(logits=teacher_logits)).loss.backward()
+        model = Trainable(tiny_model(vocab=40, hidden=16, layers=1, seed=5), 40, (0.0, 1.0, 0.0), Divergence('fkl', T))
+        model(batch, TeacherOut(logits=Logits(teacher_logits, carry=Teacher(None, 40).carry))).loss.backward()
         norms[T] = model.model.lm_head.weight.grad.norm().item()
     assert norms[16.0] / norms[8.0] == pytest.approx(1.0, rel=0.05)
 
@@ -126,9 +127,9 @@ def test_the_loss_weighs_each_term_once(chunk):
     """loss = (w_ce CE + w_kd T^2 D) / N + w_hidden H / N_hidden, from the sums it reports, on both loss paths."""
     batch, T, (w_ce, w_kd, w_h) = tiny_batch(seed=1), 2.0, (0.75, 0.25, 0.5)
     teacher = tiny_model(vocab=40, hidden=24, layers=2, seed=6).eval()
-    model = Trainable(tiny_model(vocab=40, hidden=16, layers=1, seed=5), 40, (w_ce, w_kd, w_h), 'jsd', T, 0.3, chunk,
-                      layer_pairs=[(1, 2)], teacher_width=24)
-    out = model(batch, model.teacher_forward(teacher, batch), n_targets=7.0, n_hidden=5.0)
+    model = Trainable(tiny_model(vocab=40, hidden=16, layers=1, seed=5), 40, (w_ce, w_kd, w_h), Divergence('jsd', T, 0.3),
+                      chunk, LayerMap([(1, 2)], 16, 24))
+    out = model(batch, online(model, teacher)(batch), n_targets=7.0, n_hidden=5.0)
     assert out.ce > 0 and out.kd > 0 and out.hidden > 0
     ce, kd, h = out.ce.item(), out.kd.item(), out.hidden.item()
     assert out.loss.item() == pytest.approx(w_ce * ce / 7 + w_kd * T ** 2 * kd / 7 + w_h * h / 5, rel=1e-6)
@@ -169,9 +170,11 @@ def test_padded_vocabulary_rows_are_ignored():
     s, t = torch.randn(2, 3, 12), torch.randn(2, 3, 16)  # both padded past the 10 real tokens, differently
     Y, M = torch.randint(0, real, (2, 3)), torch.ones(2, 3, dtype=torch.long)
     rows = lambda z: z.flatten(0, 1)  # every position supervised
-    ce, kd = loss_sums(rows(s), rows(Y), rows(t), real, 'jsd', 2.0, 0.3)
+    teacher = lambda t: Logits(rows(t), carry=Teacher(None, real).carry).distribution()  # (the teacher's real tokens)
+    sums = lambda t: loss_sums(rows(s), rows(Y), teacher(t), Divergence('jsd', 2.0, 0.3), slice(0, real))
+    ce, kd = sums(t)
     t2 = t.clone()
     t2[..., real:] = 100.0  # junk in the padding rows
-    assert loss_sums(rows(s), rows(Y), rows(t2), real, 'jsd', 2.0, 0.3)[1].item() == pytest.approx(kd.item())
+    assert sums(t2)[1].item() == pytest.approx(kd.item())
     assert kd.item() == pytest.approx(6 * kd_loss(s[..., :real], t[..., :real], M, 'jsd', 2.0, 0.3).item(), rel=1e-6)
     assert ce.item() == pytest.approx(torch.nn.functional.cross_entropy(s.flatten(0, 1), Y.flatten(), reduction='sum').item(), rel=1e-6)

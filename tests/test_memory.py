@@ -4,9 +4,10 @@ FSDP2 leaves on each of 2 ranks; and configs/llama70b_stablelm.py's figures, rec
 import json, os, re, subprocess, sys, weakref
 import pytest, torch
 import transformers as T
-from conftest import ROOT
+from conftest import ROOT, online
 import distill
 from kd import data, machine
+from kd.chunked import auto_chunk
 from kd.machine import block_activation_bytes, memory_estimate
 from kd.models import cast_parameters
 
@@ -63,7 +64,8 @@ def setup(mode, dtype, **teacher_config):
     weights, chunk, pairs, rms = MODES[mode]
     student, teacher = llama(64, 256, 4, 1, 2), llama(96, 192, 4, 2, 4, **teacher_config).eval().requires_grad_(False)
     cast_parameters(teacher, getattr(torch, dtype))
-    model = distill.Trainable(student, 300, weights, 'fkl', 2.0, 0.5, chunk, pairs, 96, 'mse', rms)
+    model = distill.Trainable(student, 300, weights, distill.Divergence('fkl', 2.0, 0.5), chunk,
+                              distill.LayerMap(pairs, 64, 96, 'mse', rms) if pairs else None)
     rows, n = 2, 128
     X = torch.randint(0, 259, (rows, n))
     pos = torch.arange(n).repeat(rows)
@@ -78,7 +80,7 @@ def test_activations_are_what_the_step_saves(mode, dtype):
     <= 1.7%, the plain path)."""
     model, teacher, b = setup(mode, dtype)
     with autocast(dtype):
-        t_out = model.teacher_forward(teacher, b)
+        t_out = online(model, teacher)(b)
         model(b, t_out)  # (a first call builds what HF caches, e.g. attention masks: up to 57 KB more, once)
         acts, copies, _ = saved(lambda: model(b, t_out), model, *([teacher] if teacher else []))
     est = memory_estimate(model, teacher, b.X.numel(), dtype)
@@ -97,7 +99,7 @@ def test_step_peak_is_what_the_profiler_sees(mode, dtype):
     optimizer = distill.configure_optimizer(model, 1e-3, 0.0, (0.9, 0.95))
     def step():
         with autocast(dtype):
-            out = model(b, model.teacher_forward(teacher, b))
+            out = model(b, online(model, teacher)(b))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -115,7 +117,7 @@ def test_step_peak_is_what_the_profiler_sees(mode, dtype):
 def test_parameters_gradients_adamw_after_a_step():
     model, teacher, b = setup('hidden', 'float32')
     optimizer = distill.configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
-    model(b, model.teacher_forward(teacher, b)).loss.backward()
+    model(b, online(model, teacher)(b)).loss.backward()
     optimizer.step()
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
     est = memory_estimate(model, teacher, b.X.numel(), 'float32')
@@ -140,16 +142,18 @@ dist.init_process_group('gloo')
 import distill
 from kd import machine
 from test_memory import setup
+from conftest import online
 from kd.machine import memory_estimate
 mode, tied = sys.argv[3], sys.argv[4] == 'tied'  # (odd first dimensions: a vocabulary of 300 rows, 96 = 48 + 48)
 model, teacher, b = setup(mode, 'float32', tie_word_embeddings=tied)
 est = memory_estimate(model, teacher, b.X.numel(), 'float32', dist.get_world_size(), True)
-whole = model(b, model.teacher_forward(teacher, b)).loss.item()
+whole = model(b, online(model, teacher)(b)).loss.item()
 machine.shard(model, teacher)
 optimizer = distill.configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
-out = model(b, model.teacher_forward(teacher, b))
+sharded = online(model, teacher, sharded=True)
+out = model(b, sharded(b))
 out.loss.backward()
-teacher.get_input_embeddings().reshard()  # (as distill.py's release_teacher)
+sharded.release()  # (as distill.py does after the loss)
 optimizer.step()
 local = lambda ts: sum((t.to_local() if hasattr(t, 'to_local') else t).numel() * t.element_size() for t in ts)
 held = {'student parameters': local(model.parameters()), 'gradients': local(p.grad for p in model.parameters()),
@@ -184,11 +188,12 @@ dist.init_process_group('gloo')
 import distill
 from torch.nn.parallel import DistributedDataParallel as DDP
 from test_memory import setup
+from conftest import online
 from kd.machine import memory_estimate
 model, teacher, b = setup('hidden', 'float32')
 est = memory_estimate(model, teacher, b.X.numel(), 'float32', dist.get_world_size(), False)
 ddp = DDP(model)
-ddp(b, model.teacher_forward(teacher, b)).loss.backward()
+ddp(b, online(model, teacher)(b)).loss.backward()
 held = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()) + int(ddp._get_ddp_logging_data()['bucket_sizes'])
 json.dump({'estimate': est['gradients'], 'held': held}, open(sys.argv[2] + f'/ddp{dist.get_rank()}.json', 'w'))
 del ddp, model, teacher
@@ -203,7 +208,7 @@ def test_ddp_gradients_and_buckets_are_the_estimate(tmp_path):
         got = json.load(open(tmp_path / f'ddp{r}.json'))
         assert got['held'] == got['estimate']
 
-CHUNK = distill.auto_chunk(100352, 'bfloat16')  # the config's loss_chunk ('auto', bf16)
+CHUNK = auto_chunk(100352, 'bfloat16')  # the config's loss_chunk ('auto', bf16)
 
 def big_pair(world_pairs=((4, 13), (8, 27), (12, 40), (16, 53), (20, 67), (24, 80))):
     """configs/llama70b_stablelm.py's models, by their published shapes, on the meta device (no memory)."""
@@ -214,7 +219,8 @@ def big_pair(world_pairs=((4, 13), (8, 27), (12, 40), (16, 53), (20, 67), (24, 8
         student = T.AutoModelForCausalLM.from_config(T.StableLmConfig(
             vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32,
             num_key_value_heads=32, use_qkv_bias=True, partial_rotary_factor=0.25, tie_word_embeddings=False), dtype=torch.float32)
-        model = distill.Trainable(student, 100352, (0.5, 0.0, 0.5), 'fkl', 1.0, 0.5, CHUNK, world_pairs, 8192, 'cosine', True)
+        model = distill.Trainable(student, 100352, (0.5, 0.0, 0.5), distill.Divergence('fkl', 1.0, 0.5), CHUNK,
+                                  distill.LayerMap(world_pairs, 2048, 8192, 'cosine', True))
     return model, teacher
 
 def test_llama70b_config_figures():
@@ -225,7 +231,8 @@ def test_llama70b_config_figures():
     model, teacher = big_pair(config['layer_map'])
     assert sum(p.numel() for p in teacher.parameters()) == 70_553_706_496 and model.model.num_parameters() == 1_644_515_328
     tokens = config['batch_size'] * config['block_size']
-    peak = lambda world, n=tokens: memory_estimate(model, teacher, n, config['dtype'], world, True)['peak']
+    carried = 0  # (across tokenizers: the teacher's columns carried onto the student's)
+    peak = lambda world, n=tokens: memory_estimate(model, teacher, n, config['dtype'], world, True, carried)['peak']
     fits = lambda world: max(n for n in range(1024, 200_000, 1024) if peak(world, n) <= 80e9)  # tokens per micro-batch
     text = ' '.join(line[1:].strip() for line in header.splitlines() if line.startswith('#'))
     figures = re.search(r'peak ~([\d.]+) GB per GPU at ([\d,]+) tokens on 8 GPUs \(~([\d.]+) GB on 16\); a micro-batch of up to '
@@ -239,9 +246,10 @@ def test_llama70b_config_figures():
                               r'GB on 16\); a micro-batch of up to ~([\d,]+) tokens fits 8 x 80 GB, ~([\d,]+) on 16'),
                              ((0.5, 0.5, 0.5), r'Both terms .{,40}: peak ~([\d.]+) GB at [\d,]+ tokens on 8 GPUs')):
         with torch.device('meta'):
-            model = distill.Trainable(model.model, 100352, weights, 'fkl', 2.0, 0.5, CHUNK,
-                                      config['layer_map'] if weights[2] else [], 8192, 'cosine', True,
-                                      cross=(torch.arange(100352), torch.zeros(128256, dtype=torch.long)))
+            model = distill.Trainable(model.model, torch.arange(100352), weights, distill.Divergence('fkl', 2.0, 0.5),
+                                      CHUNK, distill.LayerMap(config['layer_map'], 2048, 8192, 'cosine', True)
+                                      if weights[2] else None)
+        carried = 128256
         figures = re.search(pattern, text)
         assert figures, 'the header states the estimate of the logit route'
         assert float(figures[1]) == round(peak(8) / 1e9, 1)

@@ -3,7 +3,7 @@ a float64 reference, seeds, resume and ranks."""
 import numpy as np
 import pytest, torch
 import transformers as T
-from conftest import BYTES_VOCAB, tiny_model, tiny_work
+from conftest import BYTES_VOCAB, online, tiny_model, tiny_work
 from test_distill import assert_same_run, run, train_log, weights
 import distill
 from kd import data, models, sampling
@@ -27,7 +27,8 @@ def sampled(chat, model, rows=(1, 2), seed=0, max_new=12, temperature=1.0, top_p
 @pytest.mark.parametrize('arch', ['llama', 'gpt2'])
 def test_rows_the_student_writes(chat, arch):
     """Each on-policy row is its document's prompt then the reply: M covers exactly the sampled tokens up to and
-    including the stop (or the cut), Y is -100 there, the data's rows are untouched; generate's own logits (left
+    including the stop (or the cut), sampled marks them there alone (no hard label) and Y holds them, the data's rows are
+    untouched; generate's own logits (left
     padded, KV cache) equal a fresh forward on the row as laid out for the loss; same seed, same rows."""
     model = tiny_model(arch=arch, vocab=BYTES_VOCAB, hidden=16, layers=2, heads=2, seed=3).eval()
     seen = []
@@ -45,7 +46,8 @@ def test_rows_the_student_writes(chat, arch):
         sup = out.M[i].nonzero().flatten().tolist()
         reply = out.X[i, len(prompt):sup[-1] + 1].tolist() + [out.Y[i, sup[-1]].item()]
         assert out.X[i, :len(prompt)].tolist() == prompt and sup == list(range(len(prompt) - 1, len(prompt) - 1 + len(reply)))
-        assert (out.Y[i, sup] == -100).all() and split['mask'][split['idx'][d] + lengths[d]] == 1
+        assert out.sampled[i, sup].all() and split['mask'][split['idx'][d] + lengths[d]] == 1
+        assert out.Y[i, sup[:-1]].tolist() == out.X[i, [p + 1 for p in sup[:-1]]].tolist()
         # the reply: ends at its first stop token, else at max_new_tokens (12) or the end of the block
         assert (256 not in reply[:-1]) and (reply[-1] == 256 or len(reply) == min(12, 49 - len(prompt)))
         # generate's logits at each step (the head's last position) = the loss's forward on the re-laid row
@@ -59,9 +61,9 @@ def reference_loss(student, teacher, b, kind, T, w_ce, w_kd):
     """The loss in float64, brute force: CE where Y has a label over those targets, D over every supervised target."""
     s64, t64 = (m.double() for m in (student, teacher))
     zs, zt = s64(input_ids=b.X).logits, t64(input_ids=b.X).logits
-    loss, n_targets, n_labeled = 0, int(b.M.sum()), int(((b.Y >= 0) & b.M.bool()).sum())
+    loss, n_targets, n_labeled = 0, int(b.M.sum()), int(b.labeled().sum())
     for r, p in b.M.nonzero().tolist():
-        if b.Y[r, p] >= 0:
+        if b.labeled()[r, p]:
             loss = loss + w_ce * -torch.log_softmax(zs[r, p], -1)[b.Y[r, p]] / n_labeled
         log_p, log_q = torch.log_softmax(zt[r, p, :259] / T, -1), torch.log_softmax(zs[r, p, :259] / T, -1)
         d = distill.DIVERGENCES[kind](log_p, log_q, 0.5).sum()
@@ -75,10 +77,10 @@ def test_on_policy_loss_value_and_gradient(chat, kind, chunk):
     student = T.AutoModelForCausalLM.from_pretrained(chat / 'student').float()
     teacher = T.AutoModelForCausalLM.from_pretrained(chat / 'teacher').float().eval()
     b = sampled(chat, student, rows=(0, 2))[3]
-    assert (b.Y[b.M.bool()] == -100).any() and (b.Y[b.M.bool()] >= 0).any()
-    model = distill.Trainable(student, 259, (0.4, 0.6, 0.0), kind, 2.0, 0.5, chunk)
-    n_targets, n_labeled = int(b.M.sum()), int((b.Y[b.M.bool()] >= 0).sum())
-    out = model(b, model.teacher_forward(teacher, b), n_targets, 1, n_labeled)
+    assert b.sampled[b.M.bool()].any() and b.labeled()[b.M.bool()].any()
+    model = distill.Trainable(student, 259, (0.4, 0.6, 0.0), distill.Divergence(kind, 2.0, 0.5), chunk)
+    n_targets, n_labeled = int(b.M.sum()), int(b.labeled().sum())
+    out = model(b, online(model, teacher)(b), n_targets, 1, n_labeled)
     out.loss.backward()
     ref_student = T.AutoModelForCausalLM.from_pretrained(chat / 'student')
     ref = reference_loss(ref_student, teacher, b, kind, 2.0, 0.4, 0.6)
@@ -149,7 +151,7 @@ def test_eval_draft_acceptance_and_own_samples(chat):
     for k in range(0, 4, 2):
         b = data.make_batch(split, [(d, 0) for d in docs[k:k + 2]], 48, 256, 'cpu')
         b, g = sampling.sample_rows(student, b, split, docs[k:k + 2], [0, 1], lengths, 48, (10, 1.0, 1.0, stops), k, 256,
-                                    259, label=True)
+                                    259)
         for r, pos in b.M.nonzero().tolist():
             log_q = torch.log_softmax(student.double()(input_ids=b.X[r:r + 1]).logits[0, pos, :V], -1)
             log_p = torch.log_softmax(teacher.double()(input_ids=b.X[r:r + 1]).logits[0, pos, :V], -1)

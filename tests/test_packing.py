@@ -4,10 +4,11 @@ with their positions; a model that does not keep packed windows apart is found b
 import json
 import numpy as np
 import pytest, torch
-from conftest import tiny_model
+from conftest import online, tiny_model
 from kd import data, models
 from kd.data import Align, Batch, TopK
-from distill import Trainable
+from kd.cross import CrossTeacher
+from distill import Divergence, LayerMap, Trainable
 from test_distill import assert_same_run, run, train_log, work  # noqa: F401 (the shared fixture)
 
 def windows_batch(lengths, vocab, seed=0, block_size=64, cross=False):
@@ -40,11 +41,11 @@ def losses(model, teacher, batch, chunk):
     """The loss's sums and the student's gradients (CE + JSD + hidden states at two layer pairs), and the teacher's
     outputs the loss read."""
     model.zero_grad()
-    t_out = model.teacher_forward(teacher, batch)
+    t_out = (online(model, teacher) if batch.align.XT is None else CrossTeacher(online(model, teacher)))(batch)
     out = model(batch, t_out)
     out.loss.backward()
     keep = batch.M.bool()
-    t_final = None if model.w_kd == 0 else t_out.last_hidden[keep] if chunk else t_out.logits[keep]
+    t_final = None if model.w_kd == 0 else t_out.logits.h[keep]  # (chunk: the final hidden states, else the logits)
     t_hidden = [h[batch.align.b, batch.align.t] for h in t_out.hidden]
     return out, [p.grad.clone() for p in model.parameters()], t_final, t_hidden
 
@@ -67,7 +68,7 @@ def test_packed_rows_give_the_unpacked_losses(arch, chunk, cross):
             m.config.resid_pdrop = m.config.embd_pdrop = m.config.attn_pdrop = 0.0
             m.apply(lambda x: setattr(x, 'p', 0.0) if isinstance(x, torch.nn.Dropout) else None)
     weights = (0.4, 0.0 if cross else 0.6, 1.0)  # (logits need one tokenizer)
-    model = Trainable(student, vocab, weights, 'jsd', 2.0, 0.5, chunk, [(1, 1), (2, 3)], 32)
+    model = Trainable(student, vocab, weights, Divergence('jsd', 2.0, 0.5), chunk, LayerMap([(1, 1), (2, 3)], 16, 32))
     a, grads_a, final_a, hidden_a = losses(model, teacher, unpacked, chunk)
     b, grads_b, final_b, hidden_b = losses(model, teacher, packed, chunk)
     close = lambda x, y: torch.allclose(x, y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
