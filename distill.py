@@ -468,17 +468,18 @@ if __name__ == '__main__':
                          student_model.config.hidden_size, teacher_model.config.hidden_size, hidden_loss,
                          hidden_rms_norm, proj_init) if w_hidden else None
 
-    # the teacher: one call on a batch gives what the loss reads (kd/teacher.py), whatever its kind
-    teacher_out = None if w_kd == 0 else 'head' if chunk else 'full'
+    # the teacher as one function of a batch, what the loss reads of it (kd/teacher.py), whatever its kind
+    reads = None if w_kd == 0 else 'head' if chunk else 'full'  # (of its logits: the chunked loss applies its head)
     if teacher_model is None:
-        teacher = cache or NoTeacher()
+        teacher_fn = cache or NoTeacher()
     else:
-        teacher = (ShardedTeacher if fsdp else Teacher)(teacher_model, vocab, teacher_out,
-                                                        hidden_map.teacher_layers() if hidden_map else ())
+        teacher_fn = (ShardedTeacher if fsdp else Teacher)(teacher_model, vocab, reads,
+                                                           hidden_map.teacher_layers() if hidden_map else ())
     compared = vocab
     if cross_tokenizer:  # across tokenizers: each teacher token's mass goes to a student token (kd/cross.py)
-        teacher, line = across_tokenizers(teacher, meta, student_tok, teacher_tok, temperature, torch_device, w_kd > 0)
-        compared = vocab if teacher.compared is None else teacher.compared
+        teacher_fn, line = across_tokenizers(teacher_fn, meta, student_tok, teacher_tok, temperature, torch_device,
+                                             w_kd > 0)
+        compared = vocab if teacher_fn.compared is None else teacher_fn.compared
         say(line) if line else None
     model = Trainable(student_model, compared, weights, Divergence(kd_kind, temperature, beta), chunk, hidden_map)
     raw_model = model = model.to(torch_device).train()  # from_pretrained returns models in eval mode
@@ -546,8 +547,8 @@ if __name__ == '__main__':
         for k in range(0, len(val_windows[::world_size]) if fsdp else len(docs), batch_size):  # (fsdp: all gather:
             b = packed(batch(val_data, docs[k:k + batch_size] if k < len(docs) else val_windows[:1]))  # a spare batch)
             with ctx:
-                out = raw_model(b, teacher(b))
-            teacher.release()
+                out = raw_model(b, teacher_fn(b))
+            teacher_fn.release()
             if k < len(docs):
                 counts = (out.ce.item(), out.kd.item(), out.hidden.item(), b.M.sum().item(), len(b.align.b))
                 sums = [a + v for a, v in zip(sums, counts)]
@@ -572,7 +573,7 @@ if __name__ == '__main__':
         guards.last_saved = iter_num
 
     # what this run is, in a few lines (each hook says its own), and its log
-    say(f'student: {sum(p.numel() for p in student_model.parameters()) / 1e6:.2f}M parameters; teacher: {teacher}')
+    say(f'student: {sum(p.numel() for p in student_model.parameters()) / 1e6:.2f}M parameters; teacher: {teacher_fn}')
     say(f'dtype: {compute_dtype} ({why}); MFU against its matmul rate, {flops_peak / 1e9:,.0f} GFLOP/s'
         + (' (peak_flops)' if peak_flops else ' measured at start'))
     say(f'loss = {w_ce:g} CE' + (f' + {w_kd:g} T^2 {kd_kind} (T={temperature:g})' if w_kd else '')
@@ -652,10 +653,10 @@ if __name__ == '__main__':
                 model.require_backward_grad_sync = micro_step == len(micro_batches) - 1
             with ctx:
                 t = time.time()
-                teacher_out = teacher(b)
+                teacher_out = teacher_fn(b)
                 t_teacher += time.time() - t
                 out = model(b, teacher_out, max(n_targets, 1), max(n_hidden, 1), max(n_labeled, 1), mix)
-            teacher.release()
+            teacher_fn.release()
             scaler.scale(out.loss * world_size).backward()  # DDP averages gradients over ranks; the sum is wanted
             sums += torch.stack([out.loss.detach(), out.ce, out.kd, out.hidden]).double()
         loss_value, ce_mean, kd_mean, hidden_mean = all_reduce(*sums.tolist())
@@ -710,7 +711,7 @@ if __name__ == '__main__':
                        student_tok or model_tokenizer(meta['tokenizer']))
         print(f"exported the student to {os.path.join(out_dir, 'student')}")
     if ddp:  # tear down together, after rank 0's export, once nothing holds the process group (DDP's reducer, FSDP's
-        del model, raw_model, student_model, teacher_model, teacher, optimizer  # sharded tensors): gloo's threads, left
+        del model, raw_model, student_model, teacher_model, teacher_fn, optimizer  # sharded tensors): gloo's threads, left
         gc.collect()  # to the interpreter's exit, aborted a rank in CI twice ('terminate called without an active
         dist.barrier()  # exception')
         dist.destroy_process_group()

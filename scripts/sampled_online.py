@@ -35,7 +35,7 @@ def sampled_forward(trainable, teacher, batch):
     return TeacherOut(logits=TopK.from_rows(shape(ids), shape(logp.half().float()), tail, tail, args.samples, T))
 
 source = open(os.path.join(ROOT, 'distill.py')).read()
-call = 'teacher(b)'  # (distill.py's teacher hook, in the evaluation and in the step)
+call = 'teacher_fn(b)'  # (distill.py's teacher hook, in the evaluation and in the step)
 assert source.count(call) == 2, 'distill.py changed: update this script'
 source = source.replace(call, 'sampled_forward(raw_model, teacher_model, b)')
 sys.argv = [os.path.join(ROOT, 'distill.py'), *rest]
