@@ -317,17 +317,18 @@ class Trainable(nn.Module):
 
     def forward(self, batch, teacher, n_targets=1, n_hidden=1, n_labeled=None, mix=None):
         """The loss: c_ce CE + c_kd D + c_hidden H (coefficients), teacher the TeacherOut of this batch. The rows: the
-        aligned pairs (b, s) <-> (b, t) first, where D is taken (with one tokenizer, every supervised target and
-        t = s), then the student's other supervised targets, CE alone. CE only where the data wrote the target
+        aligned pairs (b, s) <-> (b, t) first, in the targets' order, where D is taken (with one tokenizer, every
+        supervised target and t = s), then the student's other supervised targets, CE alone. CE only where the data wrote the target
         (Batch.sampled: the student did). mix (on-policy): the weights (w_student, w_data) of D's terms on the
         student's own tokens and on the data's, so that the two sources mix by rows (mixing_weights)."""
         X, align, labeled = batch.X, batch.align, batch.labeled()
-        (rb, rs) = batch.M.bool().index_put((align.b, align.s), torch.zeros_like(align.s, dtype=torch.bool)).nonzero(
-            as_tuple=True)
-        b, s = torch.cat([align.b, rb]), torch.cat([align.s, rs])
+        first = (align.b * X.shape[1] + align.s).argsort()  # (the aligned pairs in M's order: that of the targets)
+        ab, at = align.b[first], align.t[first]
+        rest = batch.M.bool().index_put((align.b, align.s), torch.zeros_like(align.s, dtype=torch.bool))
+        b, s = (torch.cat(x) for x in zip((ab, align.s[first]), rest.nonzero(as_tuple=True)))
         y = batch.Y[b, s].masked_fill(~labeled[b, s], -100)  # (cross-entropy's ignore index)
         weight = None if mix is None else torch.tensor(mix, dtype=torch.float64, device=X.device)[labeled[b, s].long()]
-        zt = None if teacher.logits is None else teacher.logits[align.b, align.t]
+        zt = None if teacher.logits is None else teacher.logits[ab, at]
         c_ce, c_kd, c_hidden = self.coefficients(n_targets, n_hidden, n_labeled)
         sums = partial(loss_sums, divergence=self.divergence, compared=self.compared)
         if self.chunk:
@@ -397,7 +398,7 @@ if __name__ == '__main__':
     # processes and precision: torchrun's environment decides (one code path for 1 process and N)
     ddp, rank, local_rank, world_size, torch_device = init_distributed(device)
     master_process = rank == 0  # only it prints and writes
-    say = print if master_process else lambda *a: None
+    say = lambda line: print(line) if master_process and line else None  # (a hook with nothing to say: None)
     if gradient_accumulation_steps % world_size:
         raise ConfigError(f'gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the world '
                           f'size {world_size}')
@@ -437,7 +438,7 @@ if __name__ == '__main__':
     with ctx:
         student_model, student_tok, layers, line = build_student(student, student_init, student_layers, teacher_model,
                                                                  teacher, probes, trust_remote_code)
-    say(line) if line else None
+    say(line)
     teacher_tok = model_tokenizer(teacher) if use_teacher else None
     if ddp and master_process:
         dist.barrier()
@@ -455,7 +456,7 @@ if __name__ == '__main__':
     models = [m for m in (student_model, teacher_model) if m is not None]
     probe = torch.arange(1, 17, device=torch_device)[None]
     chunk, note = choose_chunk(loss_chunk, models[:1 + (w_kd > 0)], compute_dtype, probe)
-    say(note) if note else None
+    say(note)
     packing = pack and all(packs(m, probe) for m in models)
     if pack and not packing:
         say("note: a model's attention does not keep packed windows apart (position ids restarting per window): rows "
@@ -480,7 +481,7 @@ if __name__ == '__main__':
         teacher_fn, line = across_tokenizers(teacher_fn, meta, student_tok, teacher_tok, temperature, torch_device,
                                              w_kd > 0)
         compared = vocab if teacher_fn.compared is None else teacher_fn.compared
-        say(line) if line else None
+        say(line)
     model = Trainable(student_model, compared, weights, Divergence(kd_kind, temperature, beta), chunk, hidden_map)
     raw_model = model = model.to(torch_device).train()  # from_pretrained returns models in eval mode
 
@@ -500,8 +501,7 @@ if __name__ == '__main__':
         say(f'note: layer_map={layer_map!r} is unused: this loss has no hidden-state term')
     if parallel == 'fsdp' and not ddp:
         say("note: parallel='fsdp' is unused: one process has nothing to shard")
-    if cache and cache.note(kd_kind):
-        say(cache.note(kd_kind))
+    say(cache and cache.note(kd_kind))
     memory = memory_estimate(raw_model, teacher_model, batch_size * block_size, compute_dtype, world_size, fsdp,
                              output_rows(teacher_model) if cross_tokenizer and w_kd else 0)
     if fsdp:
@@ -581,8 +581,8 @@ if __name__ == '__main__':
         + ' [across tokenizers]' * cross_tokenizer
         + (f'; {chunk} positions a chunk' if chunk else '; from the full logits'))
     say(memory_line(memory))
-    for line in (sampler, hidden_map and hidden_map.describe()):
-        say(line) if line else None
+    say(sampler and str(sampler))
+    say(hidden_map and hidden_map.describe())
     say(f"{len(train_data['idx']) - 1:,} training documents in {len(train_windows):,} windows of <= {block_size} "
         f'targets; {iterations} iterations of {batch_size} x {gradient_accumulation_steps} windows '
         f'({world_size} rank(s))')
