@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from kd.cache import CachedTeacher
+from kd.cache import CachedTeacher, check_weights
 from kd.checkpoint import content_hash, rng_states, resume, save_checkpoint, set_aside
 from kd.chunked import ChunkedHeadLoss, HeadLoss, choose_chunk
 from kd.configurator import ConfigError, check_config, exit_on_error, parse_config, print_help
@@ -318,14 +318,16 @@ class Trainable(nn.Module):
     def forward(self, batch, teacher, n_targets=1, n_hidden=1, n_labeled=None, mix=None):
         """The loss: c_ce CE + c_kd D + c_hidden H (coefficients), teacher the TeacherOut of this batch. The rows: the
         aligned pairs (b, s) <-> (b, t) first, in the targets' order, where D is taken (with one tokenizer, every
-        supervised target and t = s), then the student's other supervised targets, CE alone. CE only where the data wrote the target
-        (Batch.sampled: the student did). mix (on-policy): the weights (w_student, w_data) of D's terms on the
-        student's own tokens and on the data's, so that the two sources mix by rows (mixing_weights)."""
+        supervised target and t = s), then the student's other supervised targets, CE alone. CE only where the data
+        wrote the target (Batch.sampled: the student did). mix (on-policy): the weights (w_student, w_data) of D's
+        terms on the student's own tokens and on the data's, so that the two sources mix by rows (mixing_weights)."""
         X, align, labeled = batch.X, batch.align, batch.labeled()
         first = (align.b * X.shape[1] + align.s).argsort()  # (the aligned pairs in M's order: that of the targets)
         ab, at = align.b[first], align.t[first]
         rest = batch.M.bool().index_put((align.b, align.s), torch.zeros_like(align.s, dtype=torch.bool))
         b, s = (torch.cat(x) for x in zip((ab, align.s[first]), rest.nonzero(as_tuple=True)))
+        if teacher.logits is None:  # (no D: the supervised targets in their order, CE's sum as it always was)
+            b, s = batch.M.nonzero(as_tuple=True)
         y = batch.Y[b, s].masked_fill(~labeled[b, s], -100)  # (cross-entropy's ignore index)
         weight = None if mix is None else torch.tensor(mix, dtype=torch.float64, device=X.device)[labeled[b, s].long()]
         zt = None if teacher.logits is None else teacher.logits[ab, at]
@@ -387,6 +389,8 @@ if __name__ == '__main__':
     implied = {'none': (1.0, 0.0, 0.0), 'logits': (1 - alpha, alpha, 0.0), 'hidden': (1 - alpha, 0.0, alpha)}[distill]
     weights = w_ce, w_kd, w_hidden = tuple(implied[i] if w is None else float(w)
                                            for i, w in enumerate((ce_weight, kd_weight, hidden_weight)))
+    if teacher_cache is not None:
+        check_weights(weights)
     if on_policy > 0:
         check_on_policy(teacher_cache, w_kd, parallel)
     use_teacher = (w_kd > 0 and teacher_cache is None) or w_hidden > 0 or student_init == 'teacher_layers'
@@ -711,7 +715,7 @@ if __name__ == '__main__':
                        student_tok or model_tokenizer(meta['tokenizer']))
         print(f"exported the student to {os.path.join(out_dir, 'student')}")
     if ddp:  # tear down together, after rank 0's export, once nothing holds the process group (DDP's reducer, FSDP's
-        del model, raw_model, student_model, teacher_model, teacher_fn, optimizer  # sharded tensors): gloo's threads, left
-        gc.collect()  # to the interpreter's exit, aborted a rank in CI twice ('terminate called without an active
-        dist.barrier()  # exception')
+        del model, raw_model, student_model, teacher_model, teacher_fn, optimizer  # sharded tensors): gloo's threads,
+        gc.collect()  # left to the interpreter's exit, aborted a rank in CI twice ('terminate called without an
+        dist.barrier()  # active exception')
         dist.destroy_process_group()

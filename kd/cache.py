@@ -8,15 +8,19 @@ from kd.configurator import ConfigError
 from kd.data import attach_topk
 from kd.teacher import NoTeacher, TeacherOut
 
+def check_weights(weights):
+    """A cache serves logit distillation alone (weights: w_ce, w_kd, w_hidden): else one line."""
+    if weights[1] == 0 or weights[2] > 0:
+        raise ConfigError("teacher_cache holds the teacher's next-token distribution for logit distillation alone: "
+                          "use distill='logits' (hidden-state distillation needs the teacher itself), or unset "
+                          'teacher_cache')
+
 class CachedTeacher(NoTeacher):
     """The teacher's cached rows, attached to the splits (a folder, or its name inside the dataset's); each batch
     then carries them (Batch.topk, read by make_batch). Checks that the cache was written for this data, block_size
     and temperature, and that the loss is logit distillation alone."""
     def __init__(self, teacher_cache, data_dir, splits, block_size, temperature, weights):
-        if weights[1] == 0 or weights[2] > 0:
-            raise ConfigError("teacher_cache holds the teacher's next-token distribution for logit distillation "
-                              "alone: use distill='logits' (hidden-state distillation needs the teacher itself), or "
-                              'unset teacher_cache')
+        check_weights(weights)
         self.dir = teacher_cache if os.path.isdir(teacher_cache) else os.path.join(data_dir, teacher_cache)
         for name, split in splits.items():
             self.meta = attach_topk(split, name, self.dir, data_dir, block_size, temperature)

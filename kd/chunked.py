@@ -27,11 +27,11 @@ def choose_chunk(loss_chunk, models, compute_dtype, probe):
     return chunk, None
 
 def chunk_loss(z, y, zt, sums, coef, weight=None, closed_form=None, rows=8):
-    """One chunk: sums(z, y, zt, weight=weight) of logits z (in the compute dtype, read in fp32) and, unless coef is None,
-    the gradient of coef[0] CE + coef[1] D w.r.t. z in z's dtype, by autograd. closed_form = (T, V) when D is forward
-    KL as shipped on z's first V columns: then d CE/dz = softmax(z) - onehot(y), d KL(p || q)/dz = (q - p) / T, taken
-    a few rows at a time so that the fp32 temporaries stay in the CPU's cache: one read of z and zt from memory, one
-    write of the gradient, three exponentials per logit (autograd on the whole chunk made some twenty passes over
+    """One chunk: sums(z, y, zt, weight=weight) of logits z (in the compute dtype, read in fp32) and, unless coef is
+    None, the gradient of coef[0] CE + coef[1] D w.r.t. z in z's dtype, by autograd. closed_form = (T, V) when D is
+    forward KL as shipped on z's first V columns: then d CE/dz = softmax(z) - onehot(y), d KL(p || q)/dz = (q - p) / T,
+    taken a few rows at a time so that the fp32 temporaries stay in the CPU's cache: one read of z and zt from memory,
+    one write of the gradient, three exponentials per logit (autograd on the whole chunk made some twenty passes over
     (n, V) in memory, six exps). On a GPU, 256 rows at a time: no cache to fit, a launch per op, fp32 bounded."""
     fp = torch.float64 if z.dtype == torch.float64 else torch.float32  # never below fp32
     if coef is None:
@@ -77,8 +77,8 @@ def chunk_loss(z, y, zt, sums, coef, weight=None, closed_form=None, rows=8):
 class HeadLoss(NamedTuple):
     """What ChunkedHeadLoss computes, bound by the caller (distill.py's Trainable)."""
     y: torch.Tensor  # the targets at the rows (-100: none, a token the student wrote)
-    teacher: object  # its distribution at the first len(teacher) rows, made a chunk at a time (teacher[a:b].distribution():
-    # kd/teacher.py's Logits, or a cached TopK), or None (CE alone)
+    teacher: object  # its distribution at the first len(teacher) rows, made a chunk at a time
+    # (teacher[a:b].distribution(): kd/teacher.py's Logits, or a cached TopK), or None (CE alone)
     sums: Callable  # sums(z, y, zt, weight=...) -> (ce, kd): distill.py's loss_sums, bound to D and the compared tokens
     coef: tuple  # (c_ce, c_kd): the loss's weights of the two sums, whose gradient is taken; None: values only
     chunk: int  # rows per chunk

@@ -199,7 +199,7 @@ def shard(model, teacher):
         embeddings, head = teacher.get_input_embeddings(), teacher.get_output_embeddings()
         tied = head.weight is embeddings.weight  # (asked before sharding replaces the embeddings' parameter)
         fully_shard(embeddings, reshard_after_forward=False)
-        if tied:  # the head points at the embeddings' shard (no second copy); kd/teacher.py's ShardedTeacher reads them gathered
+        if tied:  # the head points at the embeddings' shard (no second copy); ShardedTeacher reads them gathered
             head.weight, embeddings.ties_head = embeddings.weight, True
         else:
             fully_shard(head, reshard_after_forward=True)

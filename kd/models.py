@@ -352,6 +352,7 @@ def export_student(model, folder, weights=None, tokenizer=None):
     if tokenizer is not None and hasattr(tokenizer, 'save_pretrained'):
         tokenizer.save_pretrained(folder)
 
+@torch.no_grad()
 def plain_head(model, probe):
     """True when the model's logits are its final hidden states times its head's weight, what the chunked path
     computes. Checked on a probe batch, in the model's own dtype and device: a logit scale or multiplier, or

@@ -4,7 +4,8 @@ tokens before its first supervised target (chat data: the conversation before th
 samples a continuation of it, and the sampled tokens, up to and including the stop token, become the row's targets:
 the divergence is taken there (M = 1) and no hard label (Batch.sampled marks them). Multi-turn records: the student
 writes the first reply, and the conversation after it is not used in that row. Plain text (supervised from its first
-token) has no prompt: its rows stay the data's. OnPolicy is the hook the run calls: rewrite(batches) -> batches.
+token) has no prompt: its rows stay the data's. OnPolicy is the hook the run calls:
+on_policy(batches, iter_num) -> batches.
 """
 import zlib
 from collections import Counter

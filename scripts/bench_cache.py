@@ -93,7 +93,7 @@ print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name}
 folder = os.path.join(args.dataset, name)
 t0 = time.time()
 reuse = os.path.exists(os.path.join(folder, 'meta.json'))  # (a complete cache: meta.json comes last)
-out = subprocess.CompletedProcess([], 0) if reuse else subprocess.run([sys.executable, 'cache_teacher.py', f'--teacher={teacher_path}', f'--dataset={args.dataset}', '--splits=val',
+out = subprocess.CompletedProcess([], 0) if reuse else subprocess.run([sys.executable, os.path.join('scripts', 'cache_teacher.py'), f'--teacher={teacher_path}', f'--dataset={args.dataset}', '--splits=val',
                       f'--k={args.k}', f'--samples={args.samples}', f'--block_size={args.block_size}', f'--temperatures=1,{args.temperature:g}', f'--name={name}'],
                      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if out.returncode:
