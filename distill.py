@@ -322,15 +322,16 @@ class Trainable(nn.Module):
         wrote the target (Batch.sampled: the student did). mix (on-policy): the weights (w_student, w_data) of D's
         terms on the student's own tokens and on the data's, so that the two sources mix by rows (mixing_weights)."""
         X, align, labeled = batch.X, batch.align, batch.labeled()
-        first = (align.b * X.shape[1] + align.s).argsort()  # (the aligned pairs in M's order: that of the targets)
-        ab, at = align.b[first], align.t[first]
-        rest = batch.M.bool().index_put((align.b, align.s), torch.zeros_like(align.s, dtype=torch.bool))
-        b, s = (torch.cat(x) for x in zip((ab, align.s[first]), rest.nonzero(as_tuple=True)))
-        if teacher.logits is None:  # (no D: the supervised targets in their order, CE's sum as it always was)
+        zt = None
+        if teacher.logits is None:  # (no D: the supervised targets in their order)
             b, s = batch.M.nonzero(as_tuple=True)
+        else:
+            first = (align.b * X.shape[1] + align.s).argsort()  # (the aligned pairs in M's order: the targets')
+            rest = batch.M.bool().index_put((align.b, align.s), torch.zeros_like(align.s, dtype=torch.bool))
+            b, s = (torch.cat(x) for x in zip((align.b[first], align.s[first]), rest.nonzero(as_tuple=True)))
+            zt = teacher.logits[align.b[first], align.t[first]]
         y = batch.Y[b, s].masked_fill(~labeled[b, s], -100)  # (cross-entropy's ignore index)
         weight = None if mix is None else torch.tensor(mix, dtype=torch.float64, device=X.device)[labeled[b, s].long()]
-        zt = None if teacher.logits is None else teacher.logits[ab, at]
         c_ce, c_kd, c_hidden = self.coefficients(n_targets, n_hidden, n_labeled)
         sums = partial(loss_sums, divergence=self.divergence, compared=self.compared)
         if self.chunk:
