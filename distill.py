@@ -44,8 +44,10 @@ from kd.data import TopK, block_windows, check_dataset, load_split, make_batch, 
 from kd.machine import (choose_dtype, flops_per_token, full_state, gathered, gb, init_distributed, keep_freed_memory,
                         measure_matmul_flops, memory_estimate, memory_line, shard)
 from kd.guards import Guards
-from kd.models import build_student, check_vocabularies, export_student, load_model, model_tokenizer, output_rows, packs
+from kd.models import (build_student, check_vocabularies, export_student, load_model, load_tokenizer, model_tokenizer,
+                       output_rows, packs)
 from kd.sampling import OnPolicy, check_on_policy
+from kd.served import ServedTeacher, check_served, is_served, routed_urls
 from kd.teacher import NoTeacher, ShardedTeacher, Teacher, frozen
 
 # -----------------------------------------------------------------------------
@@ -69,7 +71,11 @@ block_size = 512  # tokens per row; a longer document is read in several windows
 batch_size = 4  # documents per micro-batch (per rank)
 gradient_accumulation_steps = 8  # micro-batches per optimizer step, summed over ALL ranks
 # models
-teacher = None  # HF hub id, local folder or .gguf file
+teacher = None  # HF hub id, local folder, .gguf file, a server 'http://HOST:PORT/v1' (kd/served.py), {route: URL}
+teacher_topk = None  # the loss reads the teacher's k most likely tokens, the rest as one bucket; None: all (served: 20)
+teacher_requests = 8  # a served teacher: requests in flight at once, each with several windows
+teacher_timeout = 300.0  # a served teacher: seconds a request may take before it is tried again
+teacher_retries = 5  # a served teacher: tries again after 1, 2, 4, ... s, then the run stops (resumable)
 teacher_cache = None  # for logit KD: the teacher's top-k by cache_teacher.py (a folder, or its name in the dataset)
 student = None  # HF hub id, local folder or .gguf file (for 'teacher_layers': unused)
 student_init = 'pretrained'  # 'pretrained' (its weights), 'config' (random init) or 'teacher_layers'
@@ -81,7 +87,7 @@ alpha = 0.5  # 'logits': loss = (1 - alpha) CE + alpha T^2 D; 'hidden': (1 - alp
 ce_weight = None  # explicit weights of loss = ce_weight CE + kd_weight T^2 D + hidden_weight H override
 kd_weight = None  # ... the ones distill and alpha imply; a zero weight skips its term's work
 hidden_weight = None  # ... (e.g. ce_weight=0.5, kd_weight=0.5, hidden_weight=1.0 mixes all three)
-kd_kind = 'fkl'  # divergence: 'fkl', 'rkl', 'jsd', 'skl', 'srkl' or 'tvd'
+kd_kind = 'fkl'  # divergence: 'fkl', 'rkl', 'jsd', 'skl', 'srkl', 'tvd'; 'pg': rkl's policy gradient (kd/served.py)
 temperature = 2.0  # softmax temperature of both distributions in the divergence
 beta = 0.5  # JSD mixture weight of the teacher; skew weight for 'skl' / 'srkl' (DistiLLM: 0.1)
 layer_map = 'uniform'  # 'uniform', 'last', 'kept' or [(student, teacher), ...]; 0 = embedding output, l = block l
@@ -111,9 +117,9 @@ parallel = 'ddp'  # under torchrun: 'ddp' (each rank holds both models) or 'fsdp
 compile = False  # torch.compile both transformer stacks (minutes at start on a CPU; the loss's chunks run eagerly)
 seed = 1337  # data order and initialisation
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: the matmul rate of the run's dtype, measured at start
-OPTIONAL_TYPES = {'teacher': str, 'teacher_cache': str, 'student': str, 'student_layers': (list, str), 'stop_iter': int,
+OPTIONAL_TYPES = {'teacher': (str, dict), 'teacher_cache': str, 'student': str, 'student_layers': (list, str), 'stop_iter': int,
                   'max_iters': int, 'ce_weight': float, 'kd_weight': float, 'hidden_weight': float,
-                  'wandb_run_name': str, 'loss_chunk': (int, str)}  # (the settings whose default is None or 'auto')
+                  'wandb_run_name': str, 'loss_chunk': (int, str), 'teacher_topk': int}  # (the settings whose default is None or 'auto')
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, type(None)))]
 # -----------------------------------------------------------------------------
@@ -156,27 +162,43 @@ DIVERGENCES = {
     'srkl': lambda log_p, log_q, beta: _kl(log_q, _log_mix(log_q, log_p, beta)),  # skew reverse (DistiLLM: beta 0.1)
     'tvd': lambda log_p, log_q, beta: 0.5 * (log_p.exp() - log_q.exp()).abs(),  # total variation distance
 }
-KD_KINDS = tuple(DIVERGENCES)
+KD_KINDS = tuple(DIVERGENCES)  # (and 'pg': from the teacher's log-probability of each sampled token alone)
 
 def kd_divergence(student_logits, teacher_logits, kind='fkl', temperature=1.0, beta=0.5):
     """Per-position divergence (DIVERGENCES[kind]) between p = softmax(teacher / T) and q = softmax(student / T).
-    A TopK teacher (kd/data.py, a cached one): the exact terms of its k tokens plus the weighted terms of its drawn
-    ones, whose expectation over the draws is the sum of the terms over the tail: an unbiased estimate of the full
-    divergence (exact at k = V)."""
-    if kind not in DIVERGENCES:
-        raise ValueError(f"kd_kind must be one of {KD_KINDS}, got '{kind}'")
+    A TopK teacher (kd/data.py): the exact terms of its k tokens, then either the weighted terms of tokens drawn from
+    the rest (a cache), whose expectation over the draws is the sum over the rest (an unbiased estimate, exact at k =
+    V), or, with no draws (a served teacher), the rest as one token of mass 1 - sum over the k on both sides: a lower
+    bound of D whose forward-KL gradient is exact on the k tokens (docs/served.md). kind='pg': a teacher that gave
+    only the log-probability of the token x the student sampled from q (a TopK of width 1, x itself): the value is
+    log q(x) - log p(x), whose mean over x ~ q is reverse KL, and the gradient (log q(x) - log p(x)) d log q(x), whose
+    mean is reverse KL's gradient (the score function: E_q[d log q] = 0)."""
+    if kind not in KD_KINDS and kind != 'pg':
+        raise ValueError(f"kd_kind must be one of {(*KD_KINDS, 'pg')}, got '{kind}'")
     fp = torch.float64 if student_logits.dtype == torch.float64 else torch.float32  # never below fp32
     tiny = torch.finfo(fp).min  # -inf logits (masked tokens) must not turn 0 * inf into NaN
     log_q = F.log_softmax(student_logits.to(fp) / temperature, dim=-1).clamp(min=tiny)
     if not isinstance(teacher_logits, TopK):
+        if kind == 'pg':
+            raise ValueError("kd_kind='pg' reads the teacher's log-probability of the sampled token alone (a TopK of "
+                             "width 1); with its whole distribution, 'rkl' is exact")
         log_p = F.log_softmax(teacher_logits.to(fp) / temperature, dim=-1).clamp(min=tiny)
         return DIVERGENCES[kind](log_p, log_q, beta).sum(-1)
     t = teacher_logits
+    if kind == 'pg':
+        advantage = (log_q.gather(-1, t.ids[..., :1].long()) - t.logp[..., :1].to(fp)).squeeze(-1).detach()
+        log_q_x = log_q.gather(-1, t.ids[..., :1].long()).squeeze(-1)
+        return advantage + advantage * (log_q_x - log_q_x.detach())
     k = t.ids.shape[-1] - t.logw.shape[-1]
     zt = t.logp.to(fp) / temperature  # log p^(1/T): normalised by the k tokens' sum and the tail's
-    log_p = zt - torch.logaddexp(zt[..., :k].logsumexp(-1), t.tail.to(fp))[..., None]
+    norm = torch.logaddexp(zt[..., :k].logsumexp(-1), t.tail.to(fp))
+    log_p = zt - norm[..., None]
     weight = torch.cat([torch.ones_like(zt[..., :k]), t.logw.to(fp).exp()], -1)
-    return (weight * DIVERGENCES[kind](log_p, log_q.gather(-1, t.ids.long()), beta)).sum(-1)
+    d = (weight * DIVERGENCES[kind](log_p, log_q.gather(-1, t.ids.long()), beta)).sum(-1)
+    if t.logw.shape[-1] == 0 and k < log_q.shape[-1]:  # the rest as one bucket
+        log_rest = log_q.scatter(-1, t.ids.long(), -math.inf).logsumexp(-1, keepdim=True).clamp(min=tiny)
+        d = d + DIVERGENCES[kind]((t.tail.to(fp) - norm).clamp(min=tiny)[..., None], log_rest, beta)[..., 0]
+    return d
 
 
 class Divergence(NamedTuple):
@@ -190,7 +212,7 @@ class Divergence(NamedTuple):
         return kd_divergence(student_logits, teacher_logits, self.kind, self.temperature, self.beta)
 
     def closed_form(self):  # (asked at each call: an edited DIVERGENCES entry is what trains)
-        return DIVERGENCES[self.kind] is forward_kl
+        return DIVERGENCES.get(self.kind) is forward_kl
 
 # -----------------------------------------------------------------------------
 # the loss on full logits
@@ -381,7 +403,7 @@ if __name__ == '__main__':
         print_help(__doc__, __file__, defaults)
         sys.exit(0)
     config = parse_config(sys.argv[1:], defaults, OPTIONAL_TYPES)
-    check_config(config, {'distill': ('logits', 'hidden', 'none'), 'kd_kind': KD_KINDS,
+    check_config(config, {'distill': ('logits', 'hidden', 'none'), 'kd_kind': (*KD_KINDS, 'pg'),
                           'hidden_loss': ('mse', 'cosine'), 'proj_init': ('xavier', 'identity'),
                           'init_from': ('scratch', 'resume'),
                           'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'parallel': ('ddp', 'fsdp'),
@@ -394,7 +416,9 @@ if __name__ == '__main__':
         check_weights(weights)
     if on_policy > 0:
         check_on_policy(teacher_cache, w_kd, parallel)
-    use_teacher = (w_kd > 0 and teacher_cache is None) or w_hidden > 0 or student_init == 'teacher_layers'
+    served = is_served(teacher)  # (a server's URL: the teacher is another process's, kd/served.py)
+    use_teacher = ((w_kd > 0 and teacher_cache is None) or w_hidden > 0 or student_init == 'teacher_layers') \
+        and not served
     if use_teacher and teacher is None:
         why = " (student_init='teacher_layers' copies its blocks)" if student_init == 'teacher_layers' else ''
         raise ConfigError(f"distill='{distill}' needs a teacher{why}: set teacher (an HF hub id, a local folder or a "
@@ -422,6 +446,9 @@ if __name__ == '__main__':
     vocab, cross_tokenizer = meta['vocab_size'], 'teacher_tokenizer' in meta
     if cross_tokenizer:
         check_cross(meta, data_dir, teacher_cache, on_policy)
+    check_served(teacher, teacher_topk, weights, kd_kind, temperature, (on_policy, sample_temperature, top_p),
+                 student_init, teacher_cache, cross_tokenizer)
+    urls = served and routed_urls(teacher, meta, data_dir)  # (several teachers: one per route of the data)
     train_data, val_data = load_split(data_dir, 'train'), load_split(data_dir, 'val')
     data_fingerprint = content_hash([os.path.join(data_dir, f) for f in sorted(meta['files'])])  # (resumes read it)
     cache = teacher_cache and CachedTeacher(teacher_cache, data_dir, {'train': train_data, 'val': val_data},
@@ -476,11 +503,16 @@ if __name__ == '__main__':
 
     # the teacher as one function of a batch, what the loss reads of it (kd/teacher.py), whatever its kind
     reads = None if w_kd == 0 else 'head' if chunk else 'full'  # (of its logits: the chunked loss applies its head)
-    if teacher_model is None:
+    if served and w_kd > 0:
+        teacher_fn = ServedTeacher(urls, student_tok or load_tokenizer(meta['tokenizer']), vocab,
+                                   0 if kd_kind == 'pg' else teacher_topk or 20, block_size, teacher_requests,
+                                   teacher_timeout, teacher_retries)
+    elif teacher_model is None:
         teacher_fn = cache or NoTeacher()
     else:
         teacher_fn = (ShardedTeacher if fsdp else Teacher)(teacher_model, vocab, reads,
-                                                           hidden_map.teacher_layers() if hidden_map else ())
+                                                           hidden_map.teacher_layers() if hidden_map else (),
+                                                           teacher_topk and (teacher_topk, temperature))
     compared = vocab
     if cross_tokenizer:  # across tokenizers: each teacher token's mass goes to a student token (kd/cross.py)
         teacher_fn, line = across_tokenizers(teacher_fn, meta, student_tok, teacher_tok, temperature, torch_device,

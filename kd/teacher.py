@@ -7,6 +7,7 @@ A new kind (a teacher served by another process, say) is one more class with thi
 """
 from typing import NamedTuple
 import torch
+from kd.data import TopK, top_k
 from kd.machine import gathered
 from kd.models import cast_parameters
 
@@ -55,9 +56,10 @@ class Teacher(NoTeacher):
     forward goes only as far as the loss needs: logits='full' its own logits (the plain loss), 'head' its final
     hidden states and its head, applied a chunk at a time by the chunked loss, None neither (hidden states alone);
     layers: the hidden states the layer map reads. vocab: its real tokens, the first vocab columns (the rows of a
-    head past them are padding)."""
-    def __init__(self, model, vocab, logits='full', layers=()):
-        self.model, self.vocab, self.logits, self.layers = model, vocab, logits, list(layers)
+    head past them are padding). topk = (k, T): the loss reads its k most likely tokens alone, the rest as one bucket
+    at temperature T (as from a served teacher; kd/served.py); None: all."""
+    def __init__(self, model, vocab, logits='full', layers=(), topk=None):
+        self.model, self.vocab, self.logits, self.layers, self.topk = model, vocab, logits, list(layers), topk
 
     @torch.no_grad()
     def __call__(self, batch):
@@ -71,13 +73,18 @@ class Teacher(NoTeacher):
         return TeacherOut(logits, [out.hidden_states[t] for t in self.layers] if self.layers else None)
 
     def carry(self, z):
-        return z[..., :self.vocab]
+        if self.topk is None:
+            return z[..., :self.vocab]
+        (k, T), zero = self.topk, z.new_zeros(*z.shape[:-1], 0)
+        ids, logp, tail = top_k(z[..., :self.vocab], k, [T])
+        return TopK(ids, logp, tail[..., 0], zero)
 
     def head(self):
         return self.model.get_output_embeddings().weight
 
     def __str__(self):
-        return f'{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters'
+        topk = f' (its top-{self.topk[0]} read, the rest as one bucket)' if self.topk else ''
+        return f'{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters' + topk
 
 class ShardedTeacher(Teacher):
     """Teacher under FSDP2 (machine.shard: each rank keeps 1/world of every parameter): the head is read whole, a tied

@@ -29,7 +29,8 @@ from kd.checkpoint import remove_stale, seal, swap_in
 from kd.configurator import ArgumentParser, ConfigError, HelpFormatter, exit_on_error
 from kd.data import cache_rows, check_dataset, data_hash, foreign, load_split, make_batch, top_k, window_bos
 from kd.machine import choose_dtype, init_distributed
-from kd.models import cast_parameters, check_vocabularies, load_model, model_tokenizer
+from kd.models import cast_parameters, check_vocabularies, load_model, load_tokenizer, model_tokenizer
+from kd.served import ServedTeacher, is_served
 
 def write_split(teacher, split, folder, name, args, rank, world, ctx, device, pad_id, vocab):
     """This rank's share of a split's rows, written into the (pre-sized) files in folder."""
@@ -47,17 +48,22 @@ def write_split(teacher, split, folder, name, args, rank, world, ctx, device, pa
     for a in range(0, len(share), args.batch_size):
         w = share[a:a + args.batch_size]
         b = make_batch(split, windows[w], args.block_size, pad_id, device)
-        with torch.no_grad(), ctx:
-            logits = teacher(input_ids=b.X).logits[b.M.bool()][:, :vocab]
         r0, r = int(first[w[0]]), 0
-        for i in w:  # a window's draws depend on its seed alone
-            g.manual_seed(zlib.crc32(f'{args.seed} {name} {i}'.encode()))
-            for c in range(r, r + int(counts[i]), 256):  # fp32 log-probabilities, fp64 draws, a slice at a time
-                ids, logp, tail = top_k(logits[c:min(c + 256, r + int(counts[i]))], args.k, args.temperatures,
-                                        args.samples, g)
-                for array, values in zip(out, (ids, logp, tail)):
-                    array[r0 + c:r0 + c + len(values)] = values.cpu().numpy().astype(array.dtype)
-            r += int(counts[i])
+        if isinstance(teacher, ServedTeacher):  # its top k at T = 1 and the rest's mass, nothing drawn
+            t, keep = teacher(b).logits, b.M.bool()
+            for array, values in zip(out, (t.ids[keep], t.logp[keep], t.tail[keep][:, None])):
+                array[r0:r0 + len(values)] = values.cpu().numpy().astype(array.dtype)
+        else:
+            with torch.no_grad(), ctx:
+                logits = teacher(input_ids=b.X).logits[b.M.bool()][:, :vocab]
+            for i in w:  # a window's draws depend on its seed alone
+                g.manual_seed(zlib.crc32(f'{args.seed} {name} {i}'.encode()))
+                for c in range(r, r + int(counts[i]), 256):  # fp32 log-probabilities, fp64 draws, a slice at a time
+                    ids, logp, tail = top_k(logits[c:min(c + 256, r + int(counts[i]))], args.k, args.temperatures,
+                                            args.samples, g)
+                    for array, values in zip(out, (ids, logp, tail)):
+                        array[r0 + c:r0 + c + len(values)] = values.cpu().numpy().astype(array.dtype)
+                r += int(counts[i])
         done, tokens = done + len(w), tokens + b.X.numel()
         if rank == 0 and (time.time() - last > 10 or a + args.batch_size >= len(share)):
             last, rate = time.time(), tokens / (time.time() - t0)
@@ -68,13 +74,14 @@ def write_split(teacher, split, folder, name, args, rank, world, ctx, device, pa
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=HelpFormatter)
-    p.add_argument('--teacher', required=True, help='HF hub id, local folder or .gguf file (the one distill.py would load)')
+    p.add_argument('--teacher', required=True, help="HF hub id, local folder or .gguf file (the one distill.py would load), or "
+                   "a server's URL, http://HOST:PORT/v1 (kd/served.py: its top k at T = 1, nothing drawn)")
     p.add_argument('--dataset', default='data/demo', help='a folder written by prepare_data.py')
     p.add_argument('--block_size', type=int, default=512, help="distill.py's block_size: the windows the teacher reads")
     p.add_argument('--k', type=int, default=16, help='most likely tokens kept per position')
-    p.add_argument('--samples', type=int, default=32, help='tokens drawn from the rest per position (0 only when --k is the vocabulary)')
+    p.add_argument('--samples', type=int, default=None, help='tokens drawn from the rest per position (0 only when --k is the vocabulary; default 32, a server: 0)')
     p.add_argument('--seed', type=int, default=0, help="the draws' seed")
-    p.add_argument('--temperatures', default='1,2', help='comma-separated: the distillation temperatures the cache serves')
+    p.add_argument('--temperatures', default=None, help='comma-separated: the distillation temperatures the cache serves (default 1,2; a server: 1)')
     p.add_argument('--values', default='float16', choices=['float16', 'float32'], help='the log-probabilities\' dtype (2 or 4 bytes each)')
     p.add_argument('--batch_size', type=int, default=8, help='windows per teacher forward')
     p.add_argument('--name', help='the cache folder inside the dataset (default teacher_k<k>_b<block_size>)')
@@ -83,8 +90,13 @@ def main(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda, cuda:1, ...')
     args = p.parse_args(argv)
     ddp, rank, _, world, args.device = init_distributed(args.device)
+    served = is_served(args.teacher)
+    if served and (args.samples or args.temperatures not in (None, '1')):
+        raise ConfigError('a served teacher gives its top k at T = 1 alone, nothing to draw the rest from: leave out '
+                          '--samples and --temperatures (a cache of it serves temperature=1; the rest is one bucket)')
+    args.samples = (0 if served else 32) if args.samples is None else args.samples
     try:
-        args.temperatures = [float(t) for t in args.temperatures.split(',')]
+        args.temperatures = [float(t) for t in (args.temperatures or ('1' if served else '1,2')).split(',')]
     except ValueError:
         args.temperatures = [0.0]
     if args.k < 1 or args.block_size < 1 or args.batch_size < 1 or args.samples < 0 or min(args.temperatures) <= 0:
@@ -106,7 +118,7 @@ def main(argv=None):
                                           "distribution at the student's targets in one shared vocabulary (not built "
                                           'across tokenizers: distill the teacher online)'),
             (args.k > vocab, f'--k={args.k} is more than the vocabulary ({vocab} tokens)'),
-            (args.k < vocab and not args.samples, f'--samples=0 with --k={args.k} of {vocab} tokens leaves the tail '
+            (args.k < vocab and not args.samples and not served, f'--samples=0 with --k={args.k} of {vocab} tokens leaves the tail '
                                                   f'unrepresented: pass --samples=32 (or --k={vocab})'),
             (args.k == vocab and args.samples, f'--samples={args.samples} with --k={vocab}, the whole vocabulary: '
                                                'there is no tail to draw from; pass --samples=0'),
@@ -118,14 +130,19 @@ def main(argv=None):
     splits = args.splits.split(',')
     if ddp and rank:
         dist.barrier()  # rank 0 converts a .gguf once
-    teacher = load_model(args.teacher)
+    if served:  # (its tokenizer checked against the data's; it computes in its own dtype)
+        teacher = ServedTeacher(args.teacher, load_tokenizer(meta['tokenizer']), vocab, args.k, args.block_size)
+        dtype, why, ctx = 'its own', 'served', contextlib.nullcontext()
+    else:
+        teacher = load_model(args.teacher)
     if ddp and not rank:
         dist.barrier()
-    check_vocabularies(meta, args.dataset, None, None, teacher, model_tokenizer(args.teacher))
-    dtype, why, _ = choose_dtype(args.dtype, args.device)
-    ptdtype = getattr(torch, dtype)
-    cast_parameters(teacher.to(args.device).eval().requires_grad_(False), torch.float32 if dtype == 'float16' else ptdtype)
-    ctx = torch.autocast(args.device.split(':')[0], ptdtype) if dtype != 'float32' else contextlib.nullcontext()
+    if not served:
+        check_vocabularies(meta, args.dataset, None, None, teacher, model_tokenizer(args.teacher))
+        dtype, why, _ = choose_dtype(args.dtype, args.device)
+        ptdtype = getattr(torch, dtype)
+        cast_parameters(teacher.to(args.device).eval().requires_grad_(False), torch.float32 if dtype == 'float16' else ptdtype)
+        ctx = torch.autocast(args.device.split(':')[0], ptdtype) if dtype != 'float32' else contextlib.nullcontext()
     data = {s: load_split(args.dataset, s) for s in splits}
     rows = {s: int(np.asarray(data[s]['mask']).sum()) for s in splits}  # (every supervised target lies in a window)
     tmp = None

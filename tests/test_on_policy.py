@@ -161,3 +161,31 @@ def test_eval_draft_acceptance_and_own_samples(chat):
     assert own['own_sample_tokens'] == count > 0
     assert own['own_sample_rkl'] == pytest.approx(rkl / count, rel=1e-4)
     assert own['own_sample_teacher_nll'] == pytest.approx(nll / count, rel=1e-5)
+
+def test_policy_gradient_from_a_served_teacher(chat, bytes_tok):
+    """kd_kind='pg' on_policy=1 against a served teacher (tests/stub_server.py): the server is asked for the sampled
+    tokens' log-probabilities alone (k = 0), on rows the student wrote; a run without a served teacher or with data
+    rows is refused in one line (the estimator itself: tests/test_served.py, by Monte Carlo)."""
+    from stub_server import Stub, model_logprobs
+    teacher = T.AutoModelForCausalLM.from_pretrained(chat / 'teacher').eval()
+    stub = Stub(model_logprobs(teacher, BYTES_VOCAB), lambda text: [int(i) for i in models.encode(bytes_tok, text)[0]])
+    asked = []
+    score = stub.score
+    stub.score = lambda ids, k: asked.append(k) or score(ids, k)
+    try:
+        proc = run(chat, chat / 'pg', *COMMON, '--on_policy=1', '--max_iters=2', '--kd_kind=pg', '--temperature=1',
+                   f'--teacher={stub.url}')
+        assert 'the log-probability of each token that came' in proc.stdout
+        assert asked and set(asked) == {0}
+        log = train_log(chat / 'pg')
+        assert all(r['ce'] == 0 and r['generated'] > 0 and np.isfinite(r['kd']) for r in log)
+        data_replies = {f'{2 * i}, I think.' for i in range(60)}
+        texts = [bytes(t for t in p if t < 256).decode(errors='replace') for p in stub.prompts]
+        assert any(not any(reply in t for reply in data_replies) for t in texts)  # (the student's own replies)
+        for extra, message in [(('--on_policy=0.5',), 'on_policy=1'), ((f'--teacher={chat / "teacher"}', '--on_policy=1'),
+                                                                      "'rkl' is exact")]:
+            bad = run(chat, chat / 'bad', *COMMON, '--max_iters=1', '--kd_kind=pg', '--temperature=1',
+                      f'--teacher={stub.url}', *extra, check=False)
+            assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    finally:
+        stub.close()

@@ -184,7 +184,8 @@ def test_fortunes(tmp_path, monkeypatch, capsys):
     (folder / 'science.dat').write_bytes(b'\0\1')  # fortune's index: not text
     (folder / 'ascii-art').write_text('/\\_/\\\n%\n')  # pictures: left out
     records = P.fortune_records(str(folder), chars=40)
-    assert records == [{'text': 'E = mc^2\n\t-- Einstein'}, {'text': 'x' * 30 + '\n\nshort'}]  # joined up to ~chars, then a new record
+    assert records == [{'text': 'E = mc^2\n\t-- Einstein', 'source': 'fortunes'},  # joined up to ~chars, then a new one
+                       {'text': 'x' * 30 + '\n\nshort', 'source': 'fortunes'}]
     monkeypatch.setattr(P, 'demo_records', lambda: [{'text': 'a scene ' * 50}] * 20)
     monkeypatch.setattr(P, 'FORTUNES', str(folder))
     assert P.main(['--fortunes', '--tokenizer', 'bytes', '--out_root', str(tmp_path / 'data')]) == 0

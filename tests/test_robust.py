@@ -478,7 +478,7 @@ def test_a_checkpoint_carrying_code_is_refused_unrun(straight, work, tmp_path):
 CONFIG = {  # distill.py: (overrides given the work folder, expected text); each runs as its own process
     'unknown key': (lambda w: ['--learning_rat=1e-3'], "unknown config key 'learning_rat' (command line); did you mean 'learning_rate'?"),
     'batch_size two': (lambda w: ['--batch_size=two'], 'batch_size must be int like its default 4'),
-    'kd_kind jsdd': (lambda w: ['--kd_kind=jsdd'], "kd_kind must be one of fkl, rkl, jsd, skl, srkl, tvd; got 'jsdd' (did you mean 'jsd'?)"),
+    'kd_kind jsdd': (lambda w: ['--kd_kind=jsdd'], "kd_kind must be one of fkl, rkl, jsd, skl, srkl, tvd, pg; got 'jsdd' (did you mean 'jsd'?)"),
     'missing dataset': (lambda w: ['--dataset=missing'], 'no prepared dataset in'),
     'resume, nothing saved': (lambda w: ['--init_from=resume'], "init_from='resume' but there is no complete checkpoint"),
     'init_from resmue': (lambda w: ['--init_from=resmue'], "init_from must be one of scratch, resume; got 'resmue' (did you mean 'resume'?)"),
