@@ -39,7 +39,7 @@ from kd.cache import CachedTeacher, check_weights
 from kd.checkpoint import content_hash, rng_states, resume, save_checkpoint, set_aside
 from kd.chunked import ChunkedHeadLoss, HeadLoss, choose_chunk
 from kd.configurator import ConfigError, check_config, exit_on_error, parse_config, print_help
-from kd.cross import across_tokenizers, check_cross
+from kd.cross import across_tokenizers, check_cross, with_context
 from kd.data import TopK, block_windows, check_dataset, load_split, make_batch, pack_rows, step_doc_ids
 from kd.machine import (choose_dtype, flops_per_token, full_state, gathered, gb, init_distributed, keep_freed_memory,
                         measure_matmul_flops, memory_estimate, memory_line, shard)
@@ -47,7 +47,7 @@ from kd.guards import Guards
 from kd.models import (build_student, check_vocabularies, export_student, load_model, load_tokenizer, model_tokenizer,
                        output_rows, packs)
 from kd.sampling import OnPolicy, check_on_policy
-from kd.served import ServedTeacher, check_served, is_served, routed_urls
+from kd.served import ServedTeacher, check_pg, check_served, is_served, routed_urls
 from kd.teacher import NoTeacher, ShardedTeacher, Teacher, frozen
 
 # -----------------------------------------------------------------------------
@@ -117,9 +117,10 @@ parallel = 'ddp'  # under torchrun: 'ddp' (each rank holds both models) or 'fsdp
 compile = False  # torch.compile both transformer stacks (minutes at start on a CPU; the loss's chunks run eagerly)
 seed = 1337  # data order and initialisation
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: the matmul rate of the run's dtype, measured at start
-OPTIONAL_TYPES = {'teacher': (str, dict), 'teacher_cache': str, 'student': str, 'student_layers': (list, str), 'stop_iter': int,
-                  'max_iters': int, 'ce_weight': float, 'kd_weight': float, 'hidden_weight': float,
-                  'wandb_run_name': str, 'loss_chunk': (int, str), 'teacher_topk': int}  # (the settings whose default is None or 'auto')
+OPTIONAL_TYPES = {'teacher': (str, dict), 'teacher_cache': str, 'student': str, 'student_layers': (list, str),
+                  'stop_iter': int, 'max_iters': int, 'ce_weight': float, 'kd_weight': float, 'hidden_weight': float,
+                  'wandb_run_name': str, 'loss_chunk': (int, str),
+                  'teacher_topk': int}  # (the settings whose default is None or 'auto')
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, type(None)))]
 # -----------------------------------------------------------------------------
@@ -447,7 +448,7 @@ if __name__ == '__main__':
     if cross_tokenizer:
         check_cross(meta, data_dir, teacher_cache, on_policy)
     check_served(teacher, teacher_topk, weights, kd_kind, temperature, (on_policy, sample_temperature, top_p),
-                 student_init, teacher_cache, cross_tokenizer)
+                 student_init, teacher_cache, cross_tokenizer, vocab, (teacher_requests, teacher_timeout, teacher_retries))
     urls = served and routed_urls(teacher, meta, data_dir)  # (several teachers: one per route of the data)
     train_data, val_data = load_split(data_dir, 'train'), load_split(data_dir, 'val')
     data_fingerprint = content_hash([os.path.join(data_dir, f) for f in sorted(meta['files'])])  # (resumes read it)
@@ -519,6 +520,9 @@ if __name__ == '__main__':
                                              w_kd > 0)
         compared = vocab if teacher_fn.compared is None else teacher_fn.compared
         say(line)
+    elif 'teacher_context' in meta and (w_kd > 0 or w_hidden > 0):  # the teacher reads more than the student
+        teacher_fn, line = with_context(teacher_fn, meta, data_dir, teacher_cache, on_policy, isinstance(teacher, dict))
+        say(line)
     model = Trainable(student_model, compared, weights, Divergence(kd_kind, temperature, beta), chunk, hidden_map)
     raw_model = model = model.to(torch_device).train()  # from_pretrained returns models in eval mode
 
@@ -527,6 +531,7 @@ if __name__ == '__main__':
         raw_model.model, train_data, on_policy, (max_new_tokens, sample_temperature, top_p), block_size, seed,
         meta['pad_id'], vocab, data_dir, meta['eos_id'], [student_tok, teacher_tok, meta['tokenizer']], rank,
         world_size, gradient_accumulation_steps)
+    check_pg(kd_kind, sampler)
     teacher_pad_id = meta.get('teacher_eos_id', 0)
     packed = partial(pack_rows, block_size=block_size, pad_id=meta['pad_id'], teacher_pad_id=teacher_pad_id) \
         if packing else lambda b: b

@@ -194,7 +194,22 @@ def process(rec):
         mask = [0] * (len(ids) - len(mask)) + mask
         truncated = cut or (bool(max_len) and len(ids) > max_len)
         pieces = [(0, min(len(ids), max_len or len(ids)))]
-    docs = []
+    docs, context = [], ARGS.get('context') and rec.get(ARGS['context'])
+    if context and fmt != 'text' and truncated:  # (a conversation cut in its middle: the teacher's rendering would be
+        context = None  # cut elsewhere; it reads the student's row, counted as records_context_dropped)
+    if context:  # the teacher's rows: the context, then the same tokens (paired by suffix_pairs)
+        if fmt == 'text':  # before the text, after the BOS
+            lead = int(bool(ARGS['bos']) and ids[:1] == ARGS['bos'])
+            prefix = ARGS['bos'] + list(encode(TOK, context + '\n\n')[0])
+            rows = [prefix + ids[max(a, lead):b] for a, b in pieces]
+        else:  # the system message (before one the record has)
+            own = msgs[0]['content'] if msgs[0]['role'] == 'system' else None
+            system = {'role': 'system', 'content': context if own is None else context + '\n\n' + own}
+            try:
+                t_ids = chat_to_ids(TOK, [system] + msgs[own is not None:], ARGS['train_on_prompt'], 0)[0]
+            except SkipRecord as e:
+                return [], f'teacher_context: {e}', False
+            rows = [with_bos(ARGS['bos'], t_ids, np.zeros(len(t_ids), np.int64))[0]]
     if TEACHER_TOK is not None:
         t_ids, _, t_ends = encode(TEACHER_TOK, text)
         if fmt == 'text':
@@ -208,6 +223,9 @@ def process(rec):
         if not any(doc_mask):
             continue
         doc = compact(ids[a:b], doc_mask)
+        if ARGS.get('context'):  # (a record without one: the teacher reads what the student reads)
+            row = rows[pieces.index((a, b))] if context else list(ids[a:b])
+            doc += (np.asarray(row, dtype=np.uint32), suffix_pairs(list(ids[a:b]), list(row)))
         if TEACHER_TOK is not None:  # the teacher's tokens covering the same bytes, and the shared boundaries
             lo, hi = (ends[a - 1] if a else 0), ends[b - 1]
             keep = np.flatnonzero((t_starts >= lo) & (t_ends <= hi))
@@ -219,6 +237,17 @@ def process(rec):
     if ARGS.get('route'):  # (the teacher that scores its documents: a name, checked by check_routes)
         docs = [(*d, str(rec[ARGS['route']])) for d in docs]
     return docs, None, truncated
+
+def suffix_pairs(ids, row):
+    """(student position, teacher position) pairs where both predict the same next token of the tokens the two rows
+    end with alike: the teacher's row is the student's after a context, so every position whose target lies in the
+    common end (the reply, at least) is paired."""
+    n = 0
+    while n < min(len(ids), len(row)) and ids[-1 - n] == row[-1 - n]:
+        n += 1
+    shift = len(row) - len(ids)
+    return np.asarray([(s, s + shift) for s in range(max(0, len(ids) - n - 1), len(ids) - 1)],
+                      dtype=np.int32).reshape(-1, 2)
 
 def bos_prefix(tok):
     """[BOS] for a tokenizer that puts one before every sequence it encodes (Llama, Gemma, ...), else []."""
@@ -414,8 +443,15 @@ def write_dataset(out, splits, tok, teacher_tok, info, drop_caches=False):
     os.makedirs(tmp)
     try:
         routes = info.get('routes')
-        counts = {s: write_split(tmp, s, docs, dtype, teacher_dtype, routes) for s, docs in splits.items()}
-        teacher_info = {} if teacher_tok is None else {
+        pairs_dtype = teacher_dtype if teacher_tok is not None else dtype if info.get('teacher_context') else None
+        counts = {s: write_split(tmp, s, docs, dtype, pairs_dtype, routes) for s, docs in splits.items()}
+        context = {} if not info.get('teacher_context') else {
+            'teacher_context': info['teacher_context'], 'teacher_dtype': np.dtype(dtype).name,
+            'teacher_eos_id': eos_id(tok), 'teacher_bos_id': info['bos_id'],
+            'alignment': "s_teacher.bin holds each document as the teacher reads it, the record's teacher_context "
+                         "before the same tokens (a chat record's system message); s_align.bin int32 (student "
+                         "position, teacher position) pairs predicting the same token of the rows' common end"}
+        teacher_info = context if teacher_tok is None else {
             'teacher_tokenizer': info['teacher_tokenizer'], 'teacher_vocab_fingerprint': vocab_fingerprint(teacher_tok),
             'teacher_vocab_size': vocab_size(teacher_tok), 'teacher_dtype': np.dtype(teacher_dtype).name,
             'teacher_eos_id': eos_id(teacher_tok), 'teacher_bos_id': info['teacher_bos_id'],
@@ -431,6 +467,7 @@ def write_dataset(out, splits, tok, teacher_tok, info, drop_caches=False):
                          'documents are never packed together',
             'mask': 'mask[i]==1 iff token i is a supervised target (predicted from tokens[:i]); the first token of a document is never one',
             **teacher_info, **{k: info[k] for k in ('records_read', 'records_used', 'records_skipped', 'records_truncated')},
+            **({'records_context_dropped': info['records_context_dropped']} if info.get('teacher_context') else {}),
             **({'route_field': info['route_field'], 'routes': routes,
                 'route': "s_route.bin uint8: each document's teacher, an index into routes (distill.py's teacher as "
                          '{route: teacher})'} if routes else {}),
@@ -470,6 +507,9 @@ def main(argv=None):
     p.add_argument('--format', choices=FORMATS, help='force a record shape instead of detecting it per record')
     p.add_argument('--name', help='output folder data/<name> (default: the input file name, or "demo")')
     p.add_argument('--out_root', default='data', help='the dataset is written to <out_root>/<name>')
+    p.add_argument('--teacher_context', help='a record field of text only the teacher reads (a hint, the reference '
+                   "answer, a system prompt): a chat record's system message, before a text record's text; the "
+                   'teacher scores the same reply tokens with it before them')
     p.add_argument('--route', help="a record field naming the teacher of its documents (several teachers: distill.py's "
                    "teacher={name: teacher, ...}); every record needs it")
     p.add_argument('--train_on_prompt', action='store_true', help='supervise every token, not only the replies')
@@ -513,13 +553,21 @@ def main(argv=None):
             demo_records() + (fortune_records() if args.fortunes else []) if demo else read_hub_dataset(args.dataset) if args.dataset else read_records(args.inputs)
         where = getattr(records, 'where', None) or [f'record {i + 1}' for i in range(len(records))]
         routes = check_routes(records, where, args.route) if args.route else None
+        if args.teacher_context and args.teacher_tokenizer:
+            raise DataError('--teacher_context and --teacher_tokenizer: a teacher of another tokenizer reading a '
+                            'context is not built; prepare with one of them')
+        bad = next((i for i, r in enumerate(records) if args.teacher_context and isinstance(r, dict)
+                    and r.get(args.teacher_context) is not None and not isinstance(r[args.teacher_context], str)), None)
+        if bad is not None:
+            raise DataError(f"{where[bad]}: '{args.teacher_context}' is {type(records[bad][args.teacher_context]).__name__}"
+                            ', not text (--teacher_context: the text only the teacher reads)')
         tok = load_tokenizer(tokenizer_spec)
         teacher_tok = load_tokenizer(args.teacher_tokenizer) if args.teacher_tokenizer else None
         if teacher_tok is not None and vocab_fingerprint(teacher_tok) == vocab_fingerprint(tok):
             print('the teacher tokenizer is the student tokenizer: no alignment needed', file=sys.stderr)
             teacher_tok = None
         settings = {'format': args.format, 'max_length': args.max_length, 'train_on_prompt': args.train_on_prompt,
-                    'route': args.route,
+                    'route': args.route, 'context': args.teacher_context,
                 'bos': bos_prefix(tok), 'teacher_bos': bos_prefix(teacher_tok) if teacher_tok is not None else []}
         order = list(range(len(records)))
         random.Random(args.seed).shuffle(order)
@@ -542,17 +590,24 @@ def main(argv=None):
         if args.val_fraction > 0 and n_val < 1:
             raise DataError(f'only {len(used)} usable record(s): too few for a validation split; add data or pass --val_fraction=0')
         splits = {'val': [d for r in used[:n_val] for d in r], 'train': [d for r in used[n_val:] for d in r]}
+        if routes:  # (the names of the documents kept: a route whose records were all skipped has no teacher to name)
+            routes = sorted({d[-1] for r in used for d in r})
+        dropped = sum(1 for r, (docs, reason, _) in zip(records, results) if args.teacher_context and not reason
+                      and r.get(args.teacher_context) and all(np.array_equal(d[0], d[2]) for d in docs))
         counts = write_dataset(out, splits, tok, teacher_tok, {
             'tokenizer': tokenizer_spec, 'teacher_tokenizer': args.teacher_tokenizer, 'bos_id': (settings['bos'] or [None])[0],
             'teacher_bos_id': (settings['teacher_bos'] or [None])[0], 'records_read': len(records), 'records_used': len(used),
             'records_skipped': skipped, 'records_truncated': truncated, 'routes': routes, 'route_field': args.route,
+            'teacher_context': args.teacher_context, 'records_context_dropped': dropped,
             'command': ' '.join(['python', 'prepare_data.py'] + (sys.argv[1:] if argv is None else list(argv)))},
             args.drop_caches)
     except DataError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
     print(f'{len(records):,} records in {dt:.1f}s ({len(records) / max(dt, 1e-9):,.0f}/s): {len(used):,} used, '
-          f'skipped {skipped or "none"}, {truncated} truncated')
+          f'skipped {skipped or "none"}, {truncated} truncated'
+          + (f'; {dropped} with a teacher context cut in the middle: their teacher reads what the student reads'
+             if dropped else ''))
     for s, c in counts.items():
         print(f'{s}: {c["documents"]:,} documents, {c["tokens"]:,} tokens, {c["supervised_tokens"]:,} supervised'
               + (f', {c["teacher_tokens"]:,} teacher tokens, {c["aligned_supervised_fraction"]:.1%} of supervised positions aligned'

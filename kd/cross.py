@@ -27,15 +27,22 @@ def to_student_vocab(zt, cols, n, temperature):
 class CrossTeacher:
     """A teacher (kd/teacher.py) that reads the batch's teacher tokens (Batch.align.XT and their positions), its logits
     carried onto the student's compared tokens (to_student_vocab): the ids compared, ascending, and each teacher
-    id's column among them. hidden: its hidden states, in its own positions (the loss reads the aligned pairs)."""
+    id's column among them (None: the teacher's own, one vocabulary: a teacher that reads a context). hidden: its
+    hidden states, in its own positions (the loss reads the aligned pairs)."""
     def __init__(self, teacher, compared=None, cols=None, temperature=1.0):
         self.teacher, self.model, self.compared = teacher, teacher.model, compared
         self.carry = None if cols is None else partial(to_student_vocab, cols=cols, n=len(compared),
                                                        temperature=temperature)
 
     def __call__(self, batch):
-        out = self.teacher(batch._replace(X=batch.align.XT, pos=batch.teacher_pos))
-        return out if out.logits is None else out._replace(logits=Logits(out.logits.h, out.logits.head, self.carry))
+        """Its outputs on its own rows: XT, their positions, and, for a teacher that reads targets (kd/served.py), the
+        next tokens and a mask of the positions the loss reads (the aligned ones)."""
+        XT, align = batch.align.XT, batch.align
+        need = torch.zeros_like(XT).index_put_((align.b, align.t), torch.ones_like(align.t))
+        out = self.teacher(batch._replace(X=XT, Y=torch.cat([XT[:, 1:], XT[:, -1:]], 1), M=need, pos=batch.teacher_pos))
+        if out.logits is None or self.carry is None:  # (no carry: one vocabulary, a teacher that reads a context)
+            return out
+        return out._replace(logits=Logits(out.logits.h, out.logits.head, self.carry))
 
     def release(self):
         self.teacher.release()
@@ -72,3 +79,19 @@ def across_tokenizers(teacher, meta, student_tok, teacher_tok, temperature, devi
             f"student's {vocab:,} tokens are compared")
     to = lambda a: torch.from_numpy(a).to(device)
     return CrossTeacher(teacher, to(compared), to(cols), temperature), line
+
+def with_context(teacher, meta, data_dir, teacher_cache, on_policy, routed):
+    """A teacher that reads each record's teacher_context before the student's tokens (prepare_data.py
+    --teacher_context; self-distillation when it is the student's own starting weights): teacher as a CrossTeacher of
+    one vocabulary, and its start-up line. Else one line."""
+    field = meta['teacher_context']
+    for bad, what in ((teacher_cache is not None, 'a teacher cache holds what the teacher read without it'),
+                      (on_policy, "the teacher would read the student's replies after the context (not built)"),
+                      (routed, 'several teachers with a context (not built)')):
+        if bad:
+            raise ConfigError(f"{data_dir} gives the teacher each record's '{field}' to read (prepare_data.py "
+                              f'--teacher_context), and {what}: prepare the data without it, or drop the setting')
+    train = meta['splits']['train']
+    return CrossTeacher(teacher), (f"the teacher reads each record's '{field}' before the student's tokens: D at the "
+                                   f"{train['aligned_supervised_fraction']:.1%} of supervised training targets it "
+                                   'shares with the student (the reply), CE alone elsewhere')

@@ -57,8 +57,8 @@ def check_dataset(folder):
 
 
 def load_split(folder, split):
-    """A split as a dict of arrays; with a cross-tokenizer dataset also the teacher's tokens and the aligned
-    position pairs (see prepare_data.py)."""
+    """A split as a dict of arrays; with a cross-tokenizer dataset, or one with a teacher context, also the teacher's
+    tokens and the aligned position pairs (see prepare_data.py)."""
     meta = json.load(open(os.path.join(folder, 'meta.json')))
     path = lambda name: os.path.join(folder, f'{split}{name}.bin')
     memmap = lambda f, dtype: np.memmap(f, dtype=dtype, mode='r') if os.path.getsize(f) else np.zeros(0, dtype)
@@ -67,7 +67,7 @@ def load_split(folder, split):
             'teacher_bos': meta.get('teacher_bos_id')}
     if 'routes' in meta:  # each document's teacher (prepare_data.py --route)
         data['route'] = np.fromfile(path('_route'), dtype=np.uint8)
-    if 'teacher_tokenizer' in meta:
+    if 'teacher_tokenizer' in meta or 'teacher_context' in meta:  # (the teacher reads its own rows)
         data['teacher'] = memmap(path('_teacher'), meta['teacher_dtype'])
         data['teacher_idx'] = np.fromfile(path('_teacher_idx'), dtype=np.int64)
         data['align'] = np.fromfile(path('_align'), dtype=np.int32).reshape(-1, 2)

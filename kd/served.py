@@ -9,6 +9,7 @@ timeout, a 5xx or a broken answer is tried again after 1, 2, 4, ... s (teacher_r
 one line; it resumes from its last checkpoint once the server is back.
 """
 import difflib
+import http.client
 import json
 import math
 import socket
@@ -30,6 +31,14 @@ def is_served(teacher):
     url = lambda t: isinstance(t, str) and t.startswith(('http://', 'https://'))
     return url(teacher) or isinstance(teacher, dict)
 
+def check_pg(kd_kind, sampler):
+    """kd_kind='pg' takes D on tokens drawn from q: every row must be the student's (a document without a prompt keeps
+    the data's row, kd/sampling.py). Else one line."""
+    if kd_kind == 'pg' and sampler and sampler.with_prompt < 1:
+        raise ConfigError(f"kd_kind='pg' takes the divergence on the student's own tokens, and {1 - sampler.with_prompt:.0%} "
+                          "of the training documents have no prompt (plain text: their rows stay the data's): prepare "
+                          "prompt/reply data only, or use kd_kind='rkl' with a teacher that gives its distribution")
+
 def routed_urls(teacher, meta, data_dir):
     """teacher as ServedTeacher takes it: a URL (for every document), or {route: URL} in the order of the data's routes
     (meta.json's, from prepare_data.py --route), each route with its teacher. Else one line."""
@@ -39,6 +48,7 @@ def routed_urls(teacher, meta, data_dir):
     if not routes:
         raise ConfigError(f'several teachers need data whose records name theirs: prepare {data_dir} with '
                           'prepare_data.py --route=FIELD, or set one teacher')
+    teacher = {str(name): url for name, url in teacher.items()}  # (the data's names are strings: 1 is '1')
     for name in teacher:
         if name not in routes:
             close = difflib.get_close_matches(str(name), routes, n=1)
@@ -53,7 +63,8 @@ def routed_urls(teacher, meta, data_dir):
 class ServerError(ConfigError):
     """The teacher's server cannot be used (down, another model, malformed answers): one line, the run stops."""
 
-def check_served(teacher, teacher_topk, weights, kd_kind, temperature, sampling, student_init, cache, cross):
+def check_served(teacher, teacher_topk, weights, kd_kind, temperature, sampling, student_init, cache, cross, vocab=None,
+                 requests=(8, 300.0, 5)):
     """What a served teacher, or one read as its top k (teacher_topk), can give: log-probabilities (served: at T = 1)
     of k tokens, no hidden states, no blocks to copy, one tokenizer; kd_kind='pg' needs the sampled token's alone, on
     the student's own samples of q (sampling: on_policy, sample_temperature, top_p). Else one line."""
@@ -67,13 +78,22 @@ def check_served(teacher, teacher_topk, weights, kd_kind, temperature, sampling,
                               f'sample_temperature=1, top_p=1 and temperature=1 (got {sampling[0]:g}, {sampling[1]:g}, '
                               f'{sampling[2]:g} and {temperature:g})')
     if teacher_topk is not None and (not isinstance(teacher_topk, int) or teacher_topk < 1):
-        raise ConfigError(f'teacher_topk must be a positive integer (the tokens read per position), got {teacher_topk!r}')
+        raise ConfigError(f'teacher_topk must be a positive integer (the tokens read a position), got {teacher_topk!r}')
+    if teacher_topk is not None and vocab is not None and teacher_topk > vocab:
+        raise ConfigError(f'teacher_topk={teacher_topk} is more than the vocabulary ({vocab} tokens): at most {vocab} '
+                          '(every token: unset it)')
     if teacher_topk is not None and (cache or cross):
         raise ConfigError('teacher_topk reads a teacher in this process or a served one, ' + (
             'not a cache (its k is cache_teacher.py --k): unset teacher_topk' if cache else
             'not one of another tokenizer (its tokens are carried onto the student\'s whole): unset teacher_topk'))
     if not served:
         return
+    if cache is not None:
+        raise ConfigError('teacher_cache and a served teacher: the run reads one teacher; unset teacher_cache, or set '
+                          'teacher=None to train from the cache')
+    if requests[0] < 1 or requests[1] <= 0 or requests[2] < 0:
+        raise ConfigError(f'teacher_requests must be >= 1, teacher_timeout > 0 and teacher_retries >= 0, got '
+                          f'{requests[0]}, {requests[1]} and {requests[2]}')
     if isinstance(teacher, dict) and not all(is_served(t) and isinstance(t, str) for t in teacher.values()):
         raise ConfigError('several teachers are served ones, each a URL (scripts/serve_teacher.sh): a teacher in this '
                           f'process holds its weights in the training process, which serving avoids; got {teacher}')
@@ -108,6 +128,7 @@ class Server:
             raise ServerError(f"the teacher server at {self.url} serves {', '.join(map(str, cards))}, not "
                               f"'{self.name}': name one of them after '#'")
         length = cards[self.name].get('max_model_len')
+        self.length = length if isinstance(length, int) else None
         if isinstance(length, int) and length < block_size + 1:
             raise ServerError(f'the teacher server at {self.url} reads at most {length} tokens, a window here is '
                               f'{block_size + 1}: start it with --max-model-len {block_size + 1} or more, or set '
@@ -135,7 +156,7 @@ class Server:
                     raise ServerError(f'the teacher server at {url} refused the request (HTTP {e.code}: {said})'
                                       + hint(said, self.k)) from None
                 last = f'HTTP {e.code}: {said}'
-            except (urllib.error.URLError, socket.timeout, ConnectionError, json.JSONDecodeError, OSError) as e:
+            except (urllib.error.URLError, socket.timeout, OSError, http.client.HTTPException, json.JSONDecodeError) as e:
                 last = f'{type(e).__name__}: {getattr(e, "reason", e)}'
             if attempt < len(self.backoff):
                 time.sleep(self.backoff[attempt])
@@ -145,6 +166,10 @@ class Server:
 
     def score(self, prompts):
         """prompt_logprobs of each prompt (token id lists): one list per prompt, entry j the answer at token j."""
+        longest = max(map(len, prompts))
+        if self.length is not None and longest > self.length:  # (a teacher's rows with a context are longer)
+            raise ServerError(f'the teacher server at {self.url} reads at most {self.length} tokens, a window here is '
+                              f'{longest}: start it with --max-model-len {longest} or more')
         body = {'model': self.name, 'prompt': prompts, 'max_tokens': 1, 'temperature': 0, 'prompt_logprobs': self.k}
         for attempt in range(2):  # (a well-formed JSON of the wrong shape is tried once more, then one line)
             answer = self.call('POST', self.url + '/completions', body)
@@ -233,12 +258,12 @@ class ServedTeacher(NoTeacher):
         else:
             got = sorted((g for g in got if g[2] is None or g[2] <= self.k), key=lambda g: -g[1])[:self.k]
         if len(got) < max(self.k, 1):
-            raise ServerError(f'the teacher server at {server.url} gave {len(got)} log-probabilities at a position where '
-                              f'teacher_topk={self.k} asked for {max(self.k, 1)}: start it with --max-logprobs '
+            raise ServerError(f'the teacher server at {server.url} gave {len(got)} log-probabilities at a position '
+                              f'where teacher_topk={self.k} asked for {max(self.k, 1)}: start it with --max-logprobs '
                               f'{self.k} or more, or lower teacher_topk')
         if any(not 0 <= g[0] < self.vocab or not g[1] <= 1e-4 for g in got):
-            raise ServerError(f'the teacher server at {server.url} answered token {max(g[0] for g in got)} or a log-probability '
-                              f'above 0 for a vocabulary of {self.vocab}: it serves another tokenizer')
+            raise ServerError(f'the teacher server at {server.url} answered token {max(g[0] for g in got)} or a '
+                              f'log-probability above 0 for a vocabulary of {self.vocab}: it serves another tokenizer')
         return [g[:2] for g in got]
 
     def __str__(self):

@@ -9,6 +9,7 @@ A served teacher against the same teacher in this process, on the quick start's 
 Exits 1 where the log-probabilities differ by more than --tol_logp or a validation line by more than --tol_val.
 """
 import json, os, subprocess, sys, time
+from concurrent.futures import ThreadPoolExecutor
 import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kd.configurator import ArgumentParser, HelpFormatter
@@ -60,10 +61,18 @@ def main():
         worst = max(worst, (local.gather(1, got.ids[keep]) - got.logp[keep]).abs().nan_to_num(float('inf')).max().item())
         worst_tail = max(worst_tail, (got.tail[keep] - tail[keep][..., 0]).abs().max().item())
     wire = sum(served.received) / positions
+    # the same windows again, alone and then beside others in flight (another batching on the server): bit for bit?
+    first = make_batch(split, windows[:8], 128, meta['pad_id'], 'cpu')
+    second = make_batch(split, windows[8:16], 128, meta['pad_id'], 'cpu')
+    alone = served(first).logits.logp
+    with ThreadPoolExecutor(2) as pool:
+        beside = next(pool.map(served, [first, second])).logits.logp
+    repeat = max((alone - served(first).logits.logp).abs().max().item(), (alone - beside).abs().max().item())
     print(f'1. top-{args.k} at {positions:,} positions ({len(windows)} windows): the same {args.k} tokens at '
           f'{same_set:,}; largest |log p served - in process| {worst:.2e}, of the rest\'s mass (log) {worst_tail:.2e}; '
           f'{wire:,.0f} bytes on the wire a position; {t_served:.2f} s served (waiting for the answers '
-          f'{served.seconds[0]:.2f} s, reading them {served.seconds[1]:.2f} s) against {t_local:.2f} s in process (fp32)')
+          f'{served.seconds[0]:.2f} s, reading them {served.seconds[1]:.2f} s) against {t_local:.2f} s in process (fp32); '
+          f'the same windows scored again, alone and beside others: largest difference {repeat:.1e}')
     ok = worst <= args.tol_logp and same_set == positions
 
     # 2. logit KD with the teacher's top k, in this process and served

@@ -26,12 +26,13 @@ def sh(*cmd, log=None):
                    stderr=subprocess.STDOUT if log else None)
 
 @torch.no_grad()
-def heldout(spec, data_dir, routes, windows=None):
-    """Mean CE per supervised token on the validation split, all of it and per route (fp32)."""
+def heldout(spec, data_dir, routes, stride=4):
+    """Mean CE per supervised token on every stride-th window of 128 of the validation split, all of it and per
+    route (fp32)."""
     model = load_model(spec).eval()
     split, meta = load_split(data_dir, 'val'), json.load(open(os.path.join(data_dir, 'meta.json')))
     ce, n = np.zeros(len(routes)), np.zeros(len(routes))
-    all_windows = block_windows(split, 128)[:windows]
+    all_windows = block_windows(split, 128)[::stride]
     for a in range(0, len(all_windows), 16):
         b = make_batch(split, all_windows[a:a + 16], 128, meta['pad_id'], 'cpu')
         loss = torch.nn.functional.cross_entropy(model(input_ids=b.X).logits.transpose(1, 2).float(), b.Y,

@@ -11,11 +11,12 @@ class Stub:
     """logprobs(ids) -> (len(ids), V) log-probabilities of the next token after each prefix; tokenize(text) -> ids.
     Faults, set between calls: fail (how many requests answer HTTP 500), slow (seconds before each answer), truncate
     (answers cut in half), cap (most log-probabilities per position), answer_as (the model named in answers),
-    fail_after (requests answered before the server is gone)."""
+    fail_after (requests answered before the server is gone), garbage (not HTTP at all)."""
     def __init__(self, logprobs, tokenize, name='stub/teacher', max_model_len=4096):
         self.logprobs, self.tokenize, self.name, self.max_model_len = logprobs, tokenize, name, max_model_len
         self.fail, self.slow, self.truncate, self.cap, self.answer_as = 0, 0.0, False, None, None
         self.fail_after = None  # requests past this many find the server gone (the connection closed unanswered)
+        self.garbage = False  # requests answered by something that is not HTTP
         self.requests, self.positions, self.prompts = 0, 0, []
         stub = self
 
@@ -44,6 +45,10 @@ class Stub:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
                 stub.requests += 1
+                if stub.garbage:  # (another service on the port: no HTTP at all)
+                    self.wfile.write(b'SSH-2.0-OpenSSH_9.6\r\n')
+                    self.close_connection = True
+                    return
                 if stub.fail_after is not None and stub.requests > stub.fail_after:
                     self.close_connection = True
                     return

@@ -104,9 +104,19 @@ def test_settings_a_served_teacher_cannot_serve():
                           ((url, None, logits, 'pg', 1.0, (1, 0.7, 1), *plain), 'sample_temperature=1'),
                           (('t.gguf', 0, logits, 'fkl', 1.0, ok, *plain), 'positive integer'),
                           (('t.gguf', 8, logits, 'fkl', 1.0, ok, 'pretrained', 'cache', False), 'cache_teacher'),
-                          (('t.gguf', 8, logits, 'fkl', 1.0, ok, 'pretrained', None, True), 'another tokenizer')]:
+                          (('t.gguf', 8, logits, 'fkl', 1.0, ok, 'pretrained', None, True), 'another tokenizer'),
+                          (('t.gguf', 300, logits, 'fkl', 1.0, ok, 'pretrained', None, False, 259), 'at most 259'),
+                          ((url, None, logits, 'fkl', 1.0, ok, 'pretrained', 'c8', False), 'unset teacher_cache'),
+                          ((url, None, logits, 'fkl', 1.0, ok, *plain, 259, (0, 300.0, 5)), 'teacher_requests must'),
+                          ((url, None, logits, 'fkl', 1.0, ok, *plain, 259, (8, 300.0, -1)), 'teacher_retries >= 0')]:
         with pytest.raises(ConfigError, match=message):
             check_served(*args)
+    from types import SimpleNamespace
+    from kd.served import check_pg
+    check_pg('pg', SimpleNamespace(with_prompt=1.0))
+    check_pg('fkl', SimpleNamespace(with_prompt=0.5))
+    with pytest.raises(ConfigError, match='50% of the training documents have no prompt'):
+        check_pg('pg', SimpleNamespace(with_prompt=0.5))
 
 @pytest.fixture(scope='module')
 def served(bytes_tok):
@@ -167,7 +177,8 @@ def test_faults_each_stop_with_one_line(served, bytes_tok):
              ({'truncate': True}, {}, 'no usable answer.*JSONDecodeError'),
              ({'slow': 0.5}, {'timeout': 0.1}, 'no usable answer.*timed out'),
              ({'cap': 2}, {}, '--max-logprobs 4'),
-             ({'answer_as': 'other/model'}, {}, "answered for model 'other/model'")]
+             ({'answer_as': 'other/model'}, {}, "answered for model 'other/model'"),
+             ({'garbage': True}, {}, 'no usable answer.*BadStatusLine')]
     for fault, kw, message in cases:
         try:
             teacher = make(**kw)
@@ -176,13 +187,19 @@ def test_faults_each_stop_with_one_line(served, bytes_tok):
             with pytest.raises(ServerError, match=message):
                 teacher(batch)
         finally:
-            stub.fail, stub.slow, stub.truncate, stub.cap, stub.answer_as = 0, 0.0, False, None, None
+            stub.fail, stub.slow, stub.truncate, stub.cap, stub.answer_as, stub.garbage = 0, 0.0, False, None, None, False
     with pytest.raises(ServerError, match='no usable answer.*Connection refused'):
         make(url='http://127.0.0.1:9/v1')
     with pytest.raises(ServerError, match="not 'other'"):
         make(url=stub.url + '#other')
     with pytest.raises(ServerError, match='--max-model-len 5001'):
         ServedTeacher(stub.url, bytes_tok, BYTES_VOCAB, 4, 5000)
+    stub.max_model_len = 12  # (a window longer than the server reads: a teacher's rows with a context)
+    try:
+        with pytest.raises(ServerError, match='--max-model-len 21'):
+            ServedTeacher(stub.url, bytes_tok, BYTES_VOCAB, 4, 10)(batch_of(1, [20]))
+    finally:
+        stub.max_model_len = 4096
     tokenize, stub.tokenize = stub.tokenize, lambda text: list(range(len(text)))
     try:
         with pytest.raises(ServerError, match='tokenizes differently'):
@@ -300,6 +317,10 @@ def test_routes_prepared_and_checked(tmp_path):
             assert (b'chat' in text) == (meta['routes'][r] == 'chat')
     url = 'http://127.0.0.1:1/v1'
     assert list(routed_urls({'plays': url + 'p', 'chat': url}, meta, 'data/r')) == ['chat', 'plays']
+    path.write_text('\n'.join(json.dumps(r) for r in records + [{'text': '', 'source': 'empty'}]) + '\n')
+    assert prepare_data.main([str(path), '--tokenizer=bytes', f'--out_root={tmp_path}', '--name=r2', '--route=source',
+                              '--val_fraction=0.25']) == 0
+    assert json.load(open(tmp_path / 'r2' / 'meta.json'))['routes'] == ['chat', 'plays']  # (no document: no route)
     assert routed_urls(url, meta, 'data/r') == url
     for teacher, message in [({'chat': url}, "route 'plays'.*have no teacher"),
                              ({'chat': url, 'plays': url, 'play': url}, "'play'.*did you mean 'plays'")]:
