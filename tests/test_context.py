@@ -1,9 +1,8 @@
 """A teacher that sees more than the student (prepare_data.py --teacher_context, kd/cross.py's with_context): the
 teacher's rows are the context then the student's tokens, paired on the tokens they end with alike."""
-import json, os, subprocess, sys
-import numpy as np
+import json
 import pytest, torch
-from conftest import ROOT, tiny_work
+from conftest import tiny_work
 from test_distill import run, train_log
 import prepare_data
 from kd import data

@@ -1,9 +1,9 @@
 """A served teacher (kd/served.py): the loss on its top k with the rest as one bucket, the policy-gradient loss for a
 teacher that gives only sampled tokens' log-probabilities, and the client over real HTTP against a stand-in server
 that injects faults (tests/stub_server.py; scripts/check_served.py checks a real vLLM server)."""
-import json, math, os, subprocess, sys
+import json, math, os, socket, subprocess, sys
 import pytest, torch
-from conftest import BYTES_VOCAB, ROOT, online, tiny_model, tiny_work
+from conftest import BYTES_VOCAB, ROOT, tiny_model, tiny_work
 from stub_server import Stub, model_logprobs
 from test_cross_logits import divergence64
 import distill
@@ -188,8 +188,12 @@ def test_faults_each_stop_with_one_line(served, bytes_tok):
                 teacher(batch)
         finally:
             stub.fail, stub.slow, stub.truncate, stub.cap, stub.answer_as, stub.garbage = 0, 0.0, False, None, None, False
+    closed = socket.socket()
+    closed.bind(('127.0.0.1', 0))  # (a port nothing listens on once closed)
+    port = closed.getsockname()[1]
+    closed.close()
     with pytest.raises(ServerError, match='no usable answer.*Connection refused'):
-        make(url='http://127.0.0.1:9/v1')
+        make(url=f'http://127.0.0.1:{port}/v1')
     with pytest.raises(ServerError, match="not 'other'"):
         make(url=stub.url + '#other')
     with pytest.raises(ServerError, match='--max-model-len 5001'):
@@ -342,7 +346,7 @@ def test_routes_prepared_and_checked(tmp_path):
 def test_a_run_with_two_served_teachers(tmp_path, bytes_tok):
     """distill.py with teacher={route: URL}: every window is scored by its route's server alone; the run records its
     teachers, and a resume with others is refused in one line."""
-    import prepare_data, transformers
+    import prepare_data
     from conftest import save_tiny_model
     records = [{'text': 'the quick brown fox ' * (2 + i % 3), 'source': 'chat'} for i in range(30)] + \
               [{'text': 'TO BE OR NOT TO BE ' * (2 + i % 3), 'source': 'plays'} for i in range(30)]
