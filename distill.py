@@ -187,8 +187,8 @@ def kd_divergence(student_logits, teacher_logits, kind='fkl', temperature=1.0, b
         return DIVERGENCES[kind](log_p, log_q, beta).sum(-1)
     t = teacher_logits
     if kind == 'pg':
-        advantage = (log_q.gather(-1, t.ids[..., :1].long()) - t.logp[..., :1].to(fp)).squeeze(-1).detach()
         log_q_x = log_q.gather(-1, t.ids[..., :1].long()).squeeze(-1)
+        advantage = (log_q_x - t.logp[..., 0].to(fp)).detach()
         return advantage + advantage * (log_q_x - log_q_x.detach())
     k = t.ids.shape[-1] - t.logw.shape[-1]
     zt = t.logp.to(fp) / temperature  # log p^(1/T): normalised by the k tokens' sum and the tail's
@@ -448,7 +448,8 @@ if __name__ == '__main__':
     if cross_tokenizer:
         check_cross(meta, data_dir, teacher_cache, on_policy)
     check_served(teacher, teacher_topk, weights, kd_kind, temperature, (on_policy, sample_temperature, top_p),
-                 student_init, teacher_cache, cross_tokenizer, vocab, (teacher_requests, teacher_timeout, teacher_retries))
+                 student_init, teacher_cache, cross_tokenizer, vocab,
+                 (teacher_requests, teacher_timeout, teacher_retries))
     urls = served and routed_urls(teacher, meta, data_dir)  # (several teachers: one per route of the data)
     train_data, val_data = load_split(data_dir, 'train'), load_split(data_dir, 'val')
     data_fingerprint = content_hash([os.path.join(data_dir, f) for f in sorted(meta['files'])])  # (resumes read it)
