@@ -24,7 +24,8 @@ Read top to bottom: the settings, the divergences, the loss on full logits, the 
 place), then the run. Beneath, in kd/, each capability reaches the run through one hook: a teacher is called on a
 batch (teacher.py: in-process or sharded; cache.py: its cached top-k; cross.py: across tokenizers), the rows come
 from the data (data.py) rewritten by on-policy sampling (sampling.py) and packed; chunked.py computes CE and D a chunk
-of positions at a time (loss_chunk), without either model's full logits.
+of positions at a time (loss_chunk), without either model's full logits; lora.py gives the student trained low-rank
+adapters, the rest frozen (lora_rank).
 """
 import gc, json, math, os, re, sys, time
 from contextlib import nullcontext
@@ -44,6 +45,7 @@ from kd.data import TopK, block_windows, check_dataset, load_split, make_batch, 
 from kd.machine import (choose_dtype, flops_per_token, full_state, gathered, gb, init_distributed, keep_freed_memory,
                         measure_matmul_flops, memory_estimate, memory_line, shard)
 from kd.guards import Guards
+from kd.lora import add_lora, check_lora, export_lora, trained_state
 from kd.models import (build_student, check_vocabularies, export_student, load_model, load_tokenizer, model_tokenizer,
                        output_rows, packs)
 from kd.sampling import OnPolicy, check_on_policy
@@ -81,6 +83,10 @@ student = None  # HF hub id, local folder or .gguf file (for 'teacher_layers': u
 student_init = 'pretrained'  # 'pretrained' (its weights), 'config' (random init) or 'teacher_layers'
 student_layers = None  # teacher blocks kept by student_init='teacher_layers', e.g. [0, 3, 6], or 'auto:N' (influence)
 trust_remote_code = False  # let transformers run model code shipped with a checkpoint
+lora_rank = 0  # > 0: the student trains low-rank adapters of this rank on lora_targets, the rest frozen (kd/lora.py)
+lora_alpha = 32.0  # the adapters' update is (lora_alpha / lora_rank) B A
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']  # linear layers, by name
 # distillation
 distill = 'logits'  # 'logits', 'hidden' or 'none' (the SFT baseline: no teacher)
 alpha = 0.5  # 'logits': loss = (1 - alpha) CE + alpha T^2 D; 'hidden': (1 - alpha) CE + alpha H
@@ -440,6 +446,7 @@ if __name__ == '__main__':
     ctx = nullcontext() if compute_dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=compute_dtype == 'float16')  # fp16 alone needs loss scaling
     fsdp = ddp and parallel == 'fsdp'  # (one process has nothing to shard)
+    check_lora(lora_rank, lora_alpha, lora_dropout, lora_targets, fsdp)
 
     # data: token and mask arrays, read in windows of block_size (kd/data.py); a teacher cache rides with each split
     data_dir = os.path.join(data_root, dataset)
@@ -495,6 +502,8 @@ if __name__ == '__main__':
     if pack and not packing:
         say("note: a model's attention does not keep packed windows apart (position ids restarting per window): rows "
             'are not packed (pack=False)')
+    if lora_rank:  # adapters on the student's chosen linear layers, the rest frozen (in the compute dtype; after the
+        say(add_lora(student_model, lora_rank, lora_alpha, lora_dropout, lora_targets, ptdtype))  # probes: same answers)
     # the chunk loop reallocates the same few (chunk, V) blocks: on a CPU they are kept within a step, trimmed between
     trim = keep_freed_memory() if chunk and device_type == 'cpu' else lambda: None  # (the plain path would fragment)
     hidden_map = LayerMap(make_layer_pairs(layer_map, student_model.config.num_hidden_layers,
@@ -608,7 +617,8 @@ if __name__ == '__main__':
         local = lambda p: p.to_local() if hasattr(p, 'to_local') else p  # (fsdp: its shard)
         guards.weights(iter_num, not all_reduce(float(not all(torch.isfinite(local(p)).all()
                                                               for p in raw_model.parameters())))[0])
-        weights, optimizer_state = full_state(model, optimizer) if fsdp else (raw_model, optimizer.state_dict())
+        weights, optimizer_state = full_state(model, optimizer) if fsdp else (  # (LoRA: what trains; the frozen base
+            trained_state(raw_model) if lora_rank else raw_model, optimizer.state_dict())  # is rebuilt on resuming)
         if master_process:
             save_checkpoint(ckpt_dir, weights, optimizer_state, scaler, iter_num,
                             iter_num * batch_size * gradient_accumulation_steps, states, run_config, losses,
@@ -750,8 +760,11 @@ if __name__ == '__main__':
     if fsdp and export:
         weights = {k[len('model.'):]: v for k, v in full_state(model)[0].items() if k.startswith('model.')}
     if master_process and export:
-        export_student(student_model, os.path.join(out_dir, 'student'), weights,
-                       student_tok or model_tokenizer(meta['tokenizer']))
+        tok = student_tok or model_tokenizer(meta['tokenizer'])
+        if lora_rank:  # merged (the weights below), and the adapters alone in PEFT's format
+            weights = export_lora(student_model, out_dir, student if student_init == 'pretrained' else None, tok,
+                                  (lora_rank, lora_alpha, lora_dropout, lora_targets), export_student)
+        export_student(student_model, os.path.join(out_dir, 'student'), weights, tok)
         print(f"exported the student to {os.path.join(out_dir, 'student')}")
     if ddp:  # tear down together, after rank 0's export, once nothing holds the process group (DDP's reducer, FSDP's
         del model, raw_model, student_model, teacher_model, teacher_fn, optimizer  # sharded tensors): gloo's threads,

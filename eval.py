@@ -14,6 +14,7 @@ from kd.benchmarks import load_documents, multiple_choice, task_path
 from kd.configurator import ArgumentParser, ConfigError, DataError, HelpFormatter
 from kd.data import block_windows, check_dataset, load_split, make_batch
 from distill import Divergence, loss_sums
+from kd.lora import is_adapter, load_adapter
 from kd.machine import choose_dtype
 from kd.models import (encode, eos_id, hub_folder, is_tiktoken, load_model, model_tokenizer, special_ids, token_bytes,
                     vocab_fingerprint)
@@ -101,7 +102,8 @@ def resolve(spec):
     return spec
 
 def load(spec, device):
-    return load_model(resolve(spec)).to(device).eval()
+    path = resolve(spec)  # (a LoRA adapter folder, PEFT's format: its base with the adapters merged in)
+    return (load_adapter(path, load_model) if is_adapter(path) else load_model(path)).to(device).eval()
 
 def load_tokenizer(spec, tokenizer):
     tok = tokenizer_from(tokenizer) if tokenizer else model_tokenizer(resolve(spec))

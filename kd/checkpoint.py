@@ -183,6 +183,7 @@ OPTIONAL = ('val_history',)  # (a checkpoint written before it was)
 KINDS = {int: 'an int >= 0', dict: 'a dict', list: 'a list of numbers'}
 SAME_DATA = ('batch_size', 'gradient_accumulation_steps', 'seed', 'dataset', 'parallel')  # the data order
 SAME_RUN = ('distill', 'teacher', 'teacher_cache', 'student', 'student_init', 'student_layers', 'kd_kind')
+LORA = ('lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets')  # (compared when adapters were on either side)
 
 def state_json_problem(meta):
     """What keeps state.json's content from being what save_checkpoint writes, or None: its keys, of their types
@@ -326,8 +327,12 @@ def load_checkpoint(folder, raw_model, optimizer, scaler, config, world_size, sh
             raise ConfigError(f"{key} was {state['config'][key]!r} when {folder} was written, now {config[key]!r}: "
                               f"that is another run; resume with --{key}={state['config'][key]!r}, or start a new "
                               'out_dir')
+    lora = lambda c: [c[k] for k in LORA] if c.get('lora_rank') else None  # (a checkpoint without them: no adapters)
+    if lora(state['config']) != lora(config):
+        raise ConfigError(f"{', '.join(LORA)} were {lora(state['config']) or 'off'} when {folder} was written, now "
+                          f"{lora(config) or 'off'}: that is another run; resume with the same, or start a new out_dir")
     state['changed'] = [f"{k} {v!r} -> {config[k]!r}" for k, v in state['config'].items()
-                        if k in config and v != config[k] and k not in ('init_from', 'stop_iter', 'peak_flops')]
+                        if k in config and v != config[k] and k not in ('init_from', 'stop_iter', 'peak_flops', *LORA)]
     problem = rng_problem(state['rng_states'])
     if problem:
         raise refused(f'{path}: {problem}')
@@ -343,8 +348,11 @@ def load_checkpoint(folder, raw_model, optimizer, scaler, config, world_size, sh
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
             set_state_dict(raw_model, optimizer, model_state_dict=load_file(os.path.join(folder, 'model.safetensors')),
                            optim_state_dict=state['optimizer'], options=StateDictOptions(full_state_dict=True))
-        else:
-            load_weights(raw_model, os.path.join(folder, 'model.safetensors'))
+        else:  # (with adapters the checkpoint holds what trains alone: the frozen base is as the run built it)
+            missing, unexpected = load_weights(raw_model, os.path.join(folder, 'model.safetensors'), strict=False)
+            frozen = {n for n, p in raw_model.named_parameters() if not p.requires_grad}
+            if unexpected or set(missing) - frozen:
+                raise ValueError(f'missing {sorted(set(missing) - frozen)[:3]}, unexpected {sorted(unexpected)[:3]}')
     except Exception as e:  # another model than the one saved (changed student, layer_map, ...)
         raise ConfigError(f"cannot load {os.path.join(folder, 'model.safetensors')} into this run's model: "
                           f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}")

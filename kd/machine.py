@@ -60,12 +60,15 @@ def measure_matmul_flops(device, dtype=torch.float32, seconds=1.0):
     return 2 * n ** 3 * count / (time.time() - t0)
 
 def flops_per_token(model, seq_len, training):
-    """6N (training) or 2N (forward) per token, N = non-embedding params + the output head, plus attention."""
+    """6N (training) or 2N (forward) per token, N = non-embedding params + the output head, plus attention; a frozen
+    parameter (kd/lora.py's base) trains with 4 (forward, and the gradient of its input), not 6."""
     n = sum(p.numel() for p in model.parameters())
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     if not model.config.tie_word_embeddings:
         n -= model.get_input_embeddings().weight.numel()
+        frozen -= model.get_input_embeddings().weight.numel() * (not model.get_input_embeddings().weight.requires_grad)
     attn = 2 * model.config.num_hidden_layers * model.config.hidden_size * seq_len
-    return (6 * n + 6 * attn) if training else (2 * n + 2 * attn)
+    return (6 * n - 2 * frozen + 6 * attn) if training else (2 * n + 2 * attn)
 
 def cpu_name():
     """This CPU's model name and its bf16 instructions, for benchmark headers: figures compare on one kind only."""
@@ -114,7 +117,8 @@ def block_activation_bytes(config, s):
 
 def memory_estimate(trainable, teacher, tokens, compute, world=1, fsdp=False, carried=0):
     """Bytes per rank by part, for micro-batches of `tokens` tokens (the teacher's assumed as many), and the peak.
-    Kept all along: the student's (and projections') fp32 parameters, gradients and AdamW moments, the teacher's
+    Kept all along: the student's (and projections') parameters, the gradients and AdamW moments of those that train
+    (with LoRA, kd/lora.py: the adapters alone; the frozen base in its dtype), the teacher's
     parameters in their dtype; under fsdp each split on its first dimension (rank 0 holds the ceiling), a few units
     gathered whole at a time (two blocks with the prefetch, the root unit: the student's embeddings, head and
     projections, with its gradients; the teacher's embeddings and a head the loss reads). The teacher's forward
@@ -128,9 +132,9 @@ def memory_estimate(trainable, teacher, tokens, compute, world=1, fsdp=False, ca
                                        (split is None or id(p) in split) else p.numel() * p.element_size() for p in ps)
     student, pairs = trainable.model, trainable.proj.pairs
     cs, vocab, d = student.config, output_rows(student), student.config.hidden_size
-    params = share(trainable.parameters())
-    est = {'student parameters': params, 'gradients': params * (2 if world > 1 and not fsdp else 1),  # (DDP: buckets)
-           'AdamW': 2 * params}
+    params, trained = share(trainable.parameters()), share(p for p in trainable.parameters() if p.requires_grad)
+    est = {'student parameters': params, 'gradients': trained * (2 if world > 1 and not fsdp else 1),  # (DDP: buckets)
+           'AdamW': 2 * trained}
     act = tokens * (cs.num_hidden_layers * block_activation_bytes(cs, s) + 9 * d)  # (+ the embedding and final norm)
     if trainable.chunk:  # dL/dh and dL/dW (fp32); passing: a chunk's logits (both models) and their gradient in the
         rows = min(trainable.chunk, 256)  # compute dtype, and the fp32 softmaxes of a block of its rows (chunk_loss)
@@ -139,8 +143,14 @@ def memory_estimate(trainable, teacher, tokens, compute, world=1, fsdp=False, ca
     else:  # the logits in fp32 and the loss's softmaxes; passing: the logits in the compute dtype, their gradients, ...
         act, passing = act + tokens * vocab * 12, tokens * vocab * (s + 12)
     act += tokens * trainable.proj.saved_bytes()  # (the layer map's, per aligned position)
+    # LoRA (kd/lora.py): a frozen norm keeps no normalised values for its weight's gradient; each adapter keeps A x
+    frozen_norms = sum(1 for m in student.modules() if 'Norm' in type(m).__name__
+                       and getattr(m, 'weight', None) is not None and not m.weight.requires_grad)
+    act += tokens * (s * sum(m.lora_A.out_features for m in student.modules() if hasattr(m, 'lora_A'))
+                     - 4 * d * frozen_norms)
     est['activations'] = act
-    matrices = [p for p in student.parameters() if p.dim() == 2 and p is not student.get_input_embeddings().weight]
+    matrices = [p for p in student.parameters() if p.dim() == 2 and p is not student.get_input_embeddings().weight
+                and p.dtype == torch.float32]  # (LoRA's frozen base is stored in the compute dtype: no copy)
     est['weight copies'] = 2 * sum(p.numel() for p in matrices) if s == 2 else 0
     if fsdp:
         units = blocks(student)

@@ -8,6 +8,7 @@ Speed and memory of distillation, plain (full logits) vs chunked (loss_chunk), a
     python scripts/bench.py --part=step --profile                 # and where a step's time goes, by kind of op
     python scripts/bench.py --part=sample                         # on-policy sampling against HF generate's own rate
     python scripts/bench.py --part=pack                           # packed rows vs padded: real tokens per second
+    python scripts/bench.py --part=lora                           # LoRA r16, r64 vs full training: memory, step time
 
 --part=loss: forward + backward of CE + forward KL at T=2 from final hidden states, for V = 49,152 and
 151,936, hidden 576 and 1,536, 8,192 positions; each case in a fresh process, peak memory = its peak RSS
@@ -25,6 +26,10 @@ same model, batch and settings, alternated over --steps rounds. --part=pack: the
 on micro-batches of the demo's training windows in distill.py's order, padded to the longest and packed (pack=True),
 alternated over --rounds rounds per shape (--shapes block x batch); real tokens are the windows' positions up to
 their last supervised target (what packing keeps), the padding share is the rest of the positions computed.
+--part=lora (not in 'all'): distill.py itself on configs/heal.py (logit KD into the pruned 20-block student, the
+fastest dtype) for --steps_lora steps, trained fully and into LoRA adapters of each --ranks, each run in a fresh
+process, the rows alternated over --rounds rounds: the median step time after the first step, the process's peak RSS
+(the teacher, the data and the interpreter included) and the estimate's peak and its parts as distill.py prints them.
 """
 import argparse, contextlib, json, os, resource, statistics, subprocess, sys, time
 import torch
@@ -42,7 +47,7 @@ from kd.models import (cast_parameters, demo_tokenizer, load_model, load_tokeniz
 from kd.sampling import prompt_lengths, sample_rows, stop_tokens
 
 p = argparse.ArgumentParser()
-p.add_argument('--part', default='all', choices=['all', 'loss', 'chunk', 'step', 'sample', 'pack'])
+p.add_argument('--part', default='all', choices=['all', 'loss', 'chunk', 'step', 'sample', 'pack', 'lora'])
 p.add_argument('--positions', type=int, default=8192)
 p.add_argument('--chunk', type=int, default=0, help="positions per chunk on the chunked path (distill.py's loss_chunk); "
                "0: what loss_chunk='auto' picks for the V and dtype (--part=chunk: 256)")
@@ -58,6 +63,8 @@ p.add_argument('--dataset', default='data/demo')
 p.add_argument('--max_new_tokens', type=int, default=64, help='--part=sample: tokens per reply')
 p.add_argument('--shapes', default='2048x8,512x4,128x8,1024x1', help='--part=pack: block_size x batch_size, comma-separated')
 p.add_argument('--rounds', type=int, default=2, help='--part=pack: timed rounds per shape (after one to warm up)')
+p.add_argument('--ranks', default='16,64', help='--part=lora: the LoRA ranks, each against full training (alpha = 2 r)')
+p.add_argument('--steps_lora', type=int, default=12, help='--part=lora: steps per run')
 p.add_argument('--case', help=argparse.SUPPRESS)  # internal: one loss case in this process
 p.add_argument('--row', help=argparse.SUPPRESS)  # internal: one step row in this process
 args = p.parse_args()
@@ -380,3 +387,29 @@ if args.part in ('all', 'pack'):
             print(f'{dtype:>8s} {shape:>13s} {shapes[False]:>21s} {row[False][0]:9.0%} {row[False][1]:10.0f} '
                   f'{shapes[True]:>21s} {row[True][0]:9.0%} {row[True][1]:10.0f} {row[True][1] / row[False][1]:7.2f}x',
                   flush=True)
+
+if args.part == 'lora':
+    import re, tempfile
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = {'full': [], **{f'lora r{r}': [f'--lora_rank={r}', f'--lora_alpha={2 * r}'] for r in map(int, args.ranks.split(','))}}
+    seen = {name: {'ms': [], 'rss': []} for name in rows}
+    measured = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); " \
+               "print('peak RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"  # (KiB; its one child)
+    print(f'{cpu_name()}; configs/heal.py, {args.steps_lora} steps per run, {args.rounds} rounds')
+    for _ in range(args.rounds):
+        for name, extra in rows.items():
+            with tempfile.TemporaryDirectory() as out:
+                text = subprocess.run([sys.executable, '-c', measured, sys.executable, os.path.join(root, 'distill.py'),
+                                       os.path.join(root, 'configs', 'heal.py'), f'--max_iters={args.steps_lora}',
+                                       '--eval_docs=0', '--checkpoint=False', '--export=False', f'--out_dir={out}', *extra],
+                                      capture_output=True, text=True, check=True, cwd=root).stdout
+                log = [json.loads(l) for l in open(os.path.join(out, 'log.jsonl'))]
+            seen[name]['ms'] += [r['ms'] for r in log if 'ms' in r][1:]
+            seen[name]['rss'].append(int(re.search(r'peak RSS (\d+)', text)[1]) / 2 ** 20)
+            seen[name]['estimate'] = re.search(r'memory per rank \(estimate\): (.*)', text)[1]
+            seen[name]['dtype'] = re.search(r'dtype: (\w+)', text)[1]
+    full = statistics.median(seen['full']['ms'])
+    print(f"{'student':10s} {'dtype':9s} {'ms/step':>8s} {'x full':>7s} {'peak RSS GB':>12s}  estimate (distill.py)")
+    for name, r in seen.items():
+        ms = statistics.median(r['ms'])
+        print(f"{name:10s} {r['dtype']:9s} {ms:8.0f} {ms / full:7.2f} {max(r['rss']):12.2f}  {r['estimate']}")

@@ -138,7 +138,7 @@ def main():
     p.add_argument('--config', default=os.path.join('configs', 'cpu_experiment.py'), help='the runs\' distill.py config')
     p.add_argument('--out', default=None, help='default: out-cpu-experiment (out-cpu-experiment-short with --short)')
     p.add_argument('--methods', default=None, help='default: sft,logits,hidden,mix (sft,logits,hidden with --short); also '
-                   'onpolicy and mixed (logits with on_policy=1, 0.5)')
+                   'onpolicy and mixed (logits with on_policy=1, 0.5), lora16 and lora64 (logits into LoRA adapters of rank 16, 64)')
     p.add_argument('--seeds', default='1337', help='comma-separated: every method is trained once per seed (data order)')
     p.add_argument('--tasks', default=None, help="eval.py's benchmarks (default: arc_easy; none with --short)")
     p.add_argument('--limit', type=int, help='at most this many documents per benchmark (default: all)')
@@ -153,7 +153,9 @@ def main():
     steps, val_windows, eval_docs = (15, 40, 8) if args.short else (args.steps or cfg['max_iters'], None, cfg['eval_docs'])
     methods = {'sft': ['--distill=none'], 'logits': ['--distill=logits'], 'hidden': ['--distill=hidden'],
                'mix': ['--distill=logits', '--ce_weight=0.5', '--kd_weight=0.5', '--hidden_weight=0.5'],
-               'onpolicy': ['--distill=logits', '--on_policy=1'], 'mixed': ['--distill=logits', '--on_policy=0.5']}
+               'onpolicy': ['--distill=logits', '--on_policy=1'], 'mixed': ['--distill=logits', '--on_policy=0.5'],
+               'lora16': ['--distill=logits', '--lora_rank=16', '--lora_alpha=32'],  # (alpha = 2 r: the same scale, 2)
+               'lora64': ['--distill=logits', '--lora_rank=64', '--lora_alpha=128']}
     out = os.path.join(ROOT, args.out)
     runs = {(m, s): f'{m}-{s}' if len(seeds) > 1 or os.path.isdir(os.path.join(out, f'{m}-{s}')) else m
             for s in seeds for m in args.methods}  # -> out/<name> (one seed: <method>, unless a many-seed run left <method>-<seed>)

@@ -3,7 +3,7 @@ up; an entry point imports no other entry point, except that the benchmarks and 
 import ast, glob, os
 from conftest import ROOT
 
-FLOORS = {'configurator': 0, 'checkpoint': 1, 'guards': 1, 'models': 1, 'data': 2, 'chunked': 2, 'machine': 2, 'benchmarks': 2,
+FLOORS = {'configurator': 0, 'checkpoint': 1, 'guards': 1, 'lora': 1, 'models': 1, 'data': 2, 'chunked': 2, 'machine': 2, 'benchmarks': 2,
           'sampling': 3, 'teacher': 3, 'cross': 4, 'cache': 4, 'served': 4}  # libraries
 LOSS = {'DIVERGENCES', 'Divergence', 'KD_KINDS', 'LayerMap', 'Trainable', 'configure_optimizer', 'kd_divergence',
         'loss_sums', 'make_layer_pairs'}

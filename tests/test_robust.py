@@ -531,6 +531,10 @@ CONFIG = {  # distill.py: (overrides given the work folder, expected text); each
                                                   'pairs two tokenizers (prepare_data.py --teacher_tokenizer), and a'),
     'a checkpoint carrying code': (lambda w: [f'--out_dir={tampered_run(w)}', '--init_from=resume'],
                                    'holds objects other than tensors and plain values, refused: reading them could run code'),
+    'lora_rank -1': (lambda w: ['--lora_rank=-1'], 'lora_rank must be a positive integer (or 0: no adapters), got -1'),
+    'lora_dropout 1': (lambda w: ['--lora_rank=4', '--lora_dropout=1.0'], 'lora_dropout in [0, 1), got 32.0 and 1.0'),
+    'lora_targets misspelt': (lambda w: ['--lora_rank=4', '--lora_targets=["q_proj", "gate_prj"]'],
+                              "no linear layer named 'gate_prj'; did you mean 'gate_proj'?"),
 }
 
 @pytest.fixture(scope='module')
