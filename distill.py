@@ -45,7 +45,7 @@ from kd.data import TopK, block_windows, check_dataset, load_split, make_batch, 
 from kd.machine import (choose_dtype, flops_per_token, full_state, gathered, gb, init_distributed, keep_freed_memory,
                         measure_matmul_flops, memory_estimate, memory_line, shard)
 from kd.guards import Guards
-from kd.lora import add_lora, check_lora, export_lora, trained_state
+from kd.lora import add_lora, base_fingerprint, check_lora, export_lora, trained_state
 from kd.models import (build_student, check_vocabularies, export_student, load_model, load_tokenizer, model_tokenizer,
                        output_rows, packs)
 from kd.sampling import OnPolicy, check_on_policy
@@ -446,7 +446,7 @@ if __name__ == '__main__':
     ctx = nullcontext() if compute_dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=compute_dtype == 'float16')  # fp16 alone needs loss scaling
     fsdp = ddp and parallel == 'fsdp'  # (one process has nothing to shard)
-    check_lora(lora_rank, lora_alpha, lora_dropout, lora_targets, fsdp)
+    check_lora(lora_rank, lora_alpha, lora_dropout, lora_targets, fsdp, student_init)
 
     # data: token and mask arrays, read in windows of block_size (kd/data.py); a teacher cache rides with each split
     data_dir = os.path.join(data_root, dataset)
@@ -566,7 +566,8 @@ if __name__ == '__main__':
     # resume: weights, AdamW's moments, every rank's RNG state; the data position follows from iter_num
     flops_peak = peak_flops or dtype_rate or measure_matmul_flops(torch_device, ptdtype)  # the MFU denominator
     run_config = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'peak_flops': flops_peak,
-                  'dtype': compute_dtype, 'data_fingerprint': data_fingerprint}  # what the run resolved: kept
+                  'dtype': compute_dtype, 'data_fingerprint': data_fingerprint,  # what the run resolved: kept
+                  **({'base_fingerprint': base_fingerprint(student_model)} if lora_rank else {})}  # (LoRA's frozen base)
     ckpt_dir, iter_num, history, val_history = os.path.join(out_dir, 'ckpt'), 0, [], []
     if init_from == 'resume':  # (refused for another run or another data stream)
         iter_num, history, val_history = resume(out_dir, raw_model, optimizer, scaler, config, run_config, world_size,
@@ -761,9 +762,12 @@ if __name__ == '__main__':
         weights = {k[len('model.'):]: v for k, v in full_state(model)[0].items() if k.startswith('model.')}
     if master_process and export:
         tok = student_tok or model_tokenizer(meta['tokenizer'])
-        if lora_rank:  # merged (the weights below), and the adapters alone in PEFT's format
-            weights = export_lora(student_model, out_dir, student if student_init == 'pretrained' else None, tok,
-                                  (lora_rank, lora_alpha, lora_dropout, lora_targets), export_student)
+        if lora_rank:  # merged onto the student as loaded (fp32: its frozen copy may be in the compute dtype), and
+            pretrained = student_init == 'pretrained'  # the adapters alone in PEFT's format (the weights below)
+            weights = export_lora(student_model, out_dir, tok, (lora_rank, lora_alpha, lora_dropout, lora_targets),
+                                  export_student, student if pretrained else None,
+                                  load_model(student, trust_remote_code).state_dict()
+                                  if pretrained and compute_dtype != 'float32' else None)
         export_student(student_model, os.path.join(out_dir, 'student'), weights, tok)
         print(f"exported the student to {os.path.join(out_dir, 'student')}")
     if ddp:  # tear down together, after rank 0's export, once nothing holds the process group (DDP's reducer, FSDP's

@@ -331,8 +331,11 @@ def load_checkpoint(folder, raw_model, optimizer, scaler, config, world_size, sh
     if lora(state['config']) != lora(config):
         raise ConfigError(f"{', '.join(LORA)} were {lora(state['config']) or 'off'} when {folder} was written, now "
                           f"{lora(config) or 'off'}: that is another run; resume with the same, or start a new out_dir")
+    if lora(config) and state['config'].get('base_fingerprint') != config.get('base_fingerprint'):
+        raise ConfigError(f"the student's frozen weights are not those {folder}'s adapters trained on (its files "
+                          'changed since?): resume with the same student, or start a new out_dir')
     state['changed'] = [f"{k} {v!r} -> {config[k]!r}" for k, v in state['config'].items()
-                        if k in config and v != config[k] and k not in ('init_from', 'stop_iter', 'peak_flops', *LORA)]
+                        if k in config and v != config[k] and k not in ('init_from', 'stop_iter', 'peak_flops', 'base_fingerprint', *LORA)]
     problem = rng_problem(state['rng_states'])
     if problem:
         raise refused(f'{path}: {problem}')
@@ -350,7 +353,7 @@ def load_checkpoint(folder, raw_model, optimizer, scaler, config, world_size, sh
                            optim_state_dict=state['optimizer'], options=StateDictOptions(full_state_dict=True))
         else:  # (with adapters the checkpoint holds what trains alone: the frozen base is as the run built it)
             missing, unexpected = load_weights(raw_model, os.path.join(folder, 'model.safetensors'), strict=False)
-            frozen = {n for n, p in raw_model.named_parameters() if not p.requires_grad}
+            frozen = {n for n, p in raw_model.named_parameters(remove_duplicate=False) if not p.requires_grad}
             if unexpected or set(missing) - frozen:
                 raise ValueError(f'missing {sorted(set(missing) - frozen)[:3]}, unexpected {sorted(unexpected)[:3]}')
     except Exception as e:  # another model than the one saved (changed student, layer_map, ...)

@@ -8,7 +8,7 @@ matrices are stored in the compute dtype, where autocast would cast them at ever
 the memory. The adapters keep their layer's parameter names beside them (<path>.weight, <path>.lora_A.weight,
 <path>.lora_B.weight), so a merged state dict is the plain model's, and PEFT's adapter file is a renaming.
 """
-import difflib, json, math, os
+import difflib, hashlib, json, math, os, re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ class LoRALinear(nn.Module):
         """W + (alpha / r) B A, in fp32 (the frozen W as stored)."""
         return self.weight.float() + self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
-def check_lora(rank, alpha, dropout, targets, fsdp):
+def check_lora(rank, alpha, dropout, targets, fsdp, student_init):
     """The LoRA settings, refused in one line where they cannot train."""
     if not rank:
         return
@@ -46,6 +46,9 @@ def check_lora(rank, alpha, dropout, targets, fsdp):
     if not (isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets)):
         raise ConfigError(f"lora_targets must be a list of linear layers' names, e.g. ['q_proj', 'v_proj'], got "
                           f'{targets!r}')
+    if student_init == 'config':
+        raise ConfigError("lora_rank > 0 trains adapters on a frozen base: student_init='config' would freeze random "
+                          "weights; use 'pretrained' or 'teacher_layers'")
     if fsdp:
         raise ConfigError("lora_rank > 0 under parallel='fsdp' is refused: FSDP2 shards parameters of one dtype and "
                           "the frozen base is stored in another than the adapters; use parallel='ddp' (each rank "
@@ -90,12 +93,22 @@ def add_lora(model, rank, alpha, dropout, targets, compute_dtype):
 def adapters(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
-def merged_state(model):
-    """The plain model's state dict in fp32: each adapted weight merged, W + (alpha / r) B A, the adapters gone."""
-    state = {k: v.float() for k, v in model.state_dict().items() if '.lora_A.' not in k and '.lora_B.' not in k}
+def merged_state(model, base=None):
+    """The plain model's state dict in fp32, each adapted weight merged, W + (alpha / r) B A, the adapters gone. base:
+    the student's state dict as it was loaded (fp32), whose frozen tensors replace the copies stored in the compute
+    dtype; None: the model's own."""
+    state = {k: (v if base is None else base[k]).float() for k, v in model.state_dict().items()
+             if '.lora_A.' not in k and '.lora_B.' not in k}
     for path, m in adapters(model).items():
-        state[f'{path}.weight'] = m.merged()
+        state[f'{path}.weight'] = state[f'{path}.weight'] + m.scale * (m.lora_B.weight.float() @ m.lora_A.weight.float())
     return state
+
+def base_fingerprint(model):
+    """The frozen tensors in a few numbers each (name, shape, dtype, float64 sums): a resume compares them, since the
+    checkpoint holds the adapters alone and the base is rebuilt from where the run started."""
+    rows = [(n, list(p.shape), str(p.dtype), f'{p.sum(dtype=torch.float64).item():.10g}',
+             f'{p.abs().sum(dtype=torch.float64).item():.10g}') for n, p in model.named_parameters() if not p.requires_grad]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 def trained_state(module):
     """What a checkpoint holds of a run with adapters: the parameters that train (the frozen ones are read again from
@@ -117,13 +130,15 @@ def save_adapter(model, folder, base, settings):
     with open(os.path.join(folder, 'adapter_config.json'), 'w') as f:
         json.dump(config, f, indent=1)
 
-def export_lora(model, out_dir, base, tokenizer, settings, export_student):
-    """A LoRA run's export: the adapters in out_dir/adapter (PEFT's format) and, where the base is no model on disk
-    (base None: a student cut from the teacher or freshly initialised), that base in out_dir/base, in fp32. Returns
-    the merged state dict, which the run exports as out_dir/student."""
+def export_lora(model, out_dir, tokenizer, settings, export_student, base=None, base_state=None):
+    """A LoRA run's export: the adapters in out_dir/adapter (PEFT's format) and, where the base is no model folder or hub
+    id (base None: a student cut from the teacher or freshly initialised; or a .gguf file), that base in out_dir/base
+    in fp32. base_state: the student's weights as loaded (a pretrained student), onto which the merge goes. Returns the
+    merged state dict, which the run exports as out_dir/student."""
     if base is None or base.endswith('.gguf'):
         base = os.path.abspath(os.path.join(out_dir, 'base'))
-        state = {k: v.float() for k, v in model.state_dict().items() if '.lora_A.' not in k and '.lora_B.' not in k}
+        state = {k: (v if base_state is None else base_state[k]).float() for k, v in model.state_dict().items()
+                 if '.lora_A.' not in k and '.lora_B.' not in k}
         export_student(model, base, state, tokenizer)
     elif os.path.isdir(base):
         base = os.path.abspath(base)
@@ -132,33 +147,35 @@ def export_lora(model, out_dir, base, tokenizer, settings, export_student):
     if tokenizer is not None and hasattr(tokenizer, 'save_pretrained'):
         tokenizer.save_pretrained(folder)
     print(f'exported the adapters to {folder} (PEFT, base {base})')
-    return merged_state(model)
+    return merged_state(model, base_state)
 
 def is_adapter(folder):
     return os.path.isfile(os.path.join(folder, 'adapter_config.json'))
 
 def load_adapter(folder, load_model):
-    """A PEFT LoRA adapter folder as the merged model: its base (load_model(base_model_name_or_path), a path also
-    read relative to the folder), the adapters added and loaded, then merged into plain linear layers."""
+    """A PEFT LoRA adapter folder as its base (load_model(base_model_name_or_path), a relative path also read from the
+    folder) with W + s B A merged into each adapted linear layer, s = alpha / r (alpha / sqrt(r) with use_rslora). The
+    adapted layers are read off the file's keys; what plain LoRA does not cover is refused in one line."""
     from safetensors.torch import load_file
     config = json.load(open(os.path.join(folder, 'adapter_config.json')))
-    if config.get('peft_type') != 'LORA' or config.get('bias', 'none') != 'none' or config.get('use_dora'):
-        raise ConfigError(f'{folder}: only plain LoRA adapters (peft_type LORA, bias none, no DoRA) are read')
-    base = config['base_model_name_or_path']
+    other = [k for k in ('use_dora', 'rank_pattern', 'alpha_pattern', 'modules_to_save', 'fan_in_fan_out') if config.get(k)]
+    if config.get('peft_type') != 'LORA' or config.get('bias', 'none') != 'none' or other:
+        raise ConfigError(f"{folder}: only plain LoRA adapters are read (peft_type LORA, bias 'none'"
+                          + (f', none of {", ".join(other)}' if other else '') + ')')
+    base, r, alpha = config['base_model_name_or_path'], config['r'], config['lora_alpha']
     here = os.path.join(folder, base)
     model = load_model(here if not os.path.isabs(base) and os.path.exists(here) else base)
-    targets = config['target_modules']
-    add_lora(model, config['r'], config['lora_alpha'], 0.0, [targets] if isinstance(targets, str) else targets,
-             torch.float32)
-    weights = {k[len('base_model.model.'):]: v for k, v in load_file(os.path.join(folder, ADAPTER)).items()}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if '.lora_' in k]
-    if missing or unexpected:
-        raise ConfigError(f'{folder}: the adapter file does not fit its base {base} '
-                          f'(missing {missing[:2]}, unexpected {unexpected[:2]})')
-    for path, m in adapters(model).items():
-        parent, _, child = path.rpartition('.')
-        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-        plain.weight.data, plain.bias = m.merged(), m.bias
-        setattr(model.get_submodule(parent), child, plain)
-    return model.float().requires_grad_(False).eval()
+    scale = alpha / math.sqrt(r) if config.get('use_rslora') else alpha / r
+    weights, modules = load_file(os.path.join(folder, ADAPTER)), dict(model.named_modules())
+    for key in weights:
+        path = re.fullmatch(r'base_model\.model\.(.+)\.lora_([AB])\.weight', key)
+        m = path and modules.get(path[1])
+        A, B = (weights.get(f'base_model.model.{path[1]}.lora_{ab}.weight') for ab in 'AB') if path else (None, None)
+        if not (isinstance(m, nn.Linear) and A is not None and B is not None and A.shape == (r, m.in_features)
+                and B.shape == (m.out_features, r)):
+            raise ConfigError(f'{folder}: {key} does not fit its base {base} (a LoRA A (r x d_in) and B (d_out x r) of '
+                              f'rank {r} on one of its linear layers)')
+        if path[2] == 'A':
+            with torch.no_grad():
+                m.weight.copy_(m.weight.float() + scale * (B.float() @ A.float()))
+    return model.requires_grad_(False).eval()

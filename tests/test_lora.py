@@ -2,7 +2,7 @@
 base in the compute dtype changes nothing under autocast; runs of every kind train the adapters alone; the merged
 export is the base plus the adapters, the PEFT folder loads in peft with the same logits, eval.py scores either form;
 resume after a stop and two ranks are the run itself; fsdp is refused; the memory estimate counts what a step holds."""
-import json, os, re, subprocess, sys
+import json, os, re, shutil, subprocess, sys
 import pytest, torch
 import torch.nn as nn
 from safetensors.torch import load_file
@@ -74,12 +74,13 @@ def test_frozen_base_in_the_compute_dtype_changes_nothing(chunk):
 
 LORA = ['--lora_rank=4', '--lora_alpha=8', '--batch_size=2', '--gradient_accumulation_steps=2', '--max_iters=3']
 
-@pytest.mark.parametrize('mode', ['logits', 'hidden', 'on_policy', 'cache', 'sft unpacked'])
+@pytest.mark.parametrize('mode', ['logits', 'logits bf16', 'hidden', 'on_policy', 'cache', 'sft unpacked'])
 def test_runs_train_the_adapters_alone_and_export_base_plus_adapters(work, mode):
     """Each kind of run: the checkpoint holds the adapters (and the hidden loss's projections) alone; the merged export
     is the student's own weights where nothing was adapted and W + (alpha / r) B A where something was (1e-6), with B
-    trained away from 0; the adapter folder loads (lora.load_adapter, as eval.py does) to the same model."""
-    extra = {'logits': [], 'hidden': ['--distill=hidden'], 'on_policy': ['--on_policy=1', '--max_new_tokens=8'],
+    trained away from 0 (bf16: the start is the fp32 student as loaded, not the frozen copy in bf16); the adapter folder
+    loads (lora.load_adapter, as eval.py does) to the same model."""
+    extra = {'logits': [], 'logits bf16': ['--dtype=bfloat16'], 'hidden': ['--distill=hidden'], 'on_policy': ['--on_policy=1', '--max_new_tokens=8'],
              'cache': ['--teacher_cache=k8'], 'sft unpacked': ['--distill=none', '--pack=False']}[mode]
     if mode == 'cache':
         subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'cache_teacher.py'), f'--teacher={work / "teacher"}',
@@ -111,7 +112,8 @@ def test_runs_train_the_adapters_alone_and_export_base_plus_adapters(work, mode)
 
 def test_peft_loads_the_adapter_with_the_same_logits(work):
     """peft (a test-only dependency) puts the exported adapters on the base: the logits of the LoRA student as it
-    trained (unmerged, fp32) within 1e-5; eval.py scores the adapter folder as the merged student."""
+    trained (unmerged, fp32) within 1e-5; adapters peft wrote load here with peft's logits; eval.py scores the adapter
+    folder as the merged student."""
     import peft  # (requirements-dev.txt)
     out = work / 'peft'
     run(work, out, *LORA, '--lora_dropout=0.1', '--lora_targets=["q_proj", "o_proj", "up_proj"]')
@@ -127,6 +129,20 @@ def test_peft_loads_the_adapter_with_the_same_logits(work):
         z_peft, z_ours = model(X).logits, ours.eval()(X).logits
     assert (z_peft - z_ours).abs().max() < 1e-5
     assert (z_ours - load_model(str(out / 'student'))(X).logits).abs().max() < 1e-4  # (merged: the same up to round-off)
+    # adapters peft itself wrote: rsLoRA's scale alpha / sqrt(r), targets as a regular expression or names
+    for i, kw in enumerate(({'use_rslora': True, 'target_modules': r'.*\.(q_proj|down_proj)'},
+                            {'target_modules': ['v_proj', 'gate_proj'], 'lora_alpha': 3})):
+        torch.manual_seed(i)
+        written = peft.get_peft_model(load_model(str(work / 'student')), peft.LoraConfig(
+            r=4, lora_alpha=kw.pop('lora_alpha', 8), init_lora_weights=False, **kw))  # (B random: not the identity)
+        written.save_pretrained(out / f'written{i}')
+        with torch.no_grad():
+            z = written.eval()(X).logits
+            assert (lora.load_adapter(str(out / f'written{i}'), load_model)(X).logits - z).abs().max() < 1e-5
+    config = json.load(open(out / 'written1' / 'adapter_config.json'))
+    json.dump({**config, 'rank_pattern': {'v_proj': 2}}, open(out / 'written1' / 'adapter_config.json', 'w'))
+    with pytest.raises(ConfigError, match="only plain LoRA adapters are read .*none of rank_pattern"):
+        lora.load_adapter(str(out / 'written1'), load_model)
     scores = []
     for spec in (out / 'adapter', out / 'student'):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), str(spec), f'--data={work / "data" / "tiny"}',
@@ -136,10 +152,26 @@ def test_peft_loads_the_adapter_with_the_same_logits(work):
         scores.append(next(iter(json.load(open(out / 'eval.json'))['results'].values()))['val_loss'])
     assert scores[0] == scores[1]
 
-def test_resume_with_adapters_is_bit_identical_and_their_settings_are_the_run(work):
+def tied_student(work):
+    """A llama student whose head is its embedding (as SmolLM2's, Qwen2.5-0.5B's)."""
+    import transformers as T
+    if not (work / 'tied').exists():
+        torch.manual_seed(4)
+        T.AutoModelForCausalLM.from_config(T.LlamaConfig(vocab_size=280, hidden_size=16, intermediate_size=32,
+                                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                                          max_position_embeddings=512, tie_word_embeddings=True)).save_pretrained(work / 'tied')
+    return work / 'tied'
+
+@pytest.mark.parametrize('student', ['untied fp32', 'tied bf16'])
+def test_resume_with_adapters_is_bit_identical_and_their_settings_are_the_run(work, student):
     """4 iterations straight == 2, stop, resume, 2 more, with adapter dropout (its RNG draws are part of the run); a
-    resume with another alpha, or without adapters, is refused in one line."""
-    common = [*LORA[:4], '--max_iters=4', '--lora_dropout=0.2', '--eval_interval=2']
+    resume with another alpha, or without adapters, or onto a student whose files changed, is refused in one line."""
+    if student == 'tied bf16':
+        shutil.copytree(tied_student(work), work / 'copy', dirs_exist_ok=True)
+    else:
+        shutil.copytree(work / 'student', work / 'copy', dirs_exist_ok=True)
+    common = [*LORA[:4], '--max_iters=4', '--lora_dropout=0.2', '--eval_interval=2', f'--student={work / "copy"}',
+              *(['--dtype=bfloat16'] if 'bf16' in student else [])]
     run(work, work / 'straight', *common)
     run(work, work / 'split', *common, '--stop_iter=2')
     assert json.load(open(work / 'split' / 'ckpt' / 'state.json'))['iter_num'] == 2
@@ -149,11 +181,15 @@ def test_resume_with_adapters_is_bit_identical_and_their_settings_are_the_run(wo
     assert [r['loss'] for r in train_log(work / 'straight')] == [r['loss'] for r in train_log(work / 'split')]
     assert load_file(work / 'straight' / 'student' / 'model.safetensors').keys() == \
         load_file(work / 'split' / 'student' / 'model.safetensors').keys()
-    for other, said in ((['--lora_alpha=16'], 'were [4, 8.0, 0.2,'), (['--lora_rank=0'], 'now off')):
+    for other, said in ((['--lora_alpha=16'], 'were [4, 8.0, 0.2,'), (['--lora_rank=0'], 'now off'),
+                        ([], "the student's frozen weights are not those")):
         run(work, work / 'again', *common, '--stop_iter=2')
+        if not other:  # the student's files replaced by another model's
+            shutil.rmtree(work / 'copy')
+            shutil.copytree(work / 'student' if student == 'tied bf16' else tied_student(work), work / 'copy')
         proc = run(work, work / 'again', *common, *other, '--init_from=resume', check=False)
         err = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(err) == 1 and said in err[0] and 'another run' in err[0], proc.stderr[-800:]
+        assert proc.returncode == 2 and len(err) == 1 and said in err[0], proc.stderr[-800:]
 
 def test_killed_then_resumed_with_adapters_is_bit_identical(work):
     """Real SIGKILLs inside the second and the third checkpoint's save (test_robust's hook: at the n-th file operation),

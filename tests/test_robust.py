@@ -533,6 +533,8 @@ CONFIG = {  # distill.py: (overrides given the work folder, expected text); each
                                    'holds objects other than tensors and plain values, refused: reading them could run code'),
     'lora_rank -1': (lambda w: ['--lora_rank=-1'], 'lora_rank must be a positive integer (or 0: no adapters), got -1'),
     'lora_dropout 1': (lambda w: ['--lora_rank=4', '--lora_dropout=1.0'], 'lora_dropout in [0, 1), got 32.0 and 1.0'),
+    'lora on a random student': (lambda w: ['--lora_rank=4', '--student_init=config'],
+                                 "student_init='config' would freeze random weights"),
     'lora_targets misspelt': (lambda w: ['--lora_rank=4', '--lora_targets=["q_proj", "gate_prj"]'],
                               "no linear layer named 'gate_prj'; did you mean 'gate_proj'?"),
 }
