@@ -31,10 +31,6 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         return F.linear(x, self.weight, self.bias) + self.scale * self.lora_B(self.lora_A(self.dropout(x)))
 
-    def merged(self):
-        """W + (alpha / r) B A, in fp32 (the frozen W as stored)."""
-        return self.weight.float() + self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
-
 def check_lora(rank, alpha, dropout, targets, fsdp, student_init):
     """The LoRA settings, refused in one line where they cannot train."""
     if not rank:
@@ -65,6 +61,9 @@ def add_lora(model, rank, alpha, dropout, targets, compute_dtype):
     parameter frozen, the frozen linear layers' weights and biases stored in the compute dtype. In place; returns the
     line that says what was done. A target the model lacks: ConfigError naming the closest it has."""
     names = linear_names(model)
+    if not names:
+        raise ConfigError(f'lora_rank > 0: the student ({type(model).__name__}) has no nn.Linear layer below its head to '
+                          "take an adapter (GPT-2's Conv1D layers are not nn.Linear)")
     for t in targets:
         if t not in names:
             close = difflib.get_close_matches(t, names, 1)

@@ -31,7 +31,6 @@ def test_lora_linear_is_the_formula():
     got = torch.autograd.grad((y * g).sum(), (x, m.lora_A.weight, m.lora_B.weight))
     assert all(torch.allclose(a, e, rtol=0, atol=1e-12) for a, e in zip(got, (gx, gA, gB)))
     assert m.weight.grad is None and not m.weight.requires_grad
-    assert torch.allclose(m.merged().double(), W + 2.0 * B @ A, rtol=0, atol=1e-6)
 
 def test_adapters_start_as_the_model_and_alone_train():
     model, X = tiny_model(hidden=32, layers=2), torch.randint(0, 259, (2, 16))

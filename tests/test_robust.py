@@ -535,7 +535,8 @@ CONFIG = {  # distill.py: (overrides given the work folder, expected text); each
     'lora_dropout 1': (lambda w: ['--lora_rank=4', '--lora_dropout=1.0'], 'lora_dropout in [0, 1), got 32.0 and 1.0'),
     'lora on a random student': (lambda w: ['--lora_rank=4', '--student_init=config'],
                                  "student_init='config' would freeze random weights"),
-    'lora_targets misspelt': (lambda w: ['--lora_rank=4', '--lora_targets=["q_proj", "gate_prj"]'],
+    'lora on a GPT-2 student': (lambda w: ['--lora_rank=4'], "has no nn.Linear layer below its head"),
+    'lora_targets misspelt': (lambda w: ['--lora_rank=4', f'--student={w / "teacher"}', '--lora_targets=["q_proj", "gate_prj"]'],
                               "no linear layer named 'gate_prj'; did you mean 'gate_proj'?"),
 }
 
