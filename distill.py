@@ -502,8 +502,8 @@ if __name__ == '__main__':
     if pack and not packing:
         say("note: a model's attention does not keep packed windows apart (position ids restarting per window): rows "
             'are not packed (pack=False)')
-    if lora_rank:  # adapters on the student's chosen linear layers, the rest frozen (in the compute dtype; after the
-        say(add_lora(student_model, lora_rank, lora_alpha, lora_dropout, lora_targets, ptdtype))  # probes: same answers)
+    if lora_rank:  # adapters on the student's chosen linear layers, the rest frozen in the compute dtype (after the
+        say(add_lora(student_model, lora_rank, lora_alpha, lora_dropout, lora_targets, ptdtype))  # probes: the same)
     # the chunk loop reallocates the same few (chunk, V) blocks: on a CPU they are kept within a step, trimmed between
     trim = keep_freed_memory() if chunk and device_type == 'cpu' else lambda: None  # (the plain path would fragment)
     hidden_map = LayerMap(make_layer_pairs(layer_map, student_model.config.num_hidden_layers,
@@ -567,7 +567,7 @@ if __name__ == '__main__':
     flops_peak = peak_flops or dtype_rate or measure_matmul_flops(torch_device, ptdtype)  # the MFU denominator
     run_config = {**config, 'max_iters': iterations, 'loss_chunk': chunk, 'peak_flops': flops_peak,
                   'dtype': compute_dtype, 'data_fingerprint': data_fingerprint,  # what the run resolved: kept
-                  **({'base_fingerprint': base_fingerprint(student_model)} if lora_rank else {})}  # (LoRA's frozen base)
+                  **({'base_fingerprint': base_fingerprint(student_model)} if lora_rank else {})}  # (LoRA's base)
     ckpt_dir, iter_num, history, val_history = os.path.join(out_dir, 'ckpt'), 0, [], []
     if init_from == 'resume':  # (refused for another run or another data stream)
         iter_num, history, val_history = resume(out_dir, raw_model, optimizer, scaler, config, run_config, world_size,

@@ -50,20 +50,17 @@ def check_lora(rank, alpha, dropout, targets, fsdp, student_init):
                           "the frozen base is stored in another than the adapters; use parallel='ddp' (each rank "
                           'holds the frozen base, the adapters are small)')
 
-def linear_names(model):
-    """The names (last path component) of the student's linear layers that may take an adapter: not its output head,
-    whose weight the chunked loss reads directly."""
-    head = model.get_output_embeddings()
-    return sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head})
-
 def add_lora(model, rank, alpha, dropout, targets, compute_dtype):
     """Adapters on the linear layers named in targets (the last component of their path, e.g. 'q_proj'), every other
     parameter frozen, the frozen linear layers' weights and biases stored in the compute dtype. In place; returns the
-    line that says what was done. A target the model lacks: ConfigError naming the closest it has."""
-    names = linear_names(model)
+    line that says what was done. A target the model lacks: ConfigError naming the closest it has. The output head
+    takes none: the chunked loss reads its weight directly."""
+    head = model.get_output_embeddings()
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    names = sorted({n.rsplit('.', 1)[-1] for n in linears})
     if not names:
-        raise ConfigError(f'lora_rank > 0: the student ({type(model).__name__}) has no nn.Linear layer below its head to '
-                          "take an adapter (GPT-2's Conv1D layers are not nn.Linear)")
+        raise ConfigError(f'lora_rank > 0: the student ({type(model).__name__}) has no nn.Linear layer below its head '
+                          "to take an adapter (GPT-2's Conv1D layers are not nn.Linear)")
     for t in targets:
         if t not in names:
             close = difflib.get_close_matches(t, names, 1)
@@ -71,9 +68,7 @@ def add_lora(model, rank, alpha, dropout, targets, compute_dtype):
                               + (f"; did you mean '{close[0]}'?" if close else '') + f' (it has {", ".join(names)})')
     for p in model.parameters():
         p.requires_grad_(False)
-    head = model.get_output_embeddings()
-    paths = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and m is not head and n.rsplit('.', 1)[-1] in targets]
+    paths = [n for n in linears if n.rsplit('.', 1)[-1] in targets]
     for path in paths:
         parent, _, child = path.rpartition('.')
         setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(path), rank, alpha, dropout))
@@ -92,21 +87,26 @@ def add_lora(model, rank, alpha, dropout, targets, compute_dtype):
 def adapters(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
+def base_state(model, base=None):
+    """The plain model's state dict in fp32, the adapters gone. base: the student's state dict as it was loaded (fp32),
+    whose tensors replace the frozen copies stored in the compute dtype; None: the model's own."""
+    return {k: (v if base is None else base[k]).float() for k, v in model.state_dict().items()
+            if '.lora_A.' not in k and '.lora_B.' not in k}
+
 def merged_state(model, base=None):
-    """The plain model's state dict in fp32, each adapted weight merged, W + (alpha / r) B A, the adapters gone. base:
-    the student's state dict as it was loaded (fp32), whose frozen tensors replace the copies stored in the compute
-    dtype; None: the model's own."""
-    state = {k: (v if base is None else base[k]).float() for k, v in model.state_dict().items()
-             if '.lora_A.' not in k and '.lora_B.' not in k}
-    for path, m in adapters(model).items():
-        state[f'{path}.weight'] = state[f'{path}.weight'] + m.scale * (m.lora_B.weight.float() @ m.lora_A.weight.float())
+    """base_state with each adapted weight merged: W + (alpha / r) B A."""
+    state = base_state(model, base)
+    for path, m in adapters(model).items():  # (not +=: .float() of an fp32 tensor is that tensor, the model's own)
+        delta = m.scale * (m.lora_B.weight.float() @ m.lora_A.weight.float())
+        state[f'{path}.weight'] = state[f'{path}.weight'] + delta
     return state
 
 def base_fingerprint(model):
     """The frozen tensors in a few numbers each (name, shape, dtype, float64 sums): a resume compares them, since the
     checkpoint holds the adapters alone and the base is rebuilt from where the run started."""
     rows = [(n, list(p.shape), str(p.dtype), f'{p.sum(dtype=torch.float64).item():.10g}',
-             f'{p.abs().sum(dtype=torch.float64).item():.10g}') for n, p in model.named_parameters() if not p.requires_grad]
+             f'{p.abs().sum(dtype=torch.float64).item():.10g}')
+            for n, p in model.named_parameters() if not p.requires_grad]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 def trained_state(module):
@@ -129,16 +129,14 @@ def save_adapter(model, folder, base, settings):
     with open(os.path.join(folder, 'adapter_config.json'), 'w') as f:
         json.dump(config, f, indent=1)
 
-def export_lora(model, out_dir, tokenizer, settings, export_student, base=None, base_state=None):
-    """A LoRA run's export: the adapters in out_dir/adapter (PEFT's format) and, where the base is no model folder or hub
-    id (base None: a student cut from the teacher or freshly initialised; or a .gguf file), that base in out_dir/base
-    in fp32. base_state: the student's weights as loaded (a pretrained student), onto which the merge goes. Returns the
-    merged state dict, which the run exports as out_dir/student."""
+def export_lora(model, out_dir, tokenizer, settings, export_student, base=None, loaded=None):
+    """A LoRA run's export: the adapters in out_dir/adapter (PEFT's format) and, where the base is no model folder or
+    hub id (base None: a student cut from the teacher; or a .gguf file), that base in out_dir/base in fp32. loaded: the
+    student's weights as loaded (a pretrained student), onto which the merge goes. Returns the merged state dict,
+    which the run exports as out_dir/student."""
     if base is None or base.endswith('.gguf'):
         base = os.path.abspath(os.path.join(out_dir, 'base'))
-        state = {k: (v if base_state is None else base_state[k]).float() for k, v in model.state_dict().items()
-                 if '.lora_A.' not in k and '.lora_B.' not in k}
-        export_student(model, base, state, tokenizer)
+        export_student(model, base, base_state(model, loaded), tokenizer)
     elif os.path.isdir(base):
         base = os.path.abspath(base)
     folder = os.path.join(out_dir, 'adapter')
@@ -146,7 +144,7 @@ def export_lora(model, out_dir, tokenizer, settings, export_student, base=None, 
     if tokenizer is not None and hasattr(tokenizer, 'save_pretrained'):
         tokenizer.save_pretrained(folder)
     print(f'exported the adapters to {folder} (PEFT, base {base})')
-    return merged_state(model, base_state)
+    return merged_state(model, loaded)
 
 def is_adapter(folder):
     return os.path.isfile(os.path.join(folder, 'adapter_config.json'))
@@ -157,7 +155,8 @@ def load_adapter(folder, load_model):
     adapted layers are read off the file's keys; what plain LoRA does not cover is refused in one line."""
     from safetensors.torch import load_file
     config = json.load(open(os.path.join(folder, 'adapter_config.json')))
-    other = [k for k in ('use_dora', 'rank_pattern', 'alpha_pattern', 'modules_to_save', 'fan_in_fan_out') if config.get(k)]
+    other = [k for k in ('use_dora', 'rank_pattern', 'alpha_pattern', 'modules_to_save', 'fan_in_fan_out')
+             if config.get(k)]
     if config.get('peft_type') != 'LORA' or config.get('bias', 'none') != 'none' or other:
         raise ConfigError(f"{folder}: only plain LoRA adapters are read (peft_type LORA, bias 'none'"
                           + (f', none of {", ".join(other)}' if other else '') + ')')
@@ -172,8 +171,8 @@ def load_adapter(folder, load_model):
         A, B = (weights.get(f'base_model.model.{path[1]}.lora_{ab}.weight') for ab in 'AB') if path else (None, None)
         if not (isinstance(m, nn.Linear) and A is not None and B is not None and A.shape == (r, m.in_features)
                 and B.shape == (m.out_features, r)):
-            raise ConfigError(f'{folder}: {key} does not fit its base {base} (a LoRA A (r x d_in) and B (d_out x r) of '
-                              f'rank {r} on one of its linear layers)')
+            raise ConfigError(f'{folder}: {key} does not fit its base {base} (a LoRA A (r x d_in) and B (d_out x r) '
+                              f'of rank {r} on one of its linear layers)')
         if path[2] == 'A':
             with torch.no_grad():
                 m.weight.copy_(m.weight.float() + scale * (B.float() @ A.float()))
