@@ -11,6 +11,7 @@ import zlib
 from collections import Counter
 import numpy as np
 import torch
+from kd import decode
 from kd.configurator import ConfigError, DataError
 from kd.data import Align, Batch
 from kd.models import load_tokenizer, special_ids
@@ -119,41 +120,21 @@ def sample_rows(model, batch, split, docs, rows, lengths, block_size, settings, 
         return batch, 0
     prompts = [torch.from_numpy(np.asarray(split['tokens'][split['idx'][d]:split['idx'][d] + lengths[d]],
                                            dtype=np.int64)) for d in (docs[i] for i in rows)]
-    replies = generate(model, prompts, block_size, settings, seed, pad_id, vocab, batch.X.device)
+    replies = generate(model, prompts, block_size, settings, seed, vocab, batch.X.device)
     return lay_out(batch, rows, prompts, replies, pad_id), sum(map(len, replies))
 
-def generate(model, prompts, block_size, settings, seed, pad_id, vocab, device):
-    """The student's replies to prompts, each up to and including its first stop token and within block_size. HF
-    generate samples (KV cache, the caller's autocast, prompts left-padded with their attention mask, positions from
-    it) from the real vocabulary (rows of the head past it are padding), seeded by seed alone in a forked RNG: the
-    run's own RNG is untouched, so a resume and any split over ranks draw the same."""
-    from transformers import GenerationConfig
+def generate(model, prompts, block_size, settings, seed, vocab, device):
+    """The student's replies to prompts, each up to and including its first stop token and within block_size
+    (kd/decode.py: the model in eval mode, the caller's autocast, the real vocabulary, draws seeded by seed alone, so
+    a resume and any split over ranks draw the same)."""
     max_new, temperature, top_p, stop = settings
-    width = max(map(len, prompts))
-    P = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    A = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        P[i, width - len(p):], A[i, width - len(p):] = p, 1
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, eos_token_id=stop,
-                              pad_token_id=pad_id, max_new_tokens=min(max_new, block_size + 1 - min(map(len, prompts))),
-                              suppress_tokens=list(range(vocab, model.get_output_embeddings().weight.shape[0])) or None)
-    training, shipped = model.training, model.generation_config
+    training = model.training
     model.eval()
-    # generate fills every field the call leaves unset from the model's generation_config.json (a repetition penalty,
-    # min_p, no_repeat_ngram_size, ...): with a blank one in its place the draws are softmax(z / T) and top_p alone
-    model.generation_config = GenerationConfig()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-            torch.manual_seed(seed)
-            out = model.generate(input_ids=P.to(device), attention_mask=A.to(device), generation_config=config).cpu()
+        return decode.generate(model, prompts, [min(max_new, block_size + 1 - len(p)) for p in prompts], temperature,
+                               top_p, stop, seed, vocab, device)
     finally:
-        model.generation_config = shipped
         model.train(training)
-    replies = []
-    for p, r in zip(prompts, out[:, width:]):
-        stops = torch.isin(r, torch.tensor(stop)).nonzero()
-        replies.append(r[:min(int(stops[0]) + 1 if len(stops) else len(r), block_size + 1 - len(p))])
-    return replies
 
 def lay_out(batch, rows, prompts, replies, pad_id):
     """The batch with rows `rows` re-laid right-padded as prompt + reply: M = 1 exactly on the reply's tokens as

@@ -6,7 +6,7 @@ Speed and memory of distillation, plain (full logits) vs chunked (loss_chunk), a
     python scripts/bench.py --part=chunk                          # forward KL's closed form per chunk, by rows per block
     python scripts/bench.py --part=step                           # 4 x 512 tokens, distill.py's defaults
     python scripts/bench.py --part=step --profile                 # and where a step's time goes, by kind of op
-    python scripts/bench.py --part=sample                         # on-policy sampling against HF generate's own rate
+    python scripts/bench.py --part=sample                         # the on-policy sampler against HF generate
     python scripts/bench.py --part=pack                           # packed rows vs padded: real tokens per second
     python scripts/bench.py --part=lora                           # LoRA r16, r64 vs full training: memory, step time
 
@@ -20,9 +20,9 @@ through distill.py's own Trainable, plain and chunked (and compiled, with --comp
 autocast, with the cost of each part of the step. MFU is the median over the steps of each step's FLOP/s over
 this machine's matmul rate in that dtype, measured just before that step: a shared machine's speed drifts by
 more than the differences measured here. A dtype this CPU only emulates (10x slower than fp32 or worse) is
-measured but not stepped. --part=sample: distill.py's on-policy sampling (sampling.sample_rows: generate, then the
-rows re-laid for the loss) of batch_size demo prompts by the packaged teacher, against HF generate alone on the
-same model, batch and settings, alternated over --steps rounds. --part=pack: the same KD step (without the optimizer)
+measured but not stepped. --part=sample: the on-policy sampler (kd/decode.py) against HF generate on the same
+model (the quick start's student, --sample_blocks), demo prompts and settings, for each batch x new tokens of --sample_shapes, alternated over
+--steps rounds. --part=pack: the same KD step (without the optimizer)
 on micro-batches of the demo's training windows in distill.py's order, padded to the longest and packed (pack=True),
 alternated over --rounds rounds per shape (--shapes block x batch); real tokens are the windows' positions up to
 their last supervised target (what packing keeps), the padding share is the rest of the positions computed.
@@ -32,7 +32,9 @@ process, the rows alternated over --rounds rounds: the median step time after th
 (the teacher, the data and the interpreter included) and the estimate's peak and its parts as distill.py prints them.
 """
 import argparse, contextlib, json, os, resource, statistics, subprocess, sys, time
+import numpy as np
 import torch
+from transformers import GenerationConfig
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # (the repository's root)
 from kd.configurator import exit_on_error
 from kd.data import block_windows, check_dataset, doc_order, kept_lengths, load_split, make_batch, pack_rows
@@ -42,9 +44,10 @@ from kd.chunked import ChunkedHeadLoss, HeadLoss, auto_chunk, chunk_loss
 from kd.cross import to_student_vocab
 from kd.teacher import Logits, Teacher
 from kd.machine import cpu_name, flops_per_token, keep_freed_memory, measure_matmul_flops
-from kd.models import (cast_parameters, demo_tokenizer, load_model, load_tokenizer, output_rows, special_ids,
+from kd.models import (cast_parameters, demo_tokenizer, load_model, output_rows,
                     student_from_teacher_layers)
-from kd.sampling import prompt_lengths, sample_rows, stop_tokens
+from kd import decode
+from kd.sampling import prompt_lengths
 
 p = argparse.ArgumentParser()
 p.add_argument('--part', default='all', choices=['all', 'loss', 'chunk', 'step', 'sample', 'pack', 'lora'])
@@ -60,7 +63,10 @@ p.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'], help='--p
 p.add_argument('--compile', action='store_true', help='--part=step: also the chunked path with compile=True (minutes to compile)')
 p.add_argument('--profile', action='store_true', help='--part=step: also where one more step spends its time, by kind of op')
 p.add_argument('--dataset', default='data/demo')
-p.add_argument('--max_new_tokens', type=int, default=64, help='--part=sample: tokens per reply')
+p.add_argument('--sample_blocks', type=int, default=10, choices=[10, 15, 30],
+               help="--part=sample: the student's blocks (every third: the quick start's; 30: the teacher)")
+p.add_argument('--sample_shapes', default='1x64,1x256,8x64,8x256,32x64,32x256',
+               help='--part=sample: batch x new tokens, comma-separated')
 p.add_argument('--shapes', default='2048x8,512x4,128x8,1024x1', help='--part=pack: block_size x batch_size, comma-separated')
 p.add_argument('--rounds', type=int, default=2, help='--part=pack: timed rounds per shape (after one to warm up)')
 p.add_argument('--ranks', default='16,64', help='--part=lora: the LoRA ranks, each against full training (alpha = 2 r)')
@@ -312,41 +318,44 @@ if args.part in ('all', 'step'):
 if args.part in ('all', 'sample'):
     meta, split = json.load(open(os.path.join(args.dataset, 'meta.json'))), load_split(args.dataset, 'train')
     lengths = prompt_lengths(split)
-    stops = stop_tokens(split, lengths, meta['eos_id'], special_ids(load_tokenizer(meta['tokenizer'])), args.dataset)
-    windows = block_windows(split, args.block_size)
-    windows = windows[(windows[:, 1] == 0) & (lengths[windows[:, 0]] > 1)][:args.batch_size]
+    docs = [d for d in range(len(lengths)) if 1 < lengths[d] <= 64]
     model = load_model(demo_tokenizer()).eval()
-    print(f'\non-policy sampling: {len(windows)} demo prompts ({lengths[windows[:, 0]].tolist()} tokens), up to '
-          f'{args.max_new_tokens} new tokens at T = 1, the packaged teacher; tokens generated per second')
+    if args.sample_blocks != 30:  # (the quick start's student: every third block)
+        model = student_from_teacher_layers(model, list(range(0, 30, 30 // args.sample_blocks))).eval()
+    print(f'\non-policy sampling: demo prompts of 2-64 tokens, {args.sample_blocks} blocks of the packaged '
+          'SmolLM2-135M-Instruct, T = 1, no stop token '
+          '(every row writes all its tokens); generated tokens per second, kd/decode.py against HF generate on the '
+          f'same prompts, rounds alternated, medians of {args.steps}')
     for dtype in args.dtypes:
         if (ctx := autocast(dtype)) is None:
             continue
-        batch = make_batch(split, windows, args.block_size, meta['pad_id'], 'cpu')
-        rows, settings = list(range(len(windows))), (args.max_new_tokens, 1.0, 1.0, stops)
-        ours, theirs = [], []
-        for step in range(args.steps + 1):  # round 0 warms up
-            with ctx:
-                t0 = time.perf_counter()
-                out, n = sample_rows(model, batch, split, windows[:, 0], rows, lengths, args.block_size, settings,
-                                     step, meta['pad_id'], meta['vocab_size'])
-                t1 = time.perf_counter()
-                # HF generate alone, the same left-padded prompts and settings (what sample_rows calls inside)
-                prompts = [split['tokens'][split['idx'][d]:split['idx'][d] + lengths[d]] for d in windows[:, 0]]
-                width = max(map(len, prompts))
-                P = torch.tensor([[meta['pad_id']] * (width - len(p)) + list(map(int, p)) for p in prompts])
-                A = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-                torch.manual_seed(step)
-                g = model.generate(input_ids=P, attention_mask=A, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                                   max_new_tokens=args.max_new_tokens, eos_token_id=stops, pad_token_id=meta['pad_id'],
-                                   suppress_tokens=list(range(meta['vocab_size'], model.config.vocab_size)) or None)
-                t2 = time.perf_counter()
-            if step:
-                ours.append(n / (t1 - t0))
-                stop_at = [torch.isin(r, torch.tensor(stops)).nonzero() for r in g[:, width:]]  # each reply to its stop
-                theirs.append(sum(int(s[0]) + 1 if len(s) else g.shape[1] - width for s in stop_at) / (t2 - t1))
-        a, b = statistics.median(ours), statistics.median(theirs)
-        print(f'{dtype}: sample_rows {a:.1f} tokens/s, HF generate {b:.1f} tokens/s (medians of {args.steps} rounds): '
-              f'{a / b:.0%} of generate')
+        for B, new in ((int(b), int(n)) for b, n in (c.split('x') for c in args.sample_shapes.split(','))):
+            prompts = [torch.from_numpy(np.asarray(split['tokens'][split['idx'][d]:split['idx'][d] + lengths[d]],
+                                                   dtype=np.int64)) for d in docs[:B]]
+            width = max(map(len, prompts))
+            P = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+            A = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
+            rates = {'decode': [], 'generate': []}
+            for r in range(args.steps + 1):  # round 0 warms up
+                for tool in rates:
+                    with torch.no_grad(), ctx:
+                        t0 = time.perf_counter()
+                        if tool == 'decode':
+                            n = sum(map(len, decode.generate(model, prompts, [new] * B, 1.0, 1.0, [], r,
+                                                             meta['vocab_size'], torch.device('cpu'))))
+                        else:  # (a blank config: the model's own generation_config.json would add processors)
+                            config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                                      max_new_tokens=new, eos_token_id=None, pad_token_id=0)
+                            model.generation_config = GenerationConfig()
+                            n = B * (model.generate(input_ids=P, attention_mask=A, generation_config=config).shape[1]
+                                     - width)
+                        dt = time.perf_counter() - t0
+                    assert n == B * new, (tool, n)
+                    if r:
+                        rates[tool].append(n / dt)
+            a, g = (statistics.median(rates[t]) for t in ('decode', 'generate'))
+            print(f'{dtype} batch {B:3d} x {new:3d} new tokens: decode {a:7.1f} tokens/s, HF generate {g:7.1f} '
+                  f'tokens/s: {a / g:.2f}x')
 
 if args.part in ('all', 'pack'):
     meta, split = json.load(open(os.path.join(args.dataset, 'meta.json'))), load_split(args.dataset, 'train')

@@ -6,6 +6,7 @@ import pytest, torch
 import transformers as T
 from conftest import BYTES_VOCAB, online, tiny_model, tiny_work
 from test_distill import run, train_log, weights
+from test_decode import replay
 from test_on_policy import reference_loss, sampled
 import distill, prepare_data
 from kd import checkpoint, sampling
@@ -39,21 +40,10 @@ def test_sampling_ignores_the_models_generation_config(chat):
                                                  top_k=5, temperature=0.3)
     prompts = [torch.tensor([72, 105, 33, 10]), torch.tensor([97, 98, 99, 100])]
     settings, seed = (12, 1.5, 1.0, [256]), 7
-    got = sampling.generate(model, prompts, 64, settings, seed, 256, BYTES_VOCAB, torch.device('cpu'))
-    assert model.generation_config.repetition_penalty == 3.0  # (the model's own, put back)
-    with torch.random.fork_rng():  # the reference: a full forward per token, softmax(z / T) of the real vocabulary
-        torch.manual_seed(seed)
-        X, done = torch.stack(prompts), torch.zeros(2, dtype=torch.bool)
-        for _ in range(12):
-            z = model(input_ids=X).logits[:, -1].float()
-            z[:, BYTES_VOCAB:] = -math.inf
-            nxt = torch.multinomial(torch.softmax(z / 1.5, -1), 1)[:, 0]
-            nxt[done] = 256
-            X, done = torch.cat([X, nxt[:, None]], 1), done | (nxt == 256)
-    for i, r in enumerate(got):
-        want = X[i, 4:].tolist()
-        want = want[:want.index(256) + 1] if 256 in want else want
-        assert r.tolist() == want
+    got = sampling.generate(model, prompts, 64, settings, seed, BYTES_VOCAB, torch.device('cpu'))
+    assert model.generation_config.repetition_penalty == 3.0  # (the model's own, untouched)
+    want = replay(model, prompts, [12, 12], 1.5, 1.0, [256], seed, BYTES_VOCAB)  # (a full forward per token)
+    assert [r.tolist() for r in got] == [r.tolist() for r in want]
 
 def split_of(docs):
     """A split dict of (tokens, mask) documents."""

@@ -3,11 +3,13 @@ up; an entry point imports no other entry point, except that the benchmarks and 
 import ast, glob, os
 from conftest import ROOT
 
-FLOORS = {'configurator': 0, 'checkpoint': 1, 'guards': 1, 'lora': 1, 'models': 1, 'data': 2, 'chunked': 2, 'machine': 2, 'benchmarks': 2,
+FLOORS = {'configurator': 0, 'checkpoint': 1, 'guards': 1, 'lora': 1, 'models': 1, 'data': 2, 'chunked': 2, 'machine': 2,
+          'benchmarks': 2, 'decode': 2,
           'sampling': 3, 'teacher': 3, 'cross': 4, 'cache': 4, 'served': 4}  # libraries
 LOSS = {'DIVERGENCES', 'Divergence', 'KD_KINDS', 'LayerMap', 'Trainable', 'configure_optimizer', 'kd_divergence',
         'loss_sums', 'make_layer_pairs'}
-USES_THE_LOSS = {'eval.py', 'scripts/bench.py', 'scripts/bench_cache.py', 'scripts/compare_trl.py', 'scripts/topk_error.py'}
+USES_THE_LOSS = {'eval.py', 'scripts/bench.py', 'scripts/bench_cache.py', 'scripts/compare_trl.py', 'scripts/gpu_check.py',
+                 'scripts/topk_error.py'}
 
 def local_imports(path):
     """{module of this repository (a library by its name in kd/): the names taken from it (None: the module)}."""
