@@ -62,7 +62,7 @@ def decode_loop(step, P, valid, limits, temperature, top_p, stop, numbers):
     """Decoder's replies (rows, max(limits)): the prompts' forward, then a token at a time; finished rows leave."""
     B, width = P.shape
     rows = torch.arange(B, device=P.device)  # the rows still writing
-    stop, limits = torch.tensor(stop, device=P.device), torch.tensor(limits, device=P.device)
+    stop, limits = torch.tensor(stop, dtype=torch.long, device=P.device), torch.tensor(limits, device=P.device)
     out = torch.zeros((B, int(limits.max())), dtype=torch.long, device=P.device)
     pos = (valid[:, :width].long().cumsum(1) - 1).clamp(min=0)  # (each row's positions count from its first token)
     z = step(P, pos, valid, 0)

@@ -155,7 +155,6 @@ def trl_onpolicy(dtype):
         def on_step_end(self, *a, **k):
             rec['step'].append(time.perf_counter() - clock['step'])
     trainer.add_callback(Steps())
-    t0 = time.perf_counter()
     trainer.train()
     print(json.dumps({**rec, 'same_prompt_ids': same, 'prompts': len(prompts)}))
 

@@ -1,6 +1,5 @@
 """The rollout sampler (kd/decode.py): draws against the brute-force distribution, the decode step's logits against
 the model's own forward, and replies replayed token by token from a full forward per token."""
-import math
 import pytest, torch
 import transformers as T
 from conftest import BYTES_VOCAB, tiny_model
